@@ -1,0 +1,569 @@
+"""
+The DeepSeek-V3 architecture in one file: MLA attention, DeepSeekMoE with auxiliary-loss-free
+balancing, and Multi-Token Prediction.
+
+Paper: DeepSeek-V3 Technical Report (arXiv 2412.19437). Sections implemented here:
+  §2.1.1 Multi-head Latent Attention (MLA), eqs. (1)-(11)       -> MLA
+  §2.1.2 DeepSeekMoE + auxiliary-loss-free load balancing (12)-(16)  -> Gate, MoE
+         complementary sequence-wise balance loss, eqs. (17)-(20)  -> MoE.balance_loss
+         node-limited (here: group-limited) routing                -> Gate
+  §2.2   Multi-Token Prediction, eqs. (21)-(25)                  -> MTP, Transformer.forward
+  §4.2   init std 0.006                                          -> Transformer._init_weights
+  §4.3   YaRN long-context extension                             -> precompute_freqs_cis, MLA.softmax_scale
+Names follow the official inference code (github.com/deepseek-ai/DeepSeek-V3, inference/model.py) so a
+learner can diff the two: ModelArgs fields, embed/layers/norm/head, attn.wq_a/q_norm/wq_b/wkv_a/kv_norm/
+wkv_b/wo, ffn.gate/experts/shared_experts, w1/w2/w3.
+
+Simplifications vs. the real thing:
+  - one process holds all experts (expert parallelism is an all-to-all around MoE.forward, not shown here);
+  - "node-limited" routing becomes "group-limited" routing on one device (same maths, M groups of experts);
+  - the grouped expert dispatch reads the per-expert token counts on the host (one sync per MoE layer);
+  - no tensor parallelism, no FP8 here (fp8.py swaps the nn.Linear layers for FP8 ones).
+
+Run: python -m pytest tests/test_model.py   (python train.py --config small trains one)
+
+Dimension legend (used in every shape comment):
+  B batch, T tokens in this call, S cached+new key positions, D model dim (dim), V vocab
+  H heads, Dn qk_nope_head_dim, Dr qk_rope_head_dim, Dv v_head_dim
+  Cq q_lora_rank, Ckv kv_lora_rank (the latent c_kv that is cached)
+  N tokens flattened (B*T), E routed experts, K active experts per token, G expert groups, I expert hidden
+"""
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# -----------------------------------------------------------------------------
+# Config
+
+@dataclass
+class ModelArgs:
+    # vocabulary and trunk
+    vocab_size: int = 4096          # V
+    dim: int = 256                  # d, the residual stream width
+    inter_dim: int = 1024           # hidden width of the dense SwiGLU FFN (first layers)
+    moe_inter_dim: int = 256        # hidden width of one expert
+    n_layers: int = 4               # L transformer blocks of the main model
+    n_dense_layers: int = 1         # first layers use a dense FFN instead of MoE (3 in V3)
+    n_heads: int = 4                # n_h
+    # MoE (§2.1.2)
+    n_routed_experts: int = 16      # N_r
+    n_shared_experts: int = 1       # N_s
+    n_activated_experts: int = 4    # K_r, routed experts per token
+    n_expert_groups: int = 4        # G, groups for group-limited routing (nodes in the paper)
+    n_limited_groups: int = 2       # M, groups a token may route to
+    route_scale: float = 1.0        # routed_scaling_factor multiplying the gates (2.5 in V3)
+    # MLA (§2.1.1)
+    q_lora_rank: int = 128          # d'_c, query latent (0 = no query compression, as in V2-Lite)
+    kv_lora_rank: int = 64          # d_c, KV latent: the only per-token state we cache (with k_R)
+    qk_nope_head_dim: int = 32      # d_h, per-head dim of the compressed ("no position") part
+    qk_rope_head_dim: int = 16      # d^R_h, decoupled RoPE key/query dim
+    v_head_dim: int = 32            # per-head value dim
+    # positions: RoPE + YaRN (§4.3)
+    max_seq_len: int = 256          # longest sequence (also the RoPE table length)
+    original_seq_len: int = 256     # context the model was pre-trained at; YaRN kicks in beyond it
+    rope_theta: float = 10000.0     # RoPE base
+    rope_factor: float = 40.0       # YaRN s
+    beta_fast: int = 32             # YaRN β (high-frequency end of the ramp)
+    beta_slow: int = 1              # YaRN α (low-frequency end of the ramp)
+    mscale: float = 1.0             # YaRN attention temperature coefficient (sqrt(1/t) = 0.1·mscale·ln s + 1)
+    # training-only (not in the official inference ModelArgs)
+    n_mtp_depth: int = 1            # D, number of MTP modules (§2.2)
+    mtp_lambda: float = 0.3         # λ, MTP loss weight (0.3 early, 0.1 later in V3)
+    aux_alpha: float = 1e-4         # α, sequence-wise balance loss weight (eq. 17)
+    bias_update_speed: float = 1e-3 # γ, router bias step of aux-loss-free balancing
+    init_std: float = 0.006         # std of every weight's normal init (§4.2)
+    # implementation switches (same maths, different speed)
+    attn_impl: str = "naive"        # 'naive' materializes per-head K/V; 'absorb' attends in the latent space
+    moe_impl: str = "grouped"       # 'grouped' sorts tokens by expert; 'loop' is the plain reference
+
+    def __post_init__(self):
+        def check(ok, msg):
+            if not ok:
+                raise ValueError(f"invalid ModelArgs: {msg}")
+        for f in fields(self):
+            if f.type in ("int", int) and not isinstance(getattr(self, f.name), int):
+                raise ValueError(f"invalid ModelArgs: {f.name} must be an int, got {getattr(self, f.name)!r}")
+        for name in ("vocab_size", "dim", "inter_dim", "n_layers", "n_heads", "kv_lora_rank",
+                     "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_seq_len", "original_seq_len"):
+            check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
+        check(0 <= self.n_dense_layers <= self.n_layers, "n_dense_layers must be in [0, n_layers]")
+        check(self.q_lora_rank >= 0 and self.n_mtp_depth >= 0, "q_lora_rank and n_mtp_depth must be >= 0")
+        check(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim must be even (RoPE rotates pairs)")
+        check(self.attn_impl in ("naive", "absorb"), f"attn_impl must be 'naive' or 'absorb', got {self.attn_impl!r}")
+        check(self.moe_impl in ("grouped", "loop"), f"moe_impl must be 'grouped' or 'loop', got {self.moe_impl!r}")
+        if self.n_dense_layers < self.n_layers or self.n_mtp_depth > 0:  # some block is an MoE block
+            E, G, M, K = self.n_routed_experts, self.n_expert_groups, self.n_limited_groups, self.n_activated_experts
+            check(E > 0 and self.moe_inter_dim > 0, "MoE layers need n_routed_experts > 0 and moe_inter_dim > 0")
+            check(G >= 1 and E % G == 0, f"n_routed_experts ({E}) must be divisible by n_expert_groups ({G})")
+            check(1 <= M <= G, f"n_limited_groups ({M}) must be in [1, n_expert_groups={G}]")
+            check(G == 1 or E // G >= 2, "each expert group needs >= 2 experts (groups are scored by their top-2)")
+            check(1 <= K <= M * (E // G), f"n_activated_experts ({K}) must be in [1, n_limited_groups*experts_per_group"
+                  f"={M * (E // G)}]")
+            check(self.n_shared_experts >= 0 and self.route_scale > 0, "need n_shared_experts >= 0, route_scale > 0")
+
+
+# -----------------------------------------------------------------------------
+# RMSNorm and RoPE with YaRN
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    # bf16/fp16 -> fp32 for numerically touchy maths (norms, rotations, logits); fp64 stays fp64 for tests
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # norm in (at least) fp32 whatever the input dtype (bf16 sums of squares lose digits), cast back after
+        xf = at_least_fp32(x)
+        return F.rms_norm(xf, (x.size(-1),), self.weight.to(xf.dtype), self.eps).to(x.dtype)
+
+
+def precompute_freqs_cis(args: ModelArgs) -> torch.Tensor:
+    """RoPE rotation table for positions 0..max_seq_len-1, as (cos, sin): (max_seq_len, Dr/2, 2) fp32.
+
+    YaRN (§4.3, Peng et al. 2023): when max_seq_len exceeds the pre-training context, frequencies that
+    rotate fewer than beta_slow times over the original context are divided by s (interpolated), those
+    rotating more than beta_fast times are kept (extrapolated), with a linear ramp in between.
+    """
+    dim, base, s = args.qk_rope_head_dim, args.rope_theta, args.rope_factor
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))  # (Dr/2,) radians per position
+    if args.max_seq_len > args.original_seq_len:
+        # pair index whose wavelength fits `rot` full turns into the original context
+        def pair_for(rot):
+            return dim * math.log(args.original_seq_len / (rot * 2 * math.pi)) / (2 * math.log(base))
+        low = max(math.floor(pair_for(args.beta_fast)), 0)
+        high = min(math.ceil(pair_for(args.beta_slow)), dim - 1)
+        ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / max(high - low, 1e-3)).clamp(0, 1)
+        freqs = freqs / s * ramp + freqs * (1 - ramp)  # ramp=0: keep (high freq), ramp=1: interpolate
+    angles = torch.outer(torch.arange(args.max_seq_len, dtype=torch.float64), freqs)  # (max_seq_len, Dr/2)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1).float()  # (max_seq_len, Dr/2, 2)
+
+
+def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x0,x1),(x2,x3),... of the last dim, as the official code's complex multiply.
+
+    x: (B, T, H, Dr); freqs_cis: (T, Dr/2, 2). NOTE: Llama's "rotate-half" pairs (x_i, x_{i+Dr/2}) instead:
+    a different function for the same weights, so checkpoints would not interchange.
+    """
+    xp = at_least_fp32(x).unflatten(-1, (-1, 2))           # (B, T, H, Dr/2, 2)
+    x0, x1 = xp[..., 0], xp[..., 1]                        # (B, T, H, Dr/2) each
+    cos = freqs_cis[:, None, :, 0]                         # (T, 1, Dr/2)
+    sin = freqs_cis[:, None, :, 1]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)  # (B, T, H, Dr/2, 2)
+    return out.flatten(-2).to(x.dtype)                     # (B, T, H, Dr)
+
+
+# -----------------------------------------------------------------------------
+# Multi-head Latent Attention (§2.1.1)
+
+class MLA(nn.Module):
+    """Attention whose keys and values are rebuilt from a small per-token latent c_kv (plus one shared
+    RoPE key k_R), so a generation cache needs only (Ckv + Dr) numbers per token instead of 2·H·Dh."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.kv_lora_rank = args.n_heads, args.kv_lora_rank
+        self.dn, self.dr, self.dv = args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
+        H, qk = args.n_heads, args.qk_nope_head_dim + args.qk_rope_head_dim
+        if args.q_lora_rank == 0:
+            self.wq = nn.Linear(args.dim, H * qk, bias=False)           # eq. (6)-(7) without compression
+        else:
+            self.wq_a = nn.Linear(args.dim, args.q_lora_rank, bias=False)   # W^DQ, eq. (6)
+            self.q_norm = RMSNorm(args.q_lora_rank)
+            self.wq_b = nn.Linear(args.q_lora_rank, H * qk, bias=False)     # [W^UQ ; W^QR] stacked per head
+        # W^DKV and W^KR in one matmul: the latent c_kv and the decoupled key k_R, eqs. (1) and (3)
+        self.wkv_a = nn.Linear(args.dim, args.kv_lora_rank + self.dr, bias=False)
+        self.kv_norm = RMSNorm(args.kv_lora_rank)
+        # [W^UK ; W^UV] per head, eqs. (2) and (5): (H*(Dn+Dv), Ckv)
+        self.wkv_b = nn.Linear(args.kv_lora_rank, H * (self.dn + self.dv), bias=False)
+        self.wo = nn.Linear(H * self.dv, args.dim, bias=False)             # W^O, eq. (11)
+        # eq. (10): scores / sqrt(Dn + Dr); YaRN multiplies by mscale² (the "temperature" of §4.3)
+        self.softmax_scale = (self.dn + self.dr) ** -0.5
+        if args.max_seq_len > args.original_seq_len:
+            mscale = 0.1 * args.mscale * math.log(args.rope_factor) + 1.0
+            self.softmax_scale *= mscale * mscale
+        self.attn_impl = args.attn_impl
+        self.kv_cache = self.pe_cache = None  # set by Transformer.setup_cache for generation
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        B, T, _ = x.shape
+        H, Dn, Dr, Dv, C = self.n_heads, self.dn, self.dr, self.dv, self.kv_lora_rank
+        # queries: low-rank, normed latent, then up-projected per head
+        q = self.wq(x) if hasattr(self, "wq") else self.wq_b(self.q_norm(self.wq_a(x)))  # (B, T, H*(Dn+Dr))
+        q = q.view(B, T, H, Dn + Dr)
+        q_nope, q_pe = q.split([Dn, Dr], dim=-1)          # (B, T, H, Dn), (B, T, H, Dr)
+        q_pe = apply_rotary_emb(q_pe, freqs_cis)          # eq. (8): q^R = RoPE(W^QR c_q), per head
+        # keys/values: the latent c_kv (normed) and ONE rope key for all heads
+        kv = self.wkv_a(x)                                # (B, T, Ckv+Dr)
+        c_kv, k_pe = kv.split([C, Dr], dim=-1)            # (B, T, Ckv), (B, T, Dr)
+        c_kv = self.kv_norm(c_kv)
+        k_pe = apply_rotary_emb(k_pe.unsqueeze(2), freqs_cis).squeeze(2)  # eq. (3): (B, T, Dr)
+
+        end = start_pos + T
+        if self.kv_cache is not None:   # generation: cache only what eq. (1)/(3) produce, then read it all back
+            self.kv_cache[:B, start_pos:end] = c_kv
+            self.pe_cache[:B, start_pos:end] = k_pe
+            c_kv, k_pe = self.kv_cache[:B, :end], self.pe_cache[:B, :end]  # (B, S, Ckv), (B, S, Dr)
+        else:
+            assert start_pos == 0, "start_pos > 0 needs a cache (call model.setup_cache first)"
+        S = c_kv.size(1)
+        # causal mask for queries at positions start_pos..end-1 against keys 0..S-1; SDPA's is_causal
+        # aligns the top-left corner, which is only right when there is no cached prefix
+        mask = None
+        if start_pos > 0 and T > 1:
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)  # (T, S)
+        causal = start_pos == 0 and T > 1
+
+        wkv_b = self.wkv_b.weight.view(H, Dn + Dv, C)     # (H, Dn+Dv, Ckv): W^UK rows then W^UV rows per head
+        if self.attn_impl == "naive":
+            # materialize per-head keys and values from the latent: eqs. (2), (4), (5)
+            kv = self.wkv_b(c_kv).view(B, S, H, Dn + Dv)  # (B, S, H, Dn+Dv)
+            k_nope, v = kv.split([Dn, Dv], dim=-1)        # (B, S, H, Dn), (B, S, H, Dv)
+            k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, S, H, Dr)], dim=-1)  # (B, S, H, Dn+Dr)
+            qh = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)                    # (B, H, T, Dn+Dr)
+            o = F.scaled_dot_product_attention(qh, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                               is_causal=causal, scale=self.softmax_scale)  # (B, H, T, Dv)
+            o = o.transpose(1, 2)                                                     # (B, T, H, Dv)
+        else:
+            # "absorb": q_nope·(W^UK c) = (W^UKᵀ q_nope)·c, so fold W^UK into the query and score against
+            # the latent directly; likewise apply W^UV after the weighted sum of latents. Attention becomes
+            # multi-query attention over (Ckv+Dr)-dim keys shared by all heads: nothing per head is built.
+            q_lat = torch.einsum("bthd,hdc->bthc", q_nope, wkv_b[:, :Dn].to(q_nope.dtype))  # (B, T, H, Ckv)
+            qh = torch.cat([q_lat, q_pe], dim=-1).transpose(1, 2)                          # (B, H, T, Ckv+Dr)
+            k = torch.cat([c_kv, k_pe], dim=-1)[:, None].expand(B, H, S, C + Dr)           # (B, H, S, Ckv+Dr)
+            v = c_kv[:, None].expand(B, H, S, C)                                           # (B, H, S, Ckv)
+            o_lat = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, is_causal=causal,
+                                                   scale=self.softmax_scale)               # (B, H, T, Ckv)
+            o = torch.einsum("bhtc,hdc->bthd", o_lat, wkv_b[:, Dn:].to(o_lat.dtype))      # (B, T, H, Dv)
+        return self.wo(o.flatten(2))                       # (B, T, D)
+
+
+# -----------------------------------------------------------------------------
+# Feed-forward: dense SwiGLU, experts, gate, MoE (§2.1.2)
+
+class MLP(nn.Module):
+    """SwiGLU FFN: w2(silu(w1 x) * w3 x). Used for the dense layers, each expert and the shared experts."""
+
+    def __init__(self, dim: int, inter_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter_dim, bias=False)   # gate projection
+        self.w2 = nn.Linear(inter_dim, dim, bias=False)   # down projection
+        self.w3 = nn.Linear(dim, inter_dim, bias=False)   # up projection
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Gate(nn.Module):
+    """Sigmoid router with a selection-only bias (aux-loss-free balancing) and group-limited top-k.
+
+    Not an nn.Linear on purpose: the paper keeps the gate in higher precision, and fp8.py converts
+    exactly the nn.Linear layers.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.topk, self.n_groups, self.topk_groups = args.n_activated_experts, args.n_expert_groups, args.n_limited_groups
+        self.route_scale, self.gamma = args.route_scale, args.bias_update_speed
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim))   # centroids e_i, (E, D)
+        # b_i of eq. (16): a buffer, not a parameter: it is moved by the load rule below, never by gradients
+        self.register_buffer("bias", torch.zeros(args.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor):
+        """x: (N, D) -> gates (N, K) fp32, expert ids (N, K) long, unbiased affinities s (N, E) fp32."""
+        s = at_least_fp32(F.linear(x, self.weight)).sigmoid()     # eq. (15): s_i = sigmoid(u·e_i), (N, E)
+        biased = s + self.bias                              # eq. (16): bias used for *selection* only
+        if self.n_groups > 1:
+            N = x.size(0)
+            grouped = biased.view(N, self.n_groups, -1)                     # (N, G, E/G)
+            group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)        # sum of top-2 per group, (N, G)
+            keep = group_score.topk(self.topk_groups, dim=-1).indices       # (N, M)
+            drop = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, keep, False)  # (N, G)
+            # -inf, so an expert of a dropped group can never be chosen, however few experts remain
+            biased = grouped.masked_fill(drop[:, :, None], float("-inf")).flatten(1)  # (N, E)
+        idx = biased.topk(self.topk, dim=-1).indices       # (N, K)
+        g = s.gather(1, idx)                                # eq. (13): gates from the *unbiased* affinities
+        g = g / g.sum(dim=-1, keepdim=True) * self.route_scale  # normalized over the selected, times 2.5 in V3
+        return g, idx, s
+
+    @torch.no_grad()
+    def update_bias(self, counts: torch.Tensor):
+        """Aux-loss-free balancing: b_i += γ·sign(mean_load − load_i), with counts (E,) this step's tokens."""
+        load = counts.float()
+        self.bias += self.gamma * torch.sign(load.mean() - load)
+
+
+class MoE(nn.Module):
+    """h' = Σ_shared FFN_s(u) + Σ_routed g_i FFN_i(u) (eq. 12; the residual u is added by Block)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_routed, self.topk, self.alpha = args.n_routed_experts, args.n_activated_experts, args.aux_alpha
+        self.impl = args.moe_impl
+        self.gate = Gate(args)
+        self.experts = nn.ModuleList(MLP(args.dim, args.moe_inter_dim) for _ in range(args.n_routed_experts))
+        # N_s shared experts are one MLP of N_s times the width (the same function, one matmul)
+        self.shared_experts = MLP(args.dim, args.n_shared_experts * args.moe_inter_dim) if args.n_shared_experts else None
+        # tokens routed to each expert since the last bias update (summed over grad-accumulation micro-steps)
+        self.register_buffer("load", torch.zeros(args.n_routed_experts, dtype=torch.long), persistent=False)
+        self.last_counts = None     # (E,) tokens per expert in the last forward, for logging
+        self.balance_loss = None    # scalar from the last training forward (eq. 17)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        u = x.reshape(B * T, D)                              # (N, D)
+        g, idx, s = self.gate(u)                             # (N, K), (N, K), (N, E)
+        counts = torch.bincount(idx.flatten(), minlength=self.n_routed)  # (E,)
+        self.last_counts = counts.detach()
+        if self.training and torch.is_grad_enabled():
+            self.load += counts      # only real training steps move the router bias (not eval, not no_grad)
+            self.balance_loss = self.sequence_balance_loss(s.view(B, T, -1), idx.view(B, T, -1))
+        route = self.routed_grouped if self.impl == "grouped" else self.routed_loop
+        y = route(u, g, idx, counts)                         # (N, D)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(u)
+        return y.view(B, T, D)
+
+    def routed_loop(self, u, g, idx, counts):
+        """Reference: for each expert, gather its tokens, run it, scatter-add the gated output."""
+        y = torch.zeros_like(u)
+        for e, expert in enumerate(self.experts):
+            tok, slot = torch.where(idx == e)                # tokens choosing e, and at which of their K slots
+            if tok.numel():
+                y.index_add_(0, tok, (at_least_fp32(expert(u[tok])) * g[tok, slot, None]).to(u.dtype))
+        return y
+
+    def routed_grouped(self, u, g, idx, counts):
+        """Fast path: sort the N·K (token, expert) pairs by expert once, so each expert reads one contiguous
+        slice and runs one matmul per weight; no token is dropped and no expert computes on others' tokens."""
+        flat = idx.flatten()                                 # (N*K,) expert of each pair
+        order = flat.argsort(stable=True)                    # pairs grouped by expert
+        tok = order // self.topk                             # (N*K,) source token of each sorted pair
+        xs = u[tok]                                          # (N*K, D) gathered, expert-contiguous
+        # NOTE: split sizes must be known on the host: one device->host sync per MoE layer. A grouped GEMM
+        # (torch._grouped_mm) with device-side offsets removes it; left out to keep nn.Linear experts that
+        # fp8.py can convert and that expert-parallel code can shard one by one.
+        outs = [self.experts[e](chunk) for e, chunk in enumerate(xs.split(counts.tolist())) if chunk.numel()]
+        ys = at_least_fp32(torch.cat(outs)) * g.flatten()[order, None]  # (N*K, D) gated
+        return torch.zeros_like(u).index_add_(0, tok, ys.to(u.dtype))
+
+    def sequence_balance_loss(self, s: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """eqs. (17)-(20): α Σ_i f_i P_i per sequence, averaged over the batch. s: (B, T, E), idx: (B, T, K)."""
+        B, T, E = s.shape
+        if self.alpha == 0:
+            return s.new_zeros(())
+        chosen = F.one_hot(idx, E).sum(dim=2).to(s.dtype)       # (B, T, E) 1 where expert i is in token t's top-K
+        f = chosen.sum(dim=1) * E / (self.topk * T)          # eq. (18): (B, E), no gradient (a count)
+        P = (s / s.sum(dim=-1, keepdim=True)).mean(dim=1)    # eq. (19)-(20): (B, E), carries the gradient
+        return self.alpha * (f * P).sum(dim=-1).mean()
+
+
+# -----------------------------------------------------------------------------
+# Block, MTP module, Transformer
+
+class Block(nn.Module):
+    """Pre-norm block: x + MLA(norm(x)), then + FFN(norm(x)). Dense FFN for the first n_dense_layers.
+
+    forward(x (B, T, D), freqs_cis (T, Dr/2, 2) rows for these positions) -> (B, T, D): the only inputs a
+    pipeline stage needs to hand over (dualpipe.py runs Blocks as stages).
+    """
+
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.attn = MLA(args)
+        self.ffn = MLP(args.dim, args.inter_dim) if layer_id < args.n_dense_layers else MoE(args)
+        self.attn_norm = RMSNorm(args.dim)
+        self.ffn_norm = RMSNorm(args.dim)
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), freqs_cis, start_pos)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class MTP(nn.Module):
+    """One Multi-Token Prediction module (§2.2, eqs. 21-23): predicts token i+k+1 from h_{k-1,i} and t_{i+k}.
+
+    Follows the released checkpoint (layer 61, as vLLM/transformers read it): the projection input is
+    [enorm(Emb(t_{i+k})) ; hnorm(h_{k-1,i})] -- embedding FIRST, the paper's eq. (21) writes the other
+    order, which is only a permutation of eh_proj's columns -- and the module ends with its own RMSNorm
+    before the shared output head. Embedding and head are the main model's (shared, not copied).
+    """
+
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.enorm = RMSNorm(args.dim)
+        self.hnorm = RMSNorm(args.dim)
+        self.eh_proj = nn.Linear(2 * args.dim, args.dim, bias=False)   # M_k ∈ R^{d×2d}
+        self.block = Block(layer_id, args)
+        self.norm = RMSNorm(args.dim)
+
+    def forward(self, h_prev, emb_next, freqs_cis, start_pos: int = 0):
+        """h_prev: (B, T, D) final-normed states of depth k-1; emb_next: (B, T, D) = Emb(t_{i+k}).
+        Returns the final-normed (B, T, D) states of depth k (fed to the head and to depth k+1)."""
+        h = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))  # eq. (21): (B, T, D)
+        return self.norm(self.block(h, freqs_cis, start_pos))                           # eq. (22)
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(i, args) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim)
+        self.head = nn.Linear(args.dim, args.vocab_size, bias=False)  # not tied to embed (V3 unties them)
+        # MTP blocks are numbered after the main layers (layer 61 in V3), so they are MoE blocks
+        self.mtp = nn.ModuleList(MTP(args.n_layers + k, args) for k in range(args.n_mtp_depth))
+        self.register_buffer("freqs_cis", precompute_freqs_cis(args), persistent=False)  # (max_seq_len, Dr/2, 2)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        # §4.2: every learnable matrix drawn from N(0, 0.006); norms start at 1, router bias at 0
+        if isinstance(module, (nn.Linear, nn.Embedding, Gate)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.args.init_std)
+
+    # --- forward ---------------------------------------------------------------
+
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, start_pos: int = 0,
+                return_hidden: bool = False):
+        """tokens (B, T) int64 -> logits (B, T, V) fp32 for every position.
+
+        With targets (B, T) (targets[:, t] = tokens[:, t+1], -1 = ignore) also returns a dict of losses:
+        'ce' main next-token loss, 'mtp' = λ/D Σ_k CE_k (eq. 25), 'mtp_k' the per-depth CE_k, 'balance' the
+        sequence-wise balance losses summed over MoE layers, and 'loss' their sum (what backward uses).
+        With return_hidden, also returns the final-normed hidden states h (B, T, D), the input of MTP depth 1.
+        """
+        B, T = tokens.shape
+        assert tokens.dtype == torch.long, f"tokens must be int64, got {tokens.dtype}"
+        assert start_pos + T <= self.args.max_seq_len, \
+            f"sequence of {start_pos + T} positions exceeds max_seq_len={self.args.max_seq_len}"
+        freqs = self.freqs_cis[start_pos:start_pos + T]        # (T, Dr/2, 2)
+        x = self.embed(tokens)                                 # (B, T, D)
+        for layer in self.layers:
+            x = layer(x, freqs, start_pos)
+        h = self.norm(x)                                       # (B, T, D)
+        logits = at_least_fp32(self.head(h))                    # (B, T, V)
+        if targets is None:
+            return (logits, h) if return_hidden else logits
+
+        assert targets.shape == tokens.shape, f"targets {tuple(targets.shape)} != tokens {tuple(tokens.shape)}"
+        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        # MTP (eq. 21-25): depth k at position i sees t_{i+k} and predicts t_{i+k+1} = targets[i+k], so each
+        # depth drops the last position: depth k covers positions 0..T-k-1 of the sequence.
+        mtp_k, h_k = [], h
+        for k, module in enumerate(self.mtp, start=1):
+            if T - k <= 0:
+                break
+            emb_next = self.embed(tokens[:, k:])                               # Emb(t_{i+k}), (B, T-k, D)
+            h_k = module(h_k[:, :T - k], emb_next, freqs[:T - k])              # (B, T-k, D)
+            logits_k = at_least_fp32(self.head(h_k))                           # shared head, (B, T-k, V)
+            mtp_k.append(F.cross_entropy(logits_k.flatten(0, 1), targets[:, k:].flatten(), ignore_index=-1))
+        mtp = self.args.mtp_lambda / len(self.mtp) * sum(mtp_k) if mtp_k else ce.new_zeros(())
+        moes = [m for m in self.moe_layers() if m.balance_loss is not None]
+        balance = sum(m.balance_loss for m in moes) if moes else ce.new_zeros(())
+        for m in moes:
+            m.balance_loss = None   # consumed: never let a stale graph leak into the next step
+        losses = dict(loss=ce + mtp + balance, ce=ce, mtp=mtp, mtp_k=mtp_k, balance=balance)
+        return (logits, losses, h) if return_hidden else (logits, losses)
+
+    def mtp_forward(self, k: int, h_prev: torch.Tensor, next_tokens: torch.Tensor, start_pos: int = 0):
+        """One MTP depth k (1-based) for generation: h_prev (B, T, D) from depth k-1 at positions
+        start_pos.., next_tokens (B, T) the tokens one step further. Returns logits (B, T, V) and h_k."""
+        freqs = self.freqs_cis[start_pos:start_pos + next_tokens.size(1)]
+        h_k = self.mtp[k - 1](h_prev, self.embed(next_tokens), freqs, start_pos)
+        return at_least_fp32(self.head(h_k)), h_k
+
+    # --- generation cache -----------------------------------------------------
+
+    def setup_cache(self, batch_size: int, max_len: int | None = None):
+        """Allocate the MLA cache in every block (main and MTP): only c_kv (Ckv) and k_R (Dr) per token."""
+        max_len = max_len or self.args.max_seq_len
+        p = self.embed.weight
+        for attn in self.attn_modules():
+            attn.kv_cache = torch.zeros(batch_size, max_len, attn.kv_lora_rank, dtype=p.dtype, device=p.device)
+            attn.pe_cache = torch.zeros(batch_size, max_len, attn.dr, dtype=p.dtype, device=p.device)
+
+    def clear_cache(self):
+        for attn in self.attn_modules():
+            attn.kv_cache = attn.pe_cache = None
+
+    def attn_modules(self):
+        return [m for m in self.modules() if isinstance(m, MLA)]
+
+    def set_impl(self, attn: str | None = None, moe: str | None = None):
+        """Switch every MLA between 'naive'/'absorb' and every MoE between 'grouped'/'loop' (same maths)."""
+        assert attn in (None, "naive", "absorb") and moe in (None, "grouped", "loop")
+        for m in self.modules():
+            if isinstance(m, MLA) and attn:
+                m.attn_impl = attn
+            if isinstance(m, MoE) and moe:
+                m.impl = moe
+
+    # --- aux-loss-free balancing and load statistics ---------------------------
+
+    def moe_layers(self):
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    @torch.no_grad()
+    def update_router_biases(self):
+        """Call after every optimizer step: each MoE layer moves its bias by ±γ from the tokens it routed
+        since the last call (all micro-steps of the step), then starts counting afresh. In data-parallel
+        training all-reduce each `moe.load` first so every rank applies the same update."""
+        for moe in self.moe_layers():
+            if moe.load.sum() > 0:
+                moe.gate.update_bias(moe.load)
+            moe.load.zero_()
+
+    @torch.no_grad()
+    def expert_load(self):
+        """(n_moe_layers, E) tokens per expert in the last forward, and MaxVio per layer:
+        max_load / mean_load − 1 (Wang et al. 2024; 0 = perfectly balanced)."""
+        counts = torch.stack([m.last_counts for m in self.moe_layers() if m.last_counts is not None]).float()
+        return counts, counts.max(dim=1).values / counts.mean(dim=1) - 1
+
+    # --- accounting -----------------------------------------------------------
+
+    def num_params(self) -> dict:
+        """Total and activated parameter counts, main model and MTP separately (works on the meta device).
+        Activated = what one token multiplies through: all but the (E − K) unchosen routed experts per MoE
+        layer. The embedding and head are counted (the paper's 37B activated includes them)."""
+        def count(mod):
+            return sum(p.numel() for p in mod.parameters())
+        mtp_params = count(self.mtp)
+        total = count(self) - mtp_params
+        a = self.args
+        expert = 3 * a.dim * a.moe_inter_dim
+        idle = (a.n_routed_experts - a.n_activated_experts) * expert
+        n_moe_main = a.n_layers - a.n_dense_layers
+        return dict(total=total, activated=total - idle * n_moe_main,
+                    mtp=mtp_params, mtp_activated=mtp_params - idle * a.n_mtp_depth)
+
+    def flops_per_token(self, seq_len: int, with_mtp: bool = True) -> float:
+        """Training FLOPs per token (forward + backward = 3 × forward): 6 × activated matmul weights
+        (embedding lookup excluded, head included) + attention scores and weighted sums. Causal attention
+        touches on average (seq_len+1)/2 keys per query, which is what flash-style kernels compute."""
+        a, n = self.args, self.num_params()
+        matmul = n["activated"] - self.embed.weight.numel()
+        layers = a.n_layers
+        if with_mtp:
+            matmul += n["mtp_activated"]
+            layers += a.n_mtp_depth
+        keys = (seq_len + 1) / 2
+        attn = layers * 2 * a.n_heads * (a.qk_nope_head_dim + a.qk_rope_head_dim + a.v_head_dim) * keys
+        return 6 * matmul + 3 * attn
+
+
+# the real DeepSeek-V3 (671B) config, for accounting on the meta device and as a reference
+V3_ARGS = dict(vocab_size=129280, dim=7168, inter_dim=18432, moe_inter_dim=2048, n_layers=61, n_dense_layers=3,
+               n_heads=128, n_routed_experts=256, n_shared_experts=1, n_activated_experts=8, n_expert_groups=8,
+               n_limited_groups=4, route_scale=2.5, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
+               qk_rope_head_dim=64, v_head_dim=128, max_seq_len=4096 * 4, original_seq_len=4096,
+               rope_factor=40, mscale=1.0, n_mtp_depth=1)

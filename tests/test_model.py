@@ -1,0 +1,251 @@
+"""Tests for model.py: each one compares against an independent statement of the paper's maths.
+
+Equivalence tests run in float64 so that "same maths, different order" differences are ~1e-12 and a
+tolerance of 1e-9 (relative norm error) can only be broken by a real bug, not by rounding.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import V3_ARGS, Gate, ModelArgs, MoE, Transformer, precompute_freqs_cis
+
+
+def tiny_args(**kw):
+    base = dict(vocab_size=97, dim=48, inter_dim=96, moe_inter_dim=24, n_layers=3, n_dense_layers=1, n_heads=3,
+                n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, n_expert_groups=4,
+                n_limited_groups=2, route_scale=2.5, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8,
+                qk_rope_head_dim=4, v_head_dim=8, max_seq_len=64, original_seq_len=64, n_mtp_depth=2,
+                init_std=0.05)   # larger than 0.006 so that tiny models have non-trivial routing/attention
+    base.update(kw)
+    return ModelArgs(**base)
+
+
+def tiny_model(seed=0, dtype=torch.float64, **kw):
+    torch.manual_seed(seed)
+    return Transformer(tiny_args(**kw)).to(dtype)
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def tokens(B, T, V=97, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, V, (B, T), generator=g)
+
+
+# --- config ------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(n_routed_experts=10, n_expert_groups=4), "divisible by n_expert_groups"),
+    (dict(n_limited_groups=5), "n_limited_groups"),
+    (dict(n_activated_experts=5, n_limited_groups=1), "n_activated_experts"),
+    (dict(attn_impl="flash"), "attn_impl"),
+    (dict(qk_rope_head_dim=5), "even"),
+    (dict(dim=32.0), "dim must be an int"),
+])
+def test_invalid_args_raise_clear_errors(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        tiny_args(**kw)
+
+
+def test_v3_accounting_on_meta():
+    # SPEC.md: 671.03B main, 37.55B activated, one MTP module adds 11.61B of its own
+    with torch.device("meta"):
+        model = Transformer(ModelArgs(**V3_ARGS))
+    n = model.num_params()
+    assert round(n["total"] / 1e9, 2) == 671.03
+    assert round(n["activated"] / 1e9, 2) == 37.55
+    assert round(n["mtp"] / 1e9, 2) == 11.61
+    emb_head = 2 * 129280 * 7168   # counted again when the MTP module is seen as a standalone model
+    assert round((n["mtp"] + emb_head) / 1e9, 2) == 13.46
+    assert model.flops_per_token(4096) > 6 * 37e9   # at least the activated matmuls
+
+
+# --- attention -------------------------------------------------------------------
+
+def test_causality_main_and_mtp():
+    model = tiny_model().eval()
+    T, t = 24, 13
+    x = tokens(2, T)
+    x2 = x.clone()
+    x2[:, t] = (x2[:, t] + 1) % 97
+
+    def outputs(inp):
+        logits, h = model(inp, return_hidden=True)
+        per_depth, h_k = [], h
+        for k in range(1, 3):
+            lk, h_k = model.mtp_forward(k, h_k[:, :T - k], inp[:, k:])
+            per_depth.append(lk)
+        return logits, per_depth
+
+    with torch.no_grad():
+        (l1, m1), (l2, m2) = outputs(x), outputs(x2)
+    # not bit-equal: an expert's matmul over a different number of rows may round differently (~1e-16),
+    # so "unchanged" is rel. error < 1e-12, while a real leak moves logits by ~1e-2
+    assert rel_err(l1[:, :t], l2[:, :t]) < 1e-12, "main logits before t changed"
+    assert rel_err(l1[:, t], l2[:, t]) > 1e-6, "changing token t changed nothing at all"
+    for k, (a, b) in enumerate(zip(m1, m2), start=1):
+        # depth k at position i has seen tokens up to i+k
+        assert rel_err(a[:, :t - k], b[:, :t - k]) < 1e-12, f"MTP depth {k} saw the future"
+        assert rel_err(a[:, t - k], b[:, t - k]) > 1e-6
+
+
+def test_naive_equals_absorb():
+    model = tiny_model().eval()
+    x = tokens(2, 20)
+    with torch.no_grad():
+        naive = model(x)
+        model.set_impl(attn="absorb")
+        absorb = model(x)
+    assert rel_err(absorb, naive) < 1e-9
+
+
+@pytest.mark.parametrize("impl", ["naive", "absorb"])
+def test_cached_decoding_equals_full_forward(impl):
+    model = tiny_model(attn_impl=impl).eval()
+    x = tokens(2, 20)
+    with torch.no_grad():
+        full = model(x)
+        model.setup_cache(batch_size=2)
+        pieces = [model(x[:, :8], start_pos=0)]                 # prompt
+        pieces.append(model(x[:, 8:12], start_pos=8))           # a chunk against a cached prefix (mask path)
+        for t in range(12, 20):                                  # then one token at a time
+            pieces.append(model(x[:, t:t + 1], start_pos=t))
+        model.clear_cache()
+    assert rel_err(torch.cat(pieces, dim=1), full) < 1e-9
+    # the cache holds only c_kv and k_R
+    model.setup_cache(batch_size=1)
+    attn = model.layers[0].attn
+    assert attn.kv_cache.shape[-1] == 16 and attn.pe_cache.shape[-1] == 4
+
+
+def test_yarn_factor_one_changes_nothing_within_original_context():
+    short = tiny_model(max_seq_len=32, original_seq_len=32)
+    long = tiny_model(max_seq_len=64, original_seq_len=32, rope_factor=1.0)
+    long.load_state_dict(short.state_dict())
+    x = tokens(1, 32)
+    with torch.no_grad():
+        assert rel_err(long.eval()(x), short.eval()(x)) < 1e-12
+
+
+def test_yarn_ramp_interpolates_low_frequencies_only():
+    # V3's long-context numbers: 4K pre-training context extended by s=40; Dr=64 -> 32 rotating pairs
+    a = tiny_args(qk_rope_head_dim=64, max_seq_len=16384, original_seq_len=4096, rope_factor=40.0)
+    base = tiny_args(qk_rope_head_dim=64, max_seq_len=16384, original_seq_len=16384)
+    ang = torch.atan2(precompute_freqs_cis(a)[1, :, 1], precompute_freqs_cis(a)[1, :, 0])   # radians/position
+    ang0 = torch.atan2(precompute_freqs_cis(base)[1, :, 1], precompute_freqs_cis(base)[1, :, 0])
+    ratio = ang0 / ang
+    # pair j turns 4096·θ^(-2j/64)/2π times over the original context: > beta_fast=32 turns for j <= 10
+    # (kept), < beta_slow=1 turn for j >= 23 (divided by s), a linear ramp in between
+    assert torch.allclose(ratio[:10], torch.ones(10), rtol=1e-4)
+    assert torch.allclose(ratio[23:], torch.full((9,), 40.0), rtol=1e-4)
+    assert (ratio[1:] >= ratio[:-1] - 1e-4).all()
+    # and attention gets the mscale² temperature correction
+    m = Transformer(tiny_args(max_seq_len=128, original_seq_len=64, rope_factor=40.0))
+    mscale = 0.1 * math.log(40.0) + 1
+    assert math.isclose(m.layers[0].attn.softmax_scale, (8 + 4) ** -0.5 * mscale ** 2)
+
+
+# --- routing and balancing ----------------------------------------------------------
+
+def test_group_limited_routing_and_gates():
+    torch.manual_seed(0)
+    args = tiny_args(n_routed_experts=16, n_expert_groups=4, n_limited_groups=2, n_activated_experts=3)
+    gate = Gate(args).double()
+    torch.nn.init.normal_(gate.weight, std=0.5)
+    x = torch.randn(200, args.dim, dtype=torch.float64)
+    g, idx, s = gate(x)
+    # gates are the unbiased affinities, normalized over the selected, times route_scale
+    assert torch.allclose(g.sum(-1), torch.full((200,), 2.5, dtype=torch.float64))
+    assert torch.allclose(g, s.gather(1, idx) / s.gather(1, idx).sum(-1, keepdim=True) * 2.5)
+    # every selected expert lies in one of the M groups with the highest top-2 sum
+    group_score = s.view(200, 4, 4).topk(2, dim=-1).values.sum(-1)      # bias is 0 here
+    kept = group_score.topk(2, dim=-1).indices                            # (200, 2)
+    assert ((idx // 4)[:, :, None] == kept[:, None, :]).any(-1).all()
+    # a bias changes which experts are picked, never the gate values of the picked ones
+    gate.bias[:] = torch.linspace(-1, 1, 16, dtype=torch.float32)
+    g2, idx2, s2 = gate(x)
+    assert not torch.equal(idx2, idx)
+    assert torch.equal(s2, s)
+    assert torch.allclose(g2, s.gather(1, idx2) / s.gather(1, idx2).sum(-1, keepdim=True) * 2.5)
+
+
+def test_bias_update_direction_and_only_in_training():
+    model = tiny_model(dtype=torch.float32)
+    moe = model.moe_layers()[0]
+    moe.load[:] = torch.tensor([10, 0, 5, 5, 5, 5, 5, 1])       # mean 4.5
+    model.update_router_biases()
+    expected = 1e-3 * torch.tensor([-1, 1, -1, -1, -1, -1, -1, 1.0])
+    assert torch.allclose(moe.gate.bias, expected)
+    assert moe.load.sum() == 0
+    # eval-mode and no_grad forwards never accumulate load (so never move the bias)
+    x = tokens(2, 16)
+    model.eval()
+    model(x)
+    model.train()
+    with torch.no_grad():
+        model(x)
+    assert moe.load.sum() == 0
+    model(x, torch.roll(x, -1, 1))
+    assert moe.load.sum() == 2 * 16 * 2   # N tokens × K experts
+
+
+def test_balance_loss_hand_computed_and_has_gradient():
+    args = tiny_args(n_routed_experts=4, n_expert_groups=1, n_limited_groups=1, n_activated_experts=2,
+                     aux_alpha=0.5)
+    moe = MoE(args)
+    # one sequence of 2 tokens, 4 experts, K=2
+    s = torch.tensor([[[0.9, 0.5, 0.2, 0.4], [0.1, 0.8, 0.7, 0.4]]], requires_grad=True)
+    idx = torch.tensor([[[0, 1], [1, 2]]])
+    # f_i = N_r/(K T) * count = 4/4 * [1, 2, 1, 0]; P_i = mean_t s_i/Σ_j s_j
+    P = [(0.9 / 2.0 + 0.1 / 2.0) / 2, (0.5 / 2.0 + 0.8 / 2.0) / 2, (0.2 / 2.0 + 0.7 / 2.0) / 2, (0.4 / 2 + 0.4 / 2) / 2]
+    expected = 0.5 * (1 * P[0] + 2 * P[1] + 1 * P[2] + 0 * P[3])
+    loss = moe.sequence_balance_loss(s, idx)
+    assert math.isclose(loss.item(), expected, rel_tol=1e-6)
+    loss.backward()
+    assert s.grad.abs().sum() > 0
+
+
+def test_grouped_dispatch_equals_loop():
+    model = tiny_model().eval()
+    x = tokens(3, 16)
+    with torch.no_grad():
+        grouped = model(x)
+        model.set_impl(moe="loop")
+        loop = model(x)
+    assert rel_err(grouped, loop) < 1e-12
+
+
+# --- MTP and training losses ------------------------------------------------------------
+
+def test_mtp_target_alignment():
+    # hand-made sequence 0,1,2,...: the main head at position i must predict i+1, MTP depth k predicts i+k+1
+    model = tiny_model().train()
+    x = torch.arange(20)[None]                   # (1, 20)
+    y = torch.arange(1, 21)[None]; y[0, -1] = -1  # targets, last one unknown (ignored)
+    _, losses, h = model(x, y, return_hidden=True)
+    h_k = h
+    for k in (1, 2):
+        logits_k, h_k = model.mtp_forward(k, h_k[:, :20 - k], x[:, k:])
+        want = torch.arange(k + 1, 21)[None].clone()   # position i predicts token i+k+1
+        want[want >= 20] = -1
+        ce = F.cross_entropy(logits_k.flatten(0, 1), want.flatten(), ignore_index=-1)
+        assert math.isclose(losses["mtp_k"][k - 1].item(), ce.item(), rel_tol=1e-9)
+    assert math.isclose(losses["mtp"].item(), 0.3 / 2 * sum(l.item() for l in losses["mtp_k"]), rel_tol=1e-9)
+    total = losses["ce"] + losses["mtp"] + losses["balance"]
+    assert math.isclose(losses["loss"].item(), total.item(), rel_tol=1e-12)
+    assert losses["balance"].item() > 0
+
+
+def test_every_parameter_gets_a_gradient():
+    model = tiny_model(dtype=torch.float32).train()
+    x = tokens(4, 32)
+    _, losses = model(x, torch.roll(x, -1, 1))
+    losses["loss"].backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
+    counts, maxvio = model.expert_load()
+    assert counts.shape == (4, 8) and (maxvio >= 0).all()   # 2 main MoE layers + 2 MTP blocks
