@@ -423,7 +423,8 @@ class Transformer(nn.Module):
         # MTP blocks are numbered after the main layers (layer 61 in V3), so they are MoE blocks
         self.mtp = nn.ModuleList(MTP(args.n_layers + k, args) for k in range(args.n_mtp_depth))
         self.register_buffer("freqs_cis", precompute_freqs_cis(args), persistent=False)  # (max_seq_len, Dr/2, 2)
-        self.apply(self._init_weights)
+        if self.embed.weight.device.type != "meta":   # meta tensors hold no values (and normal_ on meta is slow)
+            self.apply(self._init_weights)
 
     def _init_weights(self, module):
         # §4.2: every learnable matrix drawn from N(0, 0.006); norms start at 1, router bias at 0
