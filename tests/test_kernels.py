@@ -1,0 +1,169 @@
+"""Tests for kernels.py: each quantizer against the E4M3 rounding bound, layouts, extreme tiles, the
+element-wise kernels against float64 statements of their maths, and torch.compile'd == eager.
+
+E4M3 bound used throughout: a value v = x/s with |v| <= 448 is rounded to 3 mantissa bits, so the error is
+at most half an ulp: |v|·2^-4 in the normal range, 2^-10 (half the smallest subnormal 2^-9) below 2^-6.
+Back in x units: |x − q·s| <= max(|x|·2^-4, s·2^-10), plus fp32 rounding of the division (~1e-7 |x|).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels as K
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def spread_input(M, N, seed=0):
+    """Fresh random values whose magnitude changes by up to 10 orders from row to row and 128-column block
+    to block, so that one global scale could never cover them."""
+    g = torch.Generator().manual_seed(seed)
+    mag = 10.0 ** torch.empty(M, (N + 127) // 128).uniform_(-6, 4, generator=g)  # (M, N/128)
+    return torch.randn(M, N, generator=g) * mag.repeat_interleave(128, dim=1)[:, :N]
+
+
+def assert_within_e4m3_bound(x, deq, s_per_elem):
+    bound = torch.maximum(x.abs() * 2**-4, s_per_elem * 2**-10) + 1e-6 * x.abs() + 1e-38
+    excess = ((x - deq).abs() - bound).max().item()
+    assert excess <= 0, f"quantization error exceeds the E4M3 half-ulp bound by {excess:.3g}"
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_quant_1x128_shapes_layout_and_error_bound(pow2):
+    M, Kd = 200, 330  # neither a multiple of 128: K is padded to 384
+    x = spread_input(M, Kd)
+    q, s = K.quant_1x128_ref(x, pow2)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == (M, 384)
+    assert s.dtype == torch.float32 and s.shape == (M, 3) and s.stride() == (1, M), "scales must be column-major"
+    assert (q[:, Kd:].float() == 0).all(), "padding must quantize to zero"
+    amax = F.pad(x, (0, 384 - Kd)).view(M, 3, 128).abs().amax(-1)  # (M, 3)
+    if pow2:  # the smallest power of two that keeps the tile inside ±448
+        assert (torch.log2(s) == torch.log2(s).round()).all() and (s >= amax / 448).all() and (s < 2 * amax / 448).all()
+    else:
+        torch.testing.assert_close(s, amax / 448, rtol=1e-6, atol=0)
+    deq = K.dequant_1x128_ref(q, s)[:, :Kd]
+    assert_within_e4m3_bound(x, deq, s.repeat_interleave(128, dim=1)[:, :Kd])
+
+
+def test_quant_128x1_is_1x128_of_the_transpose():
+    M, N = 300, 200  # tokens not a multiple of 128: padded to 384
+    x = spread_input(M, N, seed=1)
+    qT, sT = K.quant_128x1_ref(x)
+    assert qT.shape == (256, 384) and sT.shape == (256, 3) and sT.stride() == (1, 256)
+    q_ref, s_ref = K.quant_1x128_ref(x.t())  # tiles of xᵀ along tokens: the definition of 128×1 tiles of x
+    assert torch.equal(qT[:N].float(), q_ref.float()) and torch.equal(sT[:N], s_ref)
+    deq = K.dequant_1x128_ref(qT, sT)[:N, :M].t()  # (M, N)
+    assert_within_e4m3_bound(x, deq, sT[:N].repeat_interleave(128, dim=1)[:, :M].t())
+
+
+def test_quant_128x128_block_scales_and_transpose():
+    N, Kd = 260, 200
+    w = torch.randn(N, Kd) * 10.0 ** torch.empty(N, 1).uniform_(-3, 3)  # rows of very different size
+    q, s = K.quant_128x128_ref(w)
+    assert q.shape == (384, 256) and s.shape == (3, 2)
+    deq = K.dequant_128x128_ref(q, s)[:N, :Kd]
+    s_elem = s.repeat_interleave(128, 0).repeat_interleave(128, 1)[:N, :Kd]
+    assert_within_e4m3_bound(w, deq, s_elem)
+    # a square block is the same block for Wᵀ: Dgrad may reuse (qᵀ, sᵀ) instead of re-quantizing
+    qt, st = K.quant_128x128_ref(w.t())
+    assert torch.equal(qt.float(), q.t().float()) and torch.equal(st, s.t())
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_requant_128x1_adds_at_most_one_more_rounding(pow2):
+    x = spread_input(256, 256, seed=2)
+    q, s = K.quant_1x128_ref(x, pow2)
+    deq1 = K.dequant_1x128_ref(q, s)
+    qT, sT = K.requant_128x1_ref(q, s, pow2)
+    assert qT.shape == (256, 256) and sT.shape == (256, 2)
+    deq2 = K.dequant_1x128_ref(qT, sT).t()
+    # second rounding measured against the values it was given: the same E4M3 bound
+    assert_within_e4m3_bound(deq1, deq2, sT.repeat_interleave(128, dim=1).t())
+
+
+def test_extreme_tiles_give_finite_scales_and_values():
+    x = torch.randn(256, 512)
+    x[:128, :128] = 0.0  # an all-zero tile/block
+    x[128:, :128] *= 1e-8  # tiny values
+    x[:, 128:256] *= 1e4  # large values
+    x[:, 256:384] = torch.randn(256, 128) * 1e-3
+    x[:, 256] = 3e4  # one huge outlier in every 1×128 tile of this column block
+    for q, s in [K.quant_1x128_ref(x), K.quant_128x1_ref(x), K.quant_128x128_ref(x), K.quant_1x128_ref(x, True)]:
+        assert torch.isfinite(s).all() and (s > 0).all(), "a scale must be finite and positive, zeros included"
+        assert torch.isfinite(q.float()).all()
+    q, s = K.quant_1x128_ref(x)
+    deq = K.dequant_1x128_ref(q, s)
+    assert (deq[:128, :128] == 0).all(), "a zero tile must dequantize to exactly zero"
+    torch.testing.assert_close(deq[:, 256], x[:, 256], rtol=1e-6, atol=0)  # the max maps to ±448 exactly
+    assert_within_e4m3_bound(x, deq, s.repeat_interleave(128, dim=1))
+
+
+def test_rmsnorm_matches_float64():
+    x, w = torch.randn(4, 7, 96) * 3, torch.randn(96)
+    ref = x.double() / (x.double().pow(2).mean(-1, keepdim=True) + 1e-6).sqrt() * w.double()
+    assert rel_err(K.rmsnorm_ref(x, w), ref) < 1e-6  # fp32 arithmetic
+    assert K.rmsnorm_ref(x.bfloat16(), w).dtype == torch.bfloat16
+
+
+def test_swiglu_quant_and_backward():
+    a, b, dy = torch.randn(64, 200), torch.randn(64, 200), torch.randn(64, 200)
+    q, s = K.swiglu_quant_ref(a, b)
+    q2, s2 = K.quant_1x128_ref(F.silu(a) * b)  # same values, two separate passes
+    assert torch.equal(q.float(), q2.float()) and torch.equal(s, s2)
+    ad, bd = a.double().requires_grad_(), b.double().requires_grad_()
+    (F.silu(ad) * bd).backward(dy.double())
+    da, db = K.swiglu_bwd_ref(a, b, dy)
+    assert rel_err(da, ad.grad) < 1e-6 and rel_err(db, bd.grad) < 1e-6  # fp32 vs float64 autograd
+
+
+def test_rope_is_complex_multiplication_of_interleaved_pairs():
+    B, T, H, Dr = 2, 5, 3, 16
+    x = torch.randn(B, T, H, Dr)
+    ang = torch.rand(T, Dr // 2, dtype=torch.float64) * 6.3
+    freqs = torch.polar(torch.ones_like(ang), ang)  # (T, Dr/2) complex128
+    ref = torch.view_as_real(torch.view_as_complex(x.double().view(B, T, H, Dr // 2, 2)) * freqs[None, :, None])
+    out = K.apply_rope(x, freqs.to(torch.complex64))
+    assert rel_err(out, ref.view(B, T, H, Dr)) < 1e-6
+    table = torch.stack([ang.cos(), ang.sin()], dim=-1).float()  # model.py's (T, Dr/2, 2) format
+    assert torch.equal(K.apply_rope(x, table), out)
+
+
+def _all_kernels(x, w, a, b, dy, xr, cos, sin):
+    q1 = K.quant_1x128_ref(x)
+    return (q1, K.quant_128x1_ref(x, True), K.quant_128x128_ref(w), K.requant_128x1_ref(*q1),
+            K.dequant_1x128_ref(*q1), K.rmsnorm_ref(x, w[0, :x.shape[1]]), K.swiglu_quant_ref(a, b),
+            K.swiglu_bwd_ref(a, b, dy), K.rope_ref(xr, cos, sin))
+
+
+def _inputs(device):
+    g = torch.Generator().manual_seed(3)
+    shapes = [(200, 200), (200, 300), (64, 200), (64, 200), (64, 200), (2, 8, 3, 16), (8, 8), (8, 8)]
+    return [torch.randn(*s, generator=g).to(device) for s in shapes]
+
+
+def _assert_same(out, ref):
+    for o, r in zip(torch.utils._pytree.tree_leaves(out), torch.utils._pytree.tree_leaves(ref)):
+        assert o.dtype == r.dtype and o.shape == r.shape and o.stride() == r.stride()
+        if o.dtype == torch.float8_e4m3fn:  # a division rounded differently may move a value by one FP8 step
+            assert (o.float() != r.float()).float().mean() < 1e-3 and rel_err(o.float(), r.float()) < 1e-3
+        else:
+            assert rel_err(o, r) < 1e-5, "compiled kernel differs from its eager reference"
+
+
+def test_compiled_kernels_match_eager_cpu():
+    # ONE compile (about 15-30 s on a 2-core CPU) covering every kernel, instead of one per kernel
+    args = _inputs("cpu")
+    _assert_same(torch.compile(_all_kernels)(*args), _all_kernels(*args))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_kernels_match_eager_cuda():
+    args = _inputs("cuda")
+    _assert_same(_all_kernels(*args), _all_kernels(*args))  # sanity: deterministic
+    x, w, a, b, dy, xr, cos, sin = args
+    out = (K.quant_1x128(x), K.quant_128x1(x, True), K.quant_128x128(w), K.requant_128x1(*K.quant_1x128(x)),
+           K.dequant_1x128(*K.quant_1x128(x)), K.rmsnorm(x, w[0, :x.shape[1]]), K.swiglu_quant(a, b),
+           K.swiglu_bwd(a, b, dy), K.rope(xr, cos, sin))
+    _assert_same(out, _all_kernels(*args))
