@@ -1,0 +1,116 @@
+"""End-to-end tests of train.py as a user runs it: a subprocess per run, a tiny model, a temp out_dir."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--dim=32", "--inter_dim=64", "--moe_inter_dim=16", "--n_layers=2", "--n_heads=2", "--n_routed_experts=4",
+        "--n_expert_groups=2", "--n_limited_groups=1", "--n_activated_experts=2", "--q_lora_rank=16",
+        "--kv_lora_rank=16", "--qk_nope_head_dim=8", "--qk_rope_head_dim=4", "--v_head_dim=8", "--max_seq_len=32",
+        "--original_seq_len=32", "--seq_len=32", "--batch_size=4", "--vocab_size=512", "--eval_iters=2",
+        "--sample_tokens=8", "--decay_frac=0.0", "--warmup_iters=2"]   # constant LR after warm-up: resumable
+
+
+def run(*args, check=True):
+    p = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if check:
+        assert p.returncode == 0, p.stderr[-2000:]
+    return p
+
+
+def train_losses(out_dir):
+    rows = [json.loads(l) for l in open(os.path.join(out_dir, "metrics.jsonl"))]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_end_to_end_checkpoint_and_metrics(tmp_path):
+    out = str(tmp_path / "out")
+    p = run("--config", "small", *TINY, "--max_iters=6", "--eval_interval=3", f"--out_dir={out}")
+    assert "params:" in p.stdout and "FLOPs/token" in p.stdout
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    assert ckpt["step"] == 6 and ckpt["config"]["max_iters"] == 6 and ckpt["model_args"]["dim"] == 32
+    assert {"model", "optimizer", "rng", "best_val"} <= set(ckpt)
+    assert any(k.endswith("gate.bias") for k in ckpt["model"])   # router biases travel with the model
+    assert os.path.exists(os.path.join(out, "tokenizer.tiktoken"))
+    rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    evals = [r for r in rows if "val_bpb" in r]
+    assert [r["step"] for r in evals] == [3, 6]
+    assert all(0 < r["val_bpb"] < 10 and r["val_loss"] > 0 for r in evals)
+    assert sorted(train_losses(out)) == list(range(1, 7))
+    # the router biases moved (aux-loss-free balancing ran after each step)
+    assert any(v.abs().sum() > 0 for k, v in ckpt["model"].items() if k.endswith("gate.bias"))
+
+
+def test_interrupt_and_resume_gives_the_same_losses(tmp_path):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    common = ["--config", "small", *TINY, "--max_iters=30", "--eval_interval=1000"]
+    run(*common, f"--out_dir={full}")
+    # interrupt a second run with Ctrl-C (SIGINT) part-way: it must save a checkpoint and exit 130
+    proc = subprocess.Popen([sys.executable, "train.py", *common, f"--out_dir={part}"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(part, "metrics.jsonl")
+    t0 = time.time()
+    while not (os.path.exists(metrics) and len(open(metrics).readlines()) >= 3) and time.time() - t0 < 200:
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, proc.stderr.read()
+    stopped = torch.load(os.path.join(part, "ckpt.pt"), weights_only=True)["step"]
+    assert 3 <= stopped < 30, f"interrupted at step {stopped}"
+    run(*common, f"--out_dir={part}", "--resume=True")
+    a, b = train_losses(full), train_losses(part)
+    assert sorted(b) == list(range(1, 31))
+    # same seed, same data position, same RNG: bit-identical losses before and after the interruption (CPU)
+    assert all(a[s] == b[s] for s in range(1, 31)), [(s, a[s], b[s]) for s in range(1, 31) if a[s] != b[s]]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "tiny"], "unknown preset"),
+    (["--foo=1"], "unknown config key 'foo'"),
+    (["--dim=1.5"], "--dim must be int"),
+    (["--lr=fast"], "--lr must be float"),
+    (["max_iters=3"], "--key=value"),
+    (["--n_expert_groups=3"], "divisible by n_expert_groups"),
+    (["--data=/nonexistent/corpus.txt"], "not found"),
+    (["--data={empty}"], "empty"),
+    (["--data={short}"], "fewer than one batch"),
+    (["--seq_len=256"], "exceeds max_seq_len"),
+])
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path, args, message):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "short.txt").write_text("To be, or not to be, that is the question.\n" * 3)
+    out = tmp_path / "out"
+    args = [a.format(empty=tmp_path / "empty.txt", short=tmp_path / "short.txt") for a in args]
+    p = run(*args, f"--out_dir={out}", check=False)
+    assert p.returncode == 2
+    assert message in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert not out.exists()
+
+
+def test_existing_checkpoint_is_never_overwritten(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes(b"precious")
+    p = run("--config", "small", *TINY, "--max_iters=2", f"--out_dir={out}", check=False)
+    assert p.returncode == 2 and "--overwrite=True" in p.stderr
+    assert (out / "ckpt.pt").read_bytes() == b"precious"
+    p = run("--config", "small", *TINY, "--max_iters=2", f"--out_dir={tmp_path / 'none'}", "--resume=True", check=False)
+    assert p.returncode == 2 and "no checkpoint" in p.stderr
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    out = str(tmp_path / "out")
+    run("--config", "small", *TINY, "--max_iters=2", "--eval_interval=2", f"--out_dir={out}")
+    # resume with an absurd learning rate: weights blow up to inf within a few steps
+    p = run("--config", "small", *TINY, "--max_iters=10", "--eval_interval=1", "--lr=1e30", f"--out_dir={out}",
+            "--resume=True", check=False)
+    assert p.returncode == 1 and "non-finite loss at step" in p.stderr
+    bad_step = int(re.search(r"at step (\d+)", p.stderr).group(1))
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] < bad_step

@@ -1,0 +1,394 @@
+"""
+Train a DeepSeek-V3-style model: config presets, data, the training loop, evaluation, checkpoints.
+
+Paper: DeepSeek-V3 Technical Report (arXiv 2412.19437), §4.2 "Hyper-Parameters" (AdamW β=(0.9, 0.95),
+weight decay 0.1, gradient clipping 1.0, warm-up -> constant -> cosine decay of the learning rate, MTP loss
+weight λ, balance-loss α, router-bias speed γ) and §2.1.2 (the bias update after every step), §3.3 (FP8).
+
+Simplifications vs. the real thing:
+  - no batch-size warm-up (V3 ramps 3072 -> 15360 sequences over the first 469B tokens): fixed batch;
+  - the LR schedule is expressed in iterations, not tokens, and λ stays constant (V3: 0.3 then 0.1);
+  - data parallelism is a plain gradient all-reduce (no ZeRO, no expert/pipeline parallelism here);
+  - random windows of a small corpus instead of packed documents from 14.8T tokens.
+
+Run:  python train.py --config small                     (2-core CPU, ~5 minutes)
+      python train.py --config gpu --compile=True        (one H100/H200)
+      torchrun --nproc_per_node=8 train.py --config multi-gpu
+      any field can be overridden: python train.py --config small --max_iters=100 --dim=64 --out_dir=out-x
+"""
+import ast
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, fields
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import data as D
+from model import ModelArgs, Transformer
+
+# -----------------------------------------------------------------------------
+# config: defaults, presets, command-line overrides
+
+DEFAULTS = dict(
+    # I/O
+    out_dir="out", data=None, eval_interval=100, eval_iters=20, log_interval=1, sample_tokens=200,
+    resume=False, overwrite=False,
+    # data and batch: tokens per optimizer step = batch_size * seq_len * grad_accum * world size
+    vocab_size=2048, batch_size=16, seq_len=128, grad_accum=1,
+    # optimizer and schedule (§4.2): warm-up, constant, then cosine decay over the last decay_frac of steps
+    max_iters=1000, lr=3e-3, min_lr=3e-4, warmup_iters=50, decay_frac=0.4, weight_decay=0.1,
+    beta1=0.9, beta2=0.95, grad_clip=1.0,
+    # system
+    device="auto", dtype="auto", compile=False, fp8=False, seed=1337,
+)
+MODEL_KEYS = {f.name for f in fields(ModelArgs)}
+PRESETS = {
+    # ~1.5M total / ~0.9M activated params (+MTP); 2-core CPU: ~? ms/step, ~5 min for 1000 steps
+    "small": dict(
+        out_dir="out-small", max_iters=1000, eval_interval=250, vocab_size=2048, batch_size=16, seq_len=128,
+        lr=3e-3, min_lr=3e-4, warmup_iters=50,
+        dim=128, inter_dim=384, moe_inter_dim=96, n_layers=4, n_dense_layers=1, n_heads=4,
+        n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, n_expert_groups=4, n_limited_groups=2,
+        route_scale=1.0, q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16,
+        v_head_dim=32, max_seq_len=128, original_seq_len=128, n_mtp_depth=1, init_std=0.02),
+    # a few hundred million total parameters on one 80-141 GB GPU, bf16 autocast
+    "gpu": dict(
+        out_dir="out-gpu", max_iters=5000, eval_interval=500, eval_iters=40, log_interval=10, vocab_size=8192,
+        batch_size=32, seq_len=1024, lr=1.5e-3, min_lr=1.5e-4, warmup_iters=200,
+        dim=1024, inter_dim=2816, moe_inter_dim=512, n_layers=12, n_dense_layers=1, n_heads=16,
+        n_routed_experts=32, n_shared_experts=1, n_activated_experts=4, n_expert_groups=8, n_limited_groups=4,
+        route_scale=2.5, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
+        v_head_dim=64, max_seq_len=1024, original_seq_len=1024, n_mtp_depth=1, init_std=0.006),
+}
+PRESETS["multi-gpu"] = dict(PRESETS["gpu"], out_dir="out-multi-gpu")  # same model; run it under torchrun
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def parse_config(argv: list[str]) -> dict:
+    """--config NAME (or --config=NAME) picks a preset; --key=value overrides any field. Values are Python
+    literals (ast.literal_eval) and must have the default's type; anything else is an error."""
+    argv, preset = list(argv), None
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise ConfigError("--config needs a preset name: " + ", ".join(PRESETS))
+        preset = argv.pop(i + 1)
+        argv.pop(i)
+    overrides = {}
+    for arg in argv:
+        key, eq, raw = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not eq:
+            raise ConfigError(f"arguments look like --key=value, got {arg!r}")
+        if key == "config":
+            preset = raw
+            continue
+        overrides[key] = raw
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    defaults = {**DEFAULTS, **{f.name: f.default for f in fields(ModelArgs)}}
+    cfg = {**defaults, **PRESETS.get(preset or "small", {}), "config": preset or "small"}
+    for key, raw in overrides.items():
+        if key not in defaults:
+            raise ConfigError(f"unknown config key {key!r} (see DEFAULTS in train.py and ModelArgs in model.py)")
+        try:
+            value = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            value = raw   # a bare word such as --device=cuda or --out_dir=out-x is a string
+        want = type(defaults[key]) if defaults[key] is not None else str
+        if want is float and type(value) is int:
+            value = float(value)
+        if type(value) is not want:
+            raise ConfigError(f"--{key} must be {want.__name__}, got {raw!r}")
+        cfg[key] = value
+    return cfg
+
+
+def fail(msg: str, code: int = 2):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+try:
+    cfg = parse_config(sys.argv[1:])
+    model_args = ModelArgs(**{k: cfg[k] for k in MODEL_KEYS})
+except ValueError as e:   # ConfigError, or a violated model invariant
+    fail(str(e))
+ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+if cfg["resume"]:
+    if not os.path.exists(ckpt_path):
+        fail(f"--resume=True but there is no checkpoint at {ckpt_path}")
+elif os.path.exists(ckpt_path) and not cfg["overwrite"]:
+    fail(f"{ckpt_path} exists; pass --resume=True to continue it or --overwrite=True to replace it")
+
+# -----------------------------------------------------------------------------
+# device, distributed, seed
+
+ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+if cfg["config"] == "multi-gpu" and not ddp:
+    fail("the multi-gpu preset runs under torchrun, e.g. torchrun --nproc_per_node=8 train.py --config multi-gpu")
+device = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+rank, world = 0, 1
+if ddp:
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+master = rank == 0
+device_type = "cuda" if device.startswith("cuda") else "cpu"
+if device_type == "cuda" and not torch.cuda.is_available():
+    fail(f"--device={device} but CUDA is not available")
+dtype = cfg["dtype"] if cfg["dtype"] != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
+if dtype not in ("float32", "bfloat16"):
+    fail(f"--dtype must be float32, bfloat16 or auto, got {dtype!r}")
+# bf16 autocast: matmuls in bf16, master weights / norms / softmax / losses in fp32 (§3.3 keeps these high)
+autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+torch.manual_seed(cfg["seed"] + rank)
+if device_type == "cuda":
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+# -----------------------------------------------------------------------------
+# data
+
+try:
+    meta = D.prepare(cfg["data"], cfg["vocab_size"]) if master else None
+    if ddp:   # rank 0 prepares (and caches); the others read the cache
+        obj = [meta]
+        dist.broadcast_object_list(obj, src=0)
+        meta = obj[0]
+    B, T = cfg["batch_size"], cfg["seq_len"]
+    D.check_enough(meta["train_tokens"], B, T, "train")
+    D.check_enough(meta["val_tokens"], B, T, "val")
+except D.DataError as e:
+    fail(str(e))
+if meta["vocab_size"] != model_args.vocab_size:
+    model_args.vocab_size = meta["vocab_size"]   # the tokenizer may stop early on a tiny text
+if T > model_args.max_seq_len:
+    fail(f"seq_len={T} exceeds max_seq_len={model_args.max_seq_len}")
+enc = D.load_tokenizer(meta["tokenizer"])
+train_gen = torch.Generator().manual_seed(cfg["seed"] + 1000 * rank)   # the data position is this state
+train_data, val_data = D.load_tokens(meta["train_bin"]), D.load_tokens(meta["val_bin"])
+
+# -----------------------------------------------------------------------------
+# model and optimizer
+
+model = Transformer(model_args).to(device)
+if cfg["fp8"]:
+    from fp8 import convert_to_fp8
+    convert_to_fp8(model)   # Fprop/Dgrad/Wgrad of every Linear in the blocks in FP8 (§3.3); same state dict
+n = model.num_params()
+flops_per_token = model.flops_per_token(T)
+# decay only matrices (weights, embeddings, gate centroids); norms' gains are never decayed
+decay = [p for p in model.parameters() if p.dim() >= 2]
+no_decay = [p for p in model.parameters() if p.dim() < 2]
+groups = [dict(params=decay, weight_decay=cfg["weight_decay"]), dict(params=no_decay, weight_decay=0.0)]
+betas = (cfg["beta1"], cfg["beta2"])
+if cfg["fp8"]:   # §3.3.3: BF16 moments, FP32 master weights
+    from fp8 import AdamWBF16
+    optimizer = AdamWBF16(groups, lr=cfg["lr"], betas=betas)
+else:
+    optimizer = torch.optim.AdamW(groups, lr=cfg["lr"], betas=betas, fused=device_type == "cuda")
+step, best_val = 0, float("inf")
+if cfg["resume"]:
+    ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+    saved = ckpt["model_args"]
+    if saved != asdict(model_args):
+        diff = {k: (saved.get(k), v) for k, v in asdict(model_args).items() if saved.get(k) != v}
+        fail(f"model config differs from the checkpoint's: {diff}")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    step, best_val = ckpt["step"], ckpt["best_val"]
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    train_gen.set_state(ckpt["rng"]["data"])
+    if device_type == "cuda" and "cuda" in ckpt["rng"]:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
+step_model = torch.compile(model) if cfg["compile"] else model   # same parameters, compiled forward
+
+
+def lr_at(it: int) -> float:
+    """§4.2: linear warm-up, constant, then cosine decay to min_lr over the last decay_frac of training."""
+    if it < cfg["warmup_iters"]:
+        return cfg["lr"] * (it + 1) / cfg["warmup_iters"]
+    decay_start = int(cfg["max_iters"] * (1 - cfg["decay_frac"]))
+    if it < decay_start:
+        return cfg["lr"]
+    progress = min(1.0, (it - decay_start) / max(1, cfg["max_iters"] - decay_start))
+    return cfg["min_lr"] + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg["lr"] - cfg["min_lr"])
+
+
+# -----------------------------------------------------------------------------
+# helpers: evaluation, sampling, checkpoints, MFU
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
+peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name()), None) \
+    if device_type == "cuda" else None   # dense bf16 per GPU; MFU is not reported on CPU
+
+
+@torch.no_grad()
+def evaluate() -> dict:
+    """Main-model CE on the same eval_iters val batches every time (a fixed generator), so evals compare."""
+    model.eval()
+    gen = torch.Generator().manual_seed(cfg["seed"] + 7)
+    losses, loads = [], 0
+    for _ in range(cfg["eval_iters"]):
+        x, y = D.get_batch(val_data, B, T, gen, device)
+        with autocast:
+            _, loss = model(x, y)
+        losses.append(loss["ce"])
+        loads = loads + model.expert_load()[0]
+    model.train()
+    ce = torch.stack(losses).mean().item()
+    maxvio = (loads.max(dim=1).values / loads.mean(dim=1) - 1).mean().item()
+    return dict(val_loss=ce, val_bpb=D.bits_per_byte(ce, meta["val_tokens"], meta["val_bytes"]), maxvio=maxvio)
+
+
+@torch.no_grad()
+def sample_text(n_tokens: int, temperature: float = 0.8, top_k: int = 50) -> str:
+    """Generate from <|endoftext|> with the compressed MLA cache (sample.py has the full-featured version)."""
+    model.eval()
+    gen = torch.Generator(device=device).manual_seed(cfg["seed"])
+    n_tokens = min(n_tokens, model_args.max_seq_len - 1)
+    model.setup_cache(1, n_tokens + 1)
+    tok, out = torch.tensor([[meta["eot_token"]]], device=device), []
+    for pos in range(n_tokens):
+        with autocast:
+            logits = model(tok, start_pos=pos)[:, -1] / temperature   # (1, V)
+        v, _ = logits.topk(top_k)
+        logits[logits < v[:, -1:]] = -float("inf")
+        tok = torch.multinomial(logits.softmax(-1), 1, generator=gen)  # (1, 1)
+        out.append(tok.item())
+    model.clear_cache()
+    model.train()
+    return enc.decode([t for t in out if t != meta["eot_token"]])
+
+
+def save_checkpoint():
+    """Atomic: write a temp file, then rename over the old one, so a crash never leaves half a checkpoint."""
+    if not master:
+        return
+    rng = dict(torch=torch.get_rng_state(), data=train_gen.get_state())
+    if device_type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state()
+    ckpt = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), model_args=asdict(model_args),
+                config=cfg, step=step, best_val=best_val, rng=rng)
+    tmp = ckpt_path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, ckpt_path)
+
+
+def log_metrics(record: dict):
+    if master:
+        with open(os.path.join(cfg["out_dir"], "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# the training loop
+
+if master:
+    os.makedirs(cfg["out_dir"], exist_ok=True)
+    if not cfg["resume"] and os.path.exists(os.path.join(cfg["out_dir"], "metrics.jsonl")):
+        os.remove(os.path.join(cfg["out_dir"], "metrics.jsonl"))   # --overwrite=True: a fresh log
+    shutil.copy(meta["tokenizer"], os.path.join(cfg["out_dir"], "tokenizer.tiktoken"))   # sample.py needs it
+    print("config: " + " ".join(f"{k}={v}" for k, v in cfg.items()))
+    print(f"data: {meta['name']}, {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, "
+          f"vocab {meta['vocab_size']}, {meta['val_bytes'] / meta['val_tokens']:.2f} val bytes/token")
+    print(f"params: {n['total'] / 1e6:.2f}M total, {n['activated'] / 1e6:.2f}M activated per token; "
+          f"MTP +{n['mtp'] / 1e6:.2f}M ({n['mtp_activated'] / 1e6:.2f}M activated)")
+    tokens_per_step = B * T * cfg["grad_accum"] * world
+    print(f"FLOPs/token (train, incl. MTP): {flops_per_token / 1e6:.1f}M; tokens/step: {tokens_per_step:,}; "
+          f"device {device}, {dtype}{', fp8' if cfg['fp8'] else ''}{', compiled' if cfg['compile'] else ''}"
+          f"{f', {world} ranks' if ddp else ''}")
+
+
+def train_step(it: int) -> torch.Tensor:
+    for g in optimizer.param_groups:
+        g["lr"] = lr_at(it)
+    total = torch.zeros((), device=device)
+    for _ in range(cfg["grad_accum"]):
+        x, y = D.get_batch(train_data, B, T, train_gen, device)
+        with autocast:
+            _, losses = step_model(x, y)
+        (losses["loss"] / cfg["grad_accum"]).backward()
+        total += losses["ce"].detach() / cfg["grad_accum"]
+    if ddp:   # data parallel: average gradients and sum router loads so every rank takes the same step
+        for p in model.parameters():
+            if p.grad is None:   # an expert no token picked on this rank
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+        for moe in model.moe_layers():
+            dist.all_reduce(moe.load)
+        dist.all_reduce(total, op=dist.ReduceOp.AVG)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    model.update_router_biases()   # §2.1.2: aux-loss-free balancing, after every optimizer step
+    return total
+
+
+interrupted = False
+
+
+def on_sigint(signum, frame):   # Ctrl-C: finish the current step, then save and exit
+    global interrupted
+    interrupted = True
+
+
+signal.signal(signal.SIGINT, on_sigint)
+bar = tqdm(total=cfg["max_iters"], initial=step, disable=not master, dynamic_ncols=True, mininterval=1.0)
+window, t_window, last_good = [], time.time(), step
+while step < cfg["max_iters"] and not interrupted:
+    loss = train_step(step)
+    window.append(loss)
+    step += 1
+    if step % cfg["log_interval"] == 0 or step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]:
+        losses = torch.stack(window).cpu()   # one host sync per log interval, not per step
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad):
+            bar.close()
+            fail(f"non-finite loss at step {step - len(window) + int(bad[0]) + 1}; stopping, the last good "
+                 f"checkpoint (step {last_good}) is kept in {cfg['out_dir']}", code=1)
+        dt = (time.time() - t_window) / len(window)
+        tok_s = B * T * cfg["grad_accum"] * world / dt
+        maxvio = model.expert_load()[1].mean().item()
+        mfu = f" | mfu {100 * flops_per_token * tok_s / world / peak:.1f}%" if peak else ""
+        bar.set_postfix_str(f"loss {losses[-1]:.4f} | {dt * 1000:.0f} ms | {tok_s:,.0f} tok/s{mfu} | maxvio {maxvio:.2f}")
+        bar.update(len(window))
+        log_metrics(dict(step=step, loss=losses[-1].item(), lr=lr_at(step - 1), ms=dt * 1000, tok_s=tok_s,
+                         maxvio=maxvio))
+        window, t_window = [], time.time()
+    if step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]:
+        ev = evaluate()
+        if not math.isfinite(ev["val_loss"]):   # the last update broke the weights: do not save them
+            bar.close()
+            fail(f"non-finite loss at step {step} (validation); stopping, the last good checkpoint "
+                 f"(step {last_good}) is kept in {cfg['out_dir']}", code=1)
+        best_val = min(best_val, ev["val_loss"])
+        log_metrics(dict(step=step, **ev))
+        if master:
+            tqdm.write(f"step {step}: val loss {ev['val_loss']:.4f} | val bpb {ev['val_bpb']:.4f} | "
+                       f"maxvio {ev['maxvio']:.2f}")
+            tqdm.write("--- sample ---\n" + sample_text(cfg["sample_tokens"]) + "\n--------------")
+        save_checkpoint()
+        last_good = step
+        t_window = time.time()   # keep eval time out of tokens/s
+bar.close()
+if interrupted:
+    save_checkpoint()
+    if master:
+        print(f"interrupted: saved step {step} to {ckpt_path}; continue with --resume=True", file=sys.stderr)
+    sys.exit(130)
+if ddp:
+    dist.destroy_process_group()
