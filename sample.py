@@ -1,0 +1,343 @@
+"""
+sample.py: generate text from a trained checkpoint with MLA's compressed KV cache, and with the MTP modules as
+the draft model of speculative decoding.
+
+Paper: DeepSeek-V3 Technical Report (arXiv 2412.19437), sections used here:
+  §2.1.1 MLA at inference: only c_kv (Ckv) and the shared RoPE key k_R (Dr) are cached per token and layer,
+         and W^UK / W^UV are absorbed into the query / output ("absorb", the default)  -> generate, cache_report
+  §2.2 + §5.4.3 the MTP modules, otherwise dropped at inference, draft the next tokens; the main model checks
+         them in one forward (85-90% acceptance of the 2nd token, 1.8x tokens/s in V3)   -> generate_speculative
+  Speculative sampling (Leviathan et al. 2023; Chen et al. 2023): keep a draft d ~ q with prob. min(1, p(d)/q(d)),
+         else draw from norm(max(0, p - q)); the output is then distributed exactly as the main model's
+         samples. Greedy decoding is the one-hot special case (keep iff argmax p == d)    -> accept_or_resample
+
+Simplifications vs. the real thing:
+  - one sequence at a time (num_samples run one after another); servers batch many, with paged caches.
+  - speculation keeps every position's final hidden state per MTP depth ((D+1) x S x dim numbers, beside the
+    latent cache) because the MTP modules read them; only the last ~2D positions are ever read again.
+  - no sliding context: prompt + max_new_tokens must fit in max_seq_len (RoPE positions are absolute).
+  - no torch.compile / CUDA graphs: decoding one sequence of a small model is bound by Python and kernel
+    launches (and one host sync per MoE layer, see model.py); bench/bench_sample.py measures it.
+
+Run: python sample.py --out_dir=out-small --prompt="ROMEO:" --max_new_tokens=300 [--speculative=True]
+  (--prompt=FILE:path.txt reads the prompt from a file; the default prompt is <|endoftext|>, a new play)
+
+Dimension legend: B batch (always 1 here), T tokens in one call, S cache positions, V vocab, D model dim (dim).
+"""
+import ast, codecs, os, sys, time
+
+import torch
+
+from model import ModelArgs, Transformer
+
+
+class SampleError(ValueError):
+    """Bad input (arguments, prompt, checkpoint). The message is one line meant for the user."""
+
+
+# -----------------------------------------------------------------------------
+# distributions: temperature, top-k, top-p, and the speculative acceptance rule
+
+def probs_from_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0):
+    """logits (..., V) -> probabilities (..., V) fp32. temperature 0 = greedy: a one-hot on the argmax, so greedy
+    decoding is sampling from a point mass and needs no special case in the speculative rule."""
+    logits = logits.float()
+    if temperature == 0:
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    logits = logits / temperature
+    if 0 < top_k < logits.size(-1):
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]                 # (..., 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if top_p < 1.0:  # nucleus: the smallest set of most likely tokens whose mass reaches top_p
+        sp, order = probs.sort(-1, descending=True)                        # (..., V)
+        drop = sp.cumsum(-1) - sp >= top_p                                  # mass before this token already enough
+        probs = probs.scatter(-1, order, sp.masked_fill(drop, 0.0))
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)          # (N, V) -> (N,)
+
+
+def accept_or_resample(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, gen: torch.Generator):
+    """Speculative sampling for N independent drafts. p, q (N, V): target and draft probabilities (processed by
+    the same temperature/top-k/top-p); draft (N,) drawn from q. Returns (accepted (N,) bool, token (N,)): the
+    draft where accepted, else a draw from the residual norm(max(0, p - q)). P(token = x) = p(x) exactly:
+    min(p, q)(x) from acceptance plus (1 - sum min(p, q)) * residual(x) = max(0, p - q)(x) from resampling."""
+    pd = p.gather(1, draft[:, None]).squeeze(1)                             # (N,) p(d)
+    qd = q.gather(1, draft[:, None]).squeeze(1)                             # (N,) q(d) > 0 since d ~ q
+    u = torch.rand(pd.shape, generator=gen, device=p.device)
+    accepted = u * qd < pd                                                  # u < p(d)/q(d), without dividing
+    residual = (p - q).clamp_min(0)                                         # (N, V)
+    mass = residual.sum(-1, keepdim=True)
+    # p == q leaves no residual mass, but then every draft is accepted; p keeps multinomial well-defined
+    residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), p)
+    return accepted, torch.where(accepted, draft, draw(residual, gen))
+
+
+# -----------------------------------------------------------------------------
+# the cache: what it costs, and how to forget rejected positions
+
+def cache_report(model: Transformer) -> dict:
+    """Bytes per token of the latent cache actually allocated by model.setup_cache, and of the MHA cache that
+    naive MLA would need (per head: a (Dn+Dr)-dim key and a Dv-dim value), at the parameters' dtype."""
+    a, nbytes = model.args, model.embed.weight.element_size()
+    model.setup_cache(1, 1)   # measure the real buffers, not a formula
+    per_layer = [m.kv_cache[0, 0].numel() + m.pe_cache[0, 0].numel() for m in model.attn_modules()]
+    model.clear_cache()
+    mla = sum(per_layer[:a.n_layers]) * nbytes                               # n_layers x (Ckv + Dr)
+    mha = a.n_layers * a.n_heads * (a.qk_nope_head_dim + a.qk_rope_head_dim + a.v_head_dim) * nbytes
+    return dict(mla=mla, mha=mha, mtp=sum(per_layer[a.n_layers:]) * nbytes, dtype_bytes=nbytes)
+
+
+def rollback(attns, start: int, end: int):
+    """Forget cache positions start..end-1 of these MLA modules. The cache is positional, so decrementing the
+    position alone would do; zeroing the slots makes it identical to a cache that never saw them."""
+    for m in attns:
+        m.kv_cache[:, start:end].zero_()
+        m.pe_cache[:, start:end].zero_()
+
+
+def check_length(model: Transformer, n_prompt: int, max_new_tokens: int):
+    if n_prompt < 1 or max_new_tokens < 1:
+        raise SampleError(f"need a non-empty prompt and max_new_tokens >= 1 (got {n_prompt} tokens, {max_new_tokens})")
+    if n_prompt + max_new_tokens > model.args.max_seq_len:
+        raise SampleError(f"prompt ({n_prompt} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+                          f"max_seq_len={model.args.max_seq_len}")
+
+
+# -----------------------------------------------------------------------------
+# plain decoding: with the latent cache, or recomputing the whole prefix for every token
+
+@torch.no_grad()
+def generate(model, prompt: list[int], max_new_tokens: int, gen, temperature=1.0, top_k=0, top_p=1.0,
+             use_cache=True, on_token=None):
+    """Decode one sequence; prompt is a list of token ids. Returns the new token ids and a stats dict."""
+    check_length(model, len(prompt), max_new_tokens)
+    dev = model.embed.weight.device
+    seq = torch.tensor([prompt], device=dev)                                  # (1, P)
+    model.setup_cache(1, len(prompt) + max_new_tokens) if use_cache else model.clear_cache()
+    new, pos = [], 0
+    while len(new) < max_new_tokens:
+        if use_cache:
+            logits = model(seq[:, pos:], start_pos=pos)   # only tokens not yet cached: (1, T, V)
+            pos = seq.size(1)
+        else:
+            logits = model(seq)                           # the whole prefix again: (1, P+len(new), V)
+        tok = draw(probs_from_logits(logits[:, -1], temperature, top_k, top_p), gen)  # (1,)
+        seq = torch.cat([seq, tok[:, None]], dim=1)       # (1, P+len(new)+1)
+        new.append(tok.item())
+        if on_token:
+            on_token(new[-1])
+    return new, dict(forwards=max_new_tokens)
+
+
+# -----------------------------------------------------------------------------
+# speculative decoding with the MTP modules as the draft model (§5.4.3)
+
+@torch.no_grad()
+def generate_speculative(model, prompt: list[int], max_new_tokens: int, gen, temperature=1.0, top_k=0, top_p=1.0,
+                         depth: int = 0, on_token=None):
+    """Each round, with the main model's cache holding positions 0..n and x_{n+1} already chosen:
+      1. draft: MTP depth k at position n reads h_{k-1,n} and x_{n+k} and proposes x_{n+k+1} ~ q_k (eqs. 21-23);
+      2. verify: the main model reads [x_{n+1}, d_1..d_D] in ONE forward over the cached prefix, giving p at
+         positions n+1..n+1+D;
+      3. keep drafts left to right while accept_or_resample accepts; the first rejection is replaced by a draw
+         from the residual, or, if all D are kept, the last p gives one more token: 1..D+1 tokens per forward;
+      4. roll every cache back past the first rejected position.
+    MTP depth k's cache slot j depends on tokens up to x_{j+k}, so slots built from drafts of this round are
+    only valid up to the last accepted token; `valid[k]` counts depth k's leading slots built from committed
+    tokens, and the next round re-runs depth k from there (a short chunk) before it drafts again.
+    Batch size 1. depth=0 uses all MTP modules. Returns the new token ids and acceptance statistics."""
+    D = depth or len(model.mtp)
+    if not 1 <= D <= len(model.mtp):
+        raise SampleError(f"speculative decoding needs 1 <= draft depth <= n_mtp_depth={len(model.mtp)}, got {D}")
+    P = len(prompt)
+    check_length(model, P, max_new_tokens)
+    dev, sampling = model.embed.weight.device, (temperature, top_k, top_p)
+    L = min(P + max_new_tokens + D, model.args.max_seq_len)  # cache length: room for the last round's drafts
+    model.setup_cache(1, L)
+    main_attns = [b.attn for b in model.layers]
+    hid = model.embed.weight.new_zeros(D + 1, 1, L, model.args.dim)  # h_{k,j}: depth k's state at position j (k=0: main)
+
+    logits, h = model(torch.tensor([prompt], device=dev), return_hidden=True)   # prefill: (1, P, V), (1, P, D)
+    hid[0, :, :P] = h
+    seq = list(prompt) + [draw(probs_from_logits(logits[:, -1], *sampling), gen).item()]  # x_{n+1}
+    if on_token:
+        on_token(seq[-1])
+    n = P - 1                 # last position in the main cache
+    valid = [0] * (D + 1)     # valid[k]: leading slots of MTP depth k's cache (and hid[k]) built from committed tokens
+    tried, accepted, forwards = [0] * (D + 1), [0] * (D + 1), 1
+    while len(seq) - P < max_new_tokens:
+        # never draft past max_new_tokens or the cache: the round writes main positions n+1..n+1+d
+        d = min(D, max_new_tokens - (len(seq) - P) - 1, L - n - 2)
+        # 1. draft, depth by depth; depth k first catches up on slots valid[k]..n-1 in the same chunk
+        drafts, qs = [], []
+        for k in range(1, d + 1):
+            s, ext = valid[k], seq + drafts
+            toks = torch.tensor([ext[s + k:n + k + 1]], device=dev)             # x_{j+k} for j = s..n: (1, n-s+1)
+            logits_k, h_k = model.mtp_forward(k, hid[k - 1, :, s:n + 1], toks, start_pos=s)  # (1, n-s+1, V/D)
+            hid[k, :, s:n + 1] = h_k
+            qs.append(probs_from_logits(logits_k[:, -1], *sampling))            # (1, V): q_k of x_{n+k+1}
+            drafts.append(draw(qs[-1], gen).item())
+        # 2. verify: one main forward over [x_{n+1}, d_1..d_d] at positions n+1..n+1+d
+        logits, h = model(torch.tensor([seq[-1:] + drafts], device=dev), start_pos=n + 1, return_hidden=True)
+        forwards += 1
+        hid[0, :, n + 1:n + 2 + d] = h                                          # (1, d+1, D)
+        p = probs_from_logits(logits[0], *sampling)                             # (d+1, V): p[i] of x_{n+2+i}
+        # 3. accept left to right; p is applied identically (same temperature/top-k/top-p) as q
+        a = 0
+        for i in range(d):
+            tried[i + 1] += 1
+            ok, tok = accept_or_resample(p[i:i + 1], qs[i], torch.tensor([drafts[i]], device=dev), gen)
+            if not ok.item():
+                break
+            a += 1
+            accepted[i + 1] += 1
+        if a == d:
+            tok = draw(p[d:d + 1], gen)          # every draft kept: the verify forward's last position is free
+        new = drafts[:a] + [tok.item()]
+        # 4. commit; depth k's slot j (j <= n) used x_{j+k}, which is committed iff j + k <= n + 1 + a
+        for k in range(1, d + 1):
+            valid[k] = min(n + 1, n + 2 + a - k)
+            rollback([model.mtp[k - 1].block.attn], valid[k], n + 1)
+        rollback(main_attns, n + 2 + a, n + 2 + d)                             # rejected positions n+2+a..n+1+d
+        n += 1 + a
+        seq += new
+        if on_token:
+            for t in new:
+                on_token(t)
+    return seq[P:], dict(forwards=forwards, tried=tried[1:], accepted=accepted[1:], main_len=n + 1,
+                         mtp_valid=valid[1:])
+
+
+# -----------------------------------------------------------------------------
+# checkpoint, tokenizer, command line
+
+def load_checkpoint(out_dir: str, device: str, dtype: torch.dtype):
+    """out_dir/ckpt.pt (train.py's dict: 'model' state_dict, 'model_args') and out_dir/tokenizer.tiktoken."""
+    from data import load_tokenizer   # here, not at the top: tests and the bench need no tokenizer
+    path = os.path.join(out_dir, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise SampleError(f"no checkpoint at {path} (train one: python train.py --out_dir={out_dir})")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+        model = Transformer(ModelArgs(**ckpt["model_args"]))
+        # a torch.compile'd model's state_dict prefixes every key with _orig_mod.; an FP8 model has the same keys
+        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
+    except Exception as e:   # unreadable file, missing keys, wrong shapes: one line, not a traceback
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise SampleError(f"cannot load checkpoint {path}: {type(e).__name__}: {msg[:300]}") from None
+    # cast the parameters only: the buffers (RoPE table, router bias) stay fp32, as in training
+    for prm in model.parameters():
+        prm.data = prm.data.to(device=device, dtype=dtype)
+    model.to(device).eval()
+    tok_path = os.path.join(out_dir, "tokenizer.tiktoken")
+    if not os.path.isfile(tok_path):
+        raise SampleError(f"no tokenizer at {tok_path} (train.py copies it next to ckpt.pt)")
+    enc = load_tokenizer(tok_path)
+    if enc.n_vocab > model.args.vocab_size:
+        raise SampleError(f"tokenizer has {enc.n_vocab} tokens but the model only {model.args.vocab_size}")
+    return model, enc, ckpt
+
+
+DEFAULTS = dict(out_dir="out", prompt="<|endoftext|>", num_samples=1, max_new_tokens=200, temperature=0.8,
+                top_k=200, top_p=1.0, seed=1337, device="auto", dtype="auto", attn="absorb", speculative=False,
+                draft_depth=0)
+
+
+def parse_args(argv: list[str], defaults: dict) -> dict:
+    """--key=value overrides, values read with ast.literal_eval (bare words stay strings), type-checked."""
+    cfg = dict(defaults)
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise SampleError(f"arguments look like --key=value, got {arg!r}")
+        key, val = arg[2:].split("=", 1)
+        if key not in cfg:
+            raise SampleError(f"unknown option --{key}; options: {', '.join(cfg)}")
+        try:
+            val = ast.literal_eval(val)
+        except (ValueError, SyntaxError):
+            pass   # a plain string such as --prompt=ROMEO or --device=cpu
+        want = type(defaults[key])
+        if want is float and type(val) is int:
+            val = float(val)
+        if type(val) is not want:
+            raise SampleError(f"--{key} must be a {want.__name__}, got {val!r}")
+        cfg[key] = val
+    return cfg
+
+
+def main(argv: list[str]) -> int:
+    try:
+        return run(parse_args(argv, DEFAULTS))
+    except SampleError as e:
+        print(f"sample.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(cfg: dict) -> int:
+    c = cfg
+    if c["temperature"] < 0 or c["top_k"] < 0 or not 0 < c["top_p"] <= 1 or c["num_samples"] < 1:
+        raise SampleError("need temperature >= 0, top_k >= 0 (0 = off), 0 < top_p <= 1, num_samples >= 1")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if c["device"] == "auto" else c["device"]
+    dtype = c["dtype"] if c["dtype"] != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise SampleError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    if c["attn"] not in ("naive", "absorb"):
+        raise SampleError(f"--attn must be naive or absorb, got {c['attn']!r}")
+    model, enc, ckpt = load_checkpoint(c["out_dir"], device, getattr(torch, dtype))
+    model.set_impl(attn=c["attn"])
+    text = c["prompt"]
+    if text.startswith("FILE:"):
+        try:
+            text = open(text[5:], encoding="utf-8").read()
+        except OSError as e:
+            raise SampleError(f"cannot read prompt file {text[5:]}: {e.strerror}") from None
+    prompt = enc.encode(text, allowed_special={"<|endoftext|>"})
+    a, n, cb = model.args, model.num_params(), cache_report(model)
+    print(f"checkpoint {c['out_dir']}/ckpt.pt (step {ckpt.get('step', '?')}): {n['total'] / 1e6:.2f}M params "
+          f"({n['activated'] / 1e6:.2f}M activated), {len(model.mtp)} MTP module(s); {device}, {dtype}, attn={c['attn']}")
+    print(f"KV cache per token: {cb['mla']:,} bytes (MLA latent: {a.n_layers} layers x (Ckv {a.kv_lora_rank} + "
+          f"Dr {a.qk_rope_head_dim}) x {cb['dtype_bytes']} B) vs {cb['mha']:,} bytes for MHA with per-head K/V "
+          f"({cb['mha'] / cb['mla']:.1f}x more); MTP blocks add {cb['mtp']:,}")
+    gen = torch.Generator(device=device).manual_seed(c["seed"])
+    sampling = dict(temperature=c["temperature"], top_k=c["top_k"], top_p=c["top_p"])
+
+    def stream(tok):
+        print(utf8.decode(enc.decode_single_token_bytes(tok)), end="", flush=True)
+
+    tokens, secs, fwd, first = 0, 0.0, 0, None
+    tried, acc = [0] * len(model.mtp), [0] * len(model.mtp)
+    for i in range(c["num_samples"]):
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")   # a token may end mid-character
+        print(f"\n--------------- sample {i + 1}/{c['num_samples']}\n{text}", end="", flush=True)
+        t0 = time.perf_counter()
+        if c["speculative"]:
+            new, st = generate_speculative(model, prompt, c["max_new_tokens"], gen, **sampling,
+                                           depth=c["draft_depth"], on_token=stream)
+            tried = [x + y for x, y in zip(tried, st["tried"])]      # zip: draft_depth may use fewer depths
+            acc = [x + y for x, y in zip(acc, st["accepted"])]
+        else:
+            new, st = generate(model, prompt, c["max_new_tokens"], gen, **sampling, on_token=stream)
+        secs += time.perf_counter() - t0
+        tokens, fwd, first = tokens + len(new), fwd + st["forwards"], first or new
+    print(f"\n---------------\n{tokens} tokens in {secs:.2f} s: {tokens / secs:.1f} tokens/s "
+          f"({'speculative' if c['speculative'] else 'plain'} decoding, prefill included)")
+    if c["speculative"]:
+        rates = ", ".join(f"depth {k}: {y}/{x} = {y / max(x, 1):.1%}" for k, (x, y) in enumerate(zip(tried, acc), 1))
+        print(f"acceptance (of drafts that reached verification) {rates}; {tokens / fwd:.2f} tokens per main forward")
+        # the same first sample again without speculation, for tokens/s (and, greedy, for the identical output)
+        gen.manual_seed(c["seed"])
+        t0 = time.perf_counter()
+        plain, _ = generate(model, prompt, c["max_new_tokens"], gen, **sampling)
+        dt = time.perf_counter() - t0
+        same = f"; greedy output identical: {plain == first}" if c["temperature"] == 0 else ""
+        print(f"without speculation (sample 1 again): {len(plain) / dt:.1f} tokens/s{same}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

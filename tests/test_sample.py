@@ -1,0 +1,258 @@
+"""Tests for sample.py: cached decoding against recomputation, speculative decoding against plain decoding,
+the speculative-sampling rule against the distribution it must preserve, and cache rollback against a cache
+that never saw the rejected tokens.
+
+Generation tests run in float64: "same maths, different chunking" then differs by ~1e-15, far below any gap
+between the two best logits, so greedy token sequences must match exactly.
+"""
+import os, subprocess, sys
+
+import pytest
+import torch
+
+import sample
+from model import ModelArgs, Transformer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# a text made of 4 "words" in random order: inside a word the next tokens are certain (drafts should be accepted),
+# at a word boundary the next word is a uniform 4-way choice
+WORDS = [[1, 2, 3, 4], [5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16, 17, 18]]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # these models are tiny: with 2 threads on a shared 2-core machine the thread hand-offs cost more than the
+    # maths (the whole file ran 2-5x slower); restored afterwards for the other test files
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_args(**kw):
+    base = dict(vocab_size=32, dim=32, inter_dim=64, moe_inter_dim=32, n_layers=2, n_dense_layers=1, n_heads=2,
+                n_routed_experts=4, n_shared_experts=1, n_activated_experts=2, n_expert_groups=2, n_limited_groups=1,
+                q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+                max_seq_len=128, original_seq_len=128, n_mtp_depth=2, init_std=0.02)
+    base.update(kw)
+    return ModelArgs(**base)
+
+
+def to_f64(model):
+    for p in model.parameters():   # parameters only: the RoPE table and router bias stay fp32, as in sample.py
+        p.data = p.data.double()
+    return model.eval()
+
+
+def word_batch(B, T, g):
+    rows = []
+    for _ in range(B):
+        s = []
+        while len(s) < T + 1:
+            s += WORDS[torch.randint(len(WORDS), (1,), generator=g).item()]
+        rows.append(s[:T + 1])
+    x = torch.tensor(rows)                              # (B, T+1)
+    return x[:, :-1], x[:, 1:]
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny model (2 MTP depths) trained for 60 AdamW steps on the word text: its CE drops from ln(32) ~ 3.5 to
+    ~0.3 (= the boundary entropy ln 4 spread over ~4.5 tokens per word), so MTP drafts are mostly right. ~3 s."""
+    torch.manual_seed(0)
+    model = Transformer(tiny_args())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(60):
+        x, y = word_batch(16, 48, g)
+        _, losses = model(x, y)
+        opt.zero_grad()
+        losses["loss"].backward()
+        opt.step()
+        model.update_router_biases()
+    assert losses["ce"].item() < 0.6 and max(l.item() for l in losses["mtp_k"]) < 0.8, "tiny model did not train"
+    return to_f64(model)
+
+
+def untrained(seed=0, **kw):
+    torch.manual_seed(seed)
+    return to_f64(Transformer(tiny_args(init_std=0.1, **kw)))  # larger init: confident, mostly wrong drafts
+
+
+def gen(seed=1):
+    return torch.Generator().manual_seed(seed)
+
+
+# --- plain decoding -------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", ["naive", "absorb"])
+def test_cached_generation_equals_uncached(impl):
+    model = untrained(attn_impl=impl)
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    slow, _ = sample.generate(model, prompt, 30, gen(), temperature=0, use_cache=False)
+    fast, _ = sample.generate(model, prompt, 30, gen(), temperature=0, use_cache=True)
+    assert fast == slow
+    assert len(set(fast)) > 3, "degenerate output would make the comparison weak"
+
+
+def test_probs_from_logits_filters():
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])
+    ref = logits.softmax(-1)
+    assert torch.equal(sample.probs_from_logits(logits, 0), torch.tensor([[1.0, 0, 0, 0, 0]]))
+    k2 = sample.probs_from_logits(logits, 1.0, top_k=2)
+    assert torch.allclose(k2, torch.cat([ref[:, :2] / ref[:, :2].sum(), torch.zeros(1, 3)], 1))
+    # top_p: keep the smallest prefix of the sorted probabilities whose mass reaches top_p
+    p = sample.probs_from_logits(logits, 1.0, top_p=float(ref[0, :2].sum()) + 1e-3)
+    assert (p[0, :3] > 0).all() and (p[0, 3:] == 0).all() and torch.isclose(p.sum(), torch.tensor(1.0))
+
+
+# --- the speculative-sampling rule ------------------------------------------------------
+
+@pytest.mark.parametrize("p, q", [
+    ([0.5, 0.2, 0.15, 0.1, 0.05], [0.1, 0.1, 0.2, 0.3, 0.3]),     # draft far from target
+    ([0.0, 0.6, 0.4, 0.0, 0.0], [0.3, 0.3, 0.1, 0.2, 0.1]),       # target filtered by top-k: zeros where q > 0
+    ([0.2, 0.2, 0.2, 0.2, 0.2], [0.2, 0.2, 0.2, 0.2, 0.2]),       # identical: always accept
+])
+def test_acceptance_rule_preserves_target_distribution(p, q):
+    p, q, N = torch.tensor([p]), torch.tensor([q]), 400_000
+    g = gen(0)
+    draft = sample.draw(q.expand(N, -1), g)                       # (N,) d ~ q
+    accepted, tok = sample.accept_or_resample(p.expand(N, -1), q.expand(N, -1), draft, g)
+    freq = torch.bincount(tok, minlength=5).double() / N
+    # each frequency has std <= sqrt(0.25/N) = 7.9e-4; 4e-3 is > 5 sigma, so a correct rule fails with prob
+    # < 1e-6 per entry, while the wrong rules below miss by > 0.05
+    assert (freq - p[0]).abs().max() < 4e-3, f"output {freq.tolist()} != target {p[0].tolist()}"
+    # acceptance rate = sum_x min(p, q)(x)
+    assert abs(accepted.double().mean() - torch.minimum(p, q).sum()) < 4e-3
+    if not torch.equal(p, q):   # the tolerance can tell wrong rules: the raw drafts, and resampling from p
+        raw = torch.bincount(draft, minlength=5).double() / N    # instead of the residual max(0, p - q)
+        assert (raw - p[0]).abs().max() > 0.05
+        from_p = torch.where(accepted, draft, sample.draw(p.expand(N, -1), g))
+        assert (torch.bincount(from_p, minlength=5).double() / N - p[0]).abs().max() > 0.05
+
+
+# --- speculative decoding ---------------------------------------------------------------
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_greedy_speculative_equals_plain_trained(trained, depth):
+    # a prompt inside the word text (drafts accepted) and an out-of-distribution one (drafts rejected at first)
+    for prompt in ([5, 6, 7, 8, 9, 1, 2], [30, 0, 29, 31, 7, 3]):
+        plain, _ = sample.generate(trained, prompt, 50, gen(), temperature=0)
+        spec, st = sample.generate_speculative(trained, prompt, 50, gen(), temperature=0, depth=depth)
+        assert spec == plain
+        assert len(st["tried"]) == depth
+        assert st["accepted"][0] > 0.8 * st["tried"][0], f"trained MTP should mostly be accepted: {st}"
+        # fewer main forwards than tokens: that is the point of speculation
+        assert st["forwards"] < 0.75 * len(spec)
+
+
+def test_greedy_speculative_equals_plain_with_rejections():
+    model = untrained()
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    plain, _ = sample.generate(model, prompt, 40, gen(), temperature=0)
+    spec, st = sample.generate_speculative(model, prompt, 40, gen(), temperature=0)
+    assert spec == plain
+    assert st["accepted"][0] < st["tried"][0], f"an untrained draft must get rejected sometimes: {st}"
+
+
+def reference_caches(model, committed, main_len, mtp_valid):
+    """Caches built from scratch over the committed tokens only: main positions 0..main_len-1 and MTP depth k
+    slots 0..mtp_valid[k]-1 (depth k at position j reads h_{k-1,j} and token j+k)."""
+    model.setup_cache(1, model.args.max_seq_len)
+    x = torch.tensor([committed])
+    with torch.no_grad():
+        _, h = model(x[:, :main_len], return_hidden=True)         # (1, main_len, D)
+        for k, v in enumerate(mtp_valid, start=1):
+            _, h = model.mtp_forward(k, h[:, :v], x[:, k:v + k])  # (1, v, D)
+    return [(m.kv_cache.clone(), m.pe_cache.clone()) for m in model.attn_modules()]
+
+
+@pytest.mark.parametrize("which, temperature", [("trained", 1.0), ("untrained", 1.0), ("untrained", 0.0)])
+def test_caches_after_speculation_equal_caches_without_rejected_tokens(trained, which, temperature):
+    model = trained if which == "trained" else untrained()
+    prompt = [1, 2, 3, 4, 10, 11]
+    new, st = sample.generate_speculative(model, prompt, 45, gen(3), temperature=temperature)
+    assert sum(st["tried"]) > sum(st["accepted"]) > 0 or which == "trained", st   # both paths exercised
+    got = [(m.kv_cache.clone(), m.pe_cache.clone()) for m in model.attn_modules()]
+    L = got[0][0].size(1)
+    want = reference_caches(model, prompt + new, st["main_len"], st["mtp_valid"])
+    assert st["main_len"] == len(prompt) + len(new) - 1   # the last token is sampled, not yet fed
+    for (gk, gp), (wk, wp) in zip(got, want):
+        # chunked vs one-shot prefill differ by float64 rounding (~1e-16); everything past the valid slots is 0
+        for g_, w_ in ((gk, wk[:, :L]), (gp, wp[:, :L])):
+            assert (g_ - w_).abs().max() < 1e-10
+
+
+def test_rollback_restores_cache_bitwise():
+    model = untrained()
+    x = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5]])
+    m = 7
+    with torch.no_grad():
+        model.setup_cache(1, 16)
+        _, h = model(x[:, :m], return_hidden=True)
+        model.mtp_forward(1, h[:, :m - 1], x[:, 1:m])
+        before = [(a.kv_cache.clone(), a.pe_cache.clone()) for a in model.attn_modules()]
+        # write rejected positions m..m+3 (main) and m-1..m+2 (MTP), then forget them
+        _, h2 = model(x[:, m:m + 4], start_pos=m, return_hidden=True)
+        model.mtp_forward(1, h2, x[:, m:m + 4], start_pos=m - 1)
+        assert not torch.equal(model.layers[0].attn.kv_cache, before[0][0])
+        sample.rollback([b.attn for b in model.layers], m, m + 4)
+        sample.rollback([model.mtp[0].block.attn], m - 1, m + 3)
+    for a, (k, p) in zip(model.attn_modules(), before):
+        assert torch.equal(a.kv_cache, k) and torch.equal(a.pe_cache, p)
+
+
+def test_cache_report_counts_latent_only():
+    model = Transformer(tiny_args())
+    r = sample.cache_report(model)
+    assert r["mla"] == 2 * (16 + 8) * 4                 # n_layers x (Ckv + Dr) x fp32
+    assert r["mha"] == 2 * 2 * (8 + 8 + 8) * 4          # n_layers x H x (Dn + Dr + Dv) x fp32
+    assert r["mtp"] == 2 * (16 + 8) * 4                 # one MLA per MTP depth
+
+
+# --- command line -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ckpt_dir(tmp_path_factory):
+    """A checkpoint in train.py's format, with a byte-level tokenizer (256 bytes + <|endoftext|>)."""
+    from data import save_tokenizer
+    d = tmp_path_factory.mktemp("out")
+    torch.manual_seed(0)
+    args = tiny_args(vocab_size=257, max_seq_len=96, original_seq_len=96, init_std=0.1)
+    model = Transformer(args)
+    torch.save(dict(model=model.state_dict(), model_args=vars(args), config={}, step=7), d / "ckpt.pt")
+    save_tokenizer({bytes([i]): i for i in range(256)}, str(d / "tokenizer.tiktoken"))
+    return d
+
+
+def test_cli_generates_and_reports(ckpt_dir, capsys):
+    rc = sample.main([f"--out_dir={ckpt_dir}", "--prompt=ROMEO:", "--max_new_tokens=20", "--temperature=0",
+                      "--speculative=True", "--device=cpu", "--num_samples=2"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "(step 7)" in out and "KV cache per token: 192 bytes" in out and "MHA" in out
+    assert "sample 2/2" in out and "tokens/s" in out and "acceptance" in out
+    assert "greedy output identical: True" in out
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--out_dir=/nonexistent/dir"], "no checkpoint at /nonexistent/dir/ckpt.pt"),
+    (["--temperature=hot"], "--temperature must be a float"),
+    (["--bogus=1"], "unknown option --bogus"),
+    (["--prompt=FILE:/nonexistent.txt"], "cannot read prompt file"),
+    (["--max_new_tokens=500"], "exceeds the model's max_seq_len=96"),
+    (["--speculative=True", "--draft_depth=3"], "draft depth"),
+])
+def test_cli_bad_input_is_one_line_exit_2(ckpt_dir, capsys, args, msg):
+    argv = [f"--out_dir={ckpt_dir}", "--device=cpu"] + args
+    assert sample.main(argv) == 2
+    err = capsys.readouterr().err
+    assert msg in err and err.count("\n") == 1, err
+
+
+def test_cli_corrupt_checkpoint_exit_code(tmp_path):
+    (tmp_path / "ckpt.pt").write_bytes(b"not a checkpoint" * 10)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), f"--out_dir={tmp_path}", "--device=cpu"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "cannot load checkpoint" in r.stderr and r.stderr.count("\n") == 1, r.stderr
