@@ -154,7 +154,7 @@ if dtype not in ("float32", "bfloat16"):
     fail(f"--dtype must be float32, bfloat16 or auto, got {dtype!r}")
 # bf16 autocast: matmuls in bf16, master weights / norms / softmax / losses in fp32 (§3.3 keeps these high)
 autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
-torch.manual_seed(cfg["seed"] + rank)
+torch.manual_seed(cfg["seed"])   # the same on every rank: identical initial weights (data differs per rank)
 if device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -390,5 +390,14 @@ if interrupted:
     if master:
         print(f"interrupted: saved step {step} to {ckpt_path}; continue with --resume=True", file=sys.stderr)
     sys.exit(130)
-if ddp:
+if ddp:   # every rank must end with the same weights (same averaged gradients, same router updates)
+    check = torch.stack([p.detach().double().sum() for p in model.parameters()] +
+                        [m.gate.bias.double().sum() for m in model.moe_layers()])
+    ranks = [torch.zeros_like(check) for _ in range(world)]
+    dist.all_gather(ranks, check)
+    in_sync = all(torch.equal(r, ranks[0]) for r in ranks)
     dist.destroy_process_group()
+    if not in_sync:
+        fail("data-parallel ranks ended with different weights", code=1)
+    if master:
+        print(f"{world} data-parallel ranks in sync after {step} steps")

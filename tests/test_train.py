@@ -114,3 +114,17 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert p.returncode == 1 and "non-finite loss at step" in p.stderr
     bad_step = int(re.search(r"at step (\d+)", p.stderr).group(1))
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] < bad_step
+
+
+def test_data_parallel_two_ranks_on_cpu(tmp_path):
+    # torchrun with the gloo backend: gradients are averaged and router loads summed across ranks, so both
+    # ranks must end bit-identical (train.py checks and exits 1 otherwise)
+    out = str(tmp_path / "out")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "train.py", "--config", "small", *TINY, "--max_iters=4", "--eval_interval=4",
+                        "--device=cpu", f"--out_dir={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "2 data-parallel ranks in sync after 4 steps" in p.stdout
+    assert "tokens/step: 256" in p.stdout   # 2 ranks x 4 x 32
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 4
