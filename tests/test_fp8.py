@@ -1,0 +1,340 @@
+"""Tests for fp8.py: the emulated GEMM against float64, Fp8Linear / the fused SwiGLU against a float64
+statement of the same quantized maths (tight) and against the unquantized layer (loose, the FP8 error
+budget), extreme inputs, activation memory, convert_to_fp8 on the real model, AdamWBF16 against
+torch.optim.AdamW, and a short FP8 training run against the FP32 one. CPU, emulated back end.
+
+Tolerances. "Same quantized maths" compares fp32 accumulation with float64 on identical FP8 operands:
+only summation rounding differs, ~1e-7·sqrt(K), so 1e-5 can only fail on a real bug. "Against the
+unquantized layer": one E4M3 rounding has a relative RMS error of ≈2.5% (3 mantissa bits), a GEMM output
+sees two of them (≈3.6%) and Wgrad three (the 1×128 cache is re-tiled 128×1: ≈4.4%); we allow 6%.
+"""
+import copy
+import statistics
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fp8
+import kernels as K
+from model import Gate, ModelArgs, Transformer
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def randn(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# --- the GEMM back ends --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("b_tiles", ["128x128", "1x128"])
+def test_emulated_gemm_matches_float64_of_dequantized_operands(b_tiles):
+    a, b = randn(96, 384, seed=1) * 3, randn(256, 384, seed=2) * 1e-2
+    qa, sa = K.quant_1x128_ref(a)
+    qb, sb = K.quant_128x128_ref(b) if b_tiles == "128x128" else K.quant_1x128_ref(b)
+    deq_b = K.dequant_128x128_ref(qb, sb) if b_tiles == "128x128" else K.dequant_1x128_ref(qb, sb)
+    ref = K.dequant_1x128_ref(qa, sa).double() @ deq_b.double().t()  # (96, 256)
+    out = fp8.gemm_emulated(qa, sa, qb, sb, torch.float32)
+    assert out.shape == (96, 256) and out.dtype == torch.float32
+    assert rel_err(out, ref) < 1e-6  # fp32 accumulation of exact FP8 products, K = 384
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+                    reason="needs a Hopper GPU (sm90) for blockwise torch._scaled_mm")
+def test_hopper_backend_matches_emulated():
+    assert fp8.hopper_support(torch.device("cuda")) == (True, True)
+    torch.manual_seed(0)
+    x = torch.randn(4, 96, 512, device="cuda", requires_grad=True)
+    lin = nn.Linear(512, 384, bias=False, device="cuda")
+    f = fp8.Fp8Linear.from_linear(lin)
+    dy = torch.randn(4, 96, 384, device="cuda")
+    res = {}
+    for backend in ("hopper", "emulated"):
+        fp8.BACKEND = backend
+        x.grad = lin.weight.grad = None
+        y = f(x)
+        y.backward(dy)
+        res[backend] = (y, x.grad, lin.weight.grad)
+    fp8.BACKEND = "auto"
+    for hw, em in zip(res["hopper"], res["emulated"]):
+        assert rel_err(hw, em) < 1e-3  # fp32 outputs; only the order of fp32 additions differs
+
+
+# --- Fp8Linear -------------------------------------------------------------------------------------------
+
+def quantized_linear_float64(x, w, dy, pow2=False, cache_hp=False):
+    """The maths Fp8Linear promises, in float64 on the same FP8 operands: y, dx, dW."""
+    N, Kd = w.shape
+    x2, dy2 = x.reshape(-1, Kd), dy.reshape(-1, N)
+    qx, sx = K.quant_1x128_ref(x2, pow2)
+    W = K.dequant_128x128_ref(*K.quant_128x128_ref(w)).double()  # (Np, Kp)
+    y = (K.dequant_1x128_ref(qx, sx).double() @ W.t())[:, :N]
+    dx = (K.dequant_1x128_ref(*K.quant_1x128_ref(dy2)).double() @ W)[:, :Kd]
+    xT = K.quant_128x1_ref(x2, pow2) if cache_hp else K.requant_128x1_ref(qx, sx, pow2)
+    dW = (K.dequant_1x128_ref(*K.quant_128x1_ref(dy2)).double() @ K.dequant_1x128_ref(*xT).double().t())[:N, :Kd]
+    return y.reshape(*x.shape[:-1], N), dx.reshape(x.shape), dW
+
+
+@pytest.mark.parametrize("hp", [False, True], ids=["fp8-cache", "wo-style-hp-cache-pow2"])
+def test_fp8_linear_forward_and_grads(hp):
+    B, T, Kd, N = 2, 100, 200, 136  # K, N not multiples of 128, M = 200 tokens not either
+    x = randn(B, T, Kd, seed=3).requires_grad_()
+    lin = nn.Linear(Kd, N, bias=False)
+    f = fp8.Fp8Linear.from_linear(lin, pow2_scales=hp, cache_input_hp=hp)
+    assert f.weight is lin.weight
+    dy = randn(B, T, N, seed=4)
+    y = f(x)
+    y.backward(dy)
+    assert y.shape == (B, T, N) and y.dtype == x.dtype and lin.weight.grad.dtype == torch.float32
+    yq, dxq, dWq = quantized_linear_float64(x.detach(), lin.weight.detach(), dy, pow2=hp, cache_hp=hp)
+    for name, got, want in [("y", y, yq), ("dx", x.grad, dxq), ("dW", lin.weight.grad, dWq)]:
+        assert rel_err(got, want) < 1e-5, f"{name} differs from the float64 quantized reference"
+    # against the unquantized linear in float64: the FP8 error budget (see module docstring)
+    xd, wd = x.detach().double().requires_grad_(), lin.weight.detach().double().requires_grad_()
+    (xd @ wd.t()).backward(dy.double())
+    errs = dict(y=rel_err(y, xd.detach() @ wd.detach().t()), dx=rel_err(x.grad, xd.grad), dW=rel_err(lin.weight.grad, wd.grad))
+    assert max(errs.values()) < 0.06, errs
+
+
+def test_fp8_linear_under_autocast_returns_bf16_and_fp32_grads():
+    x = randn(3, 40, 64, seed=5).requires_grad_()
+    lin = nn.Linear(64, 96, bias=True)
+    f = fp8.Fp8Linear.from_linear(lin)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = f(x)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    assert x.grad.dtype == torch.float32 and lin.weight.grad.dtype == torch.float32 and lin.bias.grad is not None
+    assert rel_err(y, F.linear(x.detach(), lin.weight.detach(), lin.bias.detach())) < 0.06
+
+
+@pytest.mark.parametrize("case", ["1e4", "1e-8", "zeros", "outlier-per-tile"])
+def test_extreme_inputs_stay_finite_and_accurate(case):
+    x = randn(256, 256, seed=6)
+    if case == "1e4":
+        x = x * 1e4
+    elif case == "1e-8":
+        x = x * 1e-8
+    elif case == "zeros":
+        x = torch.zeros(256, 256)
+    else:
+        x[:, ::128] = 1e4  # the first value of every 1×128 tile is a huge outlier
+    x.requires_grad_()
+    lin = nn.Linear(256, 128, bias=False)
+    dy = randn(256, 128, seed=7)
+    y = fp8.Fp8Linear.from_linear(lin)(x)
+    y.backward(dy)
+    for t in (y, x.grad, lin.weight.grad):
+        assert torch.isfinite(t).all()
+    if case == "zeros":
+        assert (y == 0).all() and (lin.weight.grad == 0).all()
+    else:  # the per-tile scales keep the relative error at the FP8 level whatever the magnitude
+        assert rel_err(y, x.detach().double() @ lin.weight.detach().double().t()) < 0.06
+        assert rel_err(lin.weight.grad, dy.double().t() @ x.detach().double()) < 0.06
+
+
+def saved_activation_bytes(module, x):
+    """Bytes that autograd keeps for backward, counting only tensors with x's M rows (activations,
+    not weights or their FP8 copies)."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        module(x)
+    return sum(t.numel() * t.element_size() for t in saved if t.dim() >= 1 and t.shape[0] == x.shape[0])
+
+
+def test_activation_memory_fp8_cache_vs_bf16():
+    M, Kd, N = 512, 1024, 384
+    x = randn(M, Kd, seed=8).requires_grad_()
+    lin = nn.Linear(Kd, N, bias=False)
+    bf16 = saved_activation_bytes(copy.deepcopy(lin).bfloat16(), x.detach().bfloat16().requires_grad_())
+    fp8_bytes = saved_activation_bytes(fp8.Fp8Linear.from_linear(lin), x)
+    assert bf16 == 2 * M * Kd
+    assert fp8_bytes == M * Kd + 4 * M * Kd // 128  # 1 byte per value + one fp32 scale per 128: 51.6% of BF16
+
+
+# --- the fused SwiGLU FFN ---------------------------------------------------------------------------------
+
+def quantized_swiglu_float64(x, w1, w2, w3, dy):
+    """Fp8SwiGLU's maths in float64 on the same FP8 operands: forward with the exact SwiGLU inputs, backward
+    from their FP8 cache (recomputation), as in _Fp8SwiGLUFn."""
+    D, Fh = x.shape[-1], w1.shape[0]
+    deq_a = lambda t: K.dequant_1x128_ref(*K.quant_1x128_ref(t)).double()  # noqa: E731
+    deq_w = lambda w: K.dequant_128x128_ref(*K.quant_128x128_ref(w)).double()  # noqa: E731
+    deq_t = lambda t: K.dequant_1x128_ref(*t).double()  # noqa: E731
+    x2, dy2 = x.reshape(-1, D), dy.reshape(-1, D)
+    qx = K.quant_1x128_ref(x2)
+    W1, W2, W3 = deq_w(w1), deq_w(w2), deq_w(w3)
+    X = deq_t(qx)
+    a, b = (X @ W1.t())[:, :Fh].float(), (X @ W3.t())[:, :Fh].float()  # the GEMM outputs, fp32 like the layer
+    y = (K.dequant_1x128_ref(*K.swiglu_quant_ref(a, b)).double() @ W2.t())[:, :D]
+    a8, b8 = deq_a(a), deq_a(b)  # what backward sees
+    dh = deq_a(dy2) @ W2  # (M, Fp)
+    h = (F.silu(a8) * b8).float()
+    dW2 = (deq_t(K.quant_128x1_ref(dy2)) @ deq_t(K.quant_128x1_ref(h)).t())[:D, :Fh]
+    sig = torch.sigmoid(a8)
+    da, db = (dh * b8 * sig * (1 + a8 * (1 - sig))).float(), (dh * F.silu(a8)).float()
+    dx = (deq_a(da) @ W1 + deq_a(db) @ W3)[:, :D]
+    XT = deq_t(K.requant_128x1_ref(*qx))
+    dW1 = (deq_t(K.quant_128x1_ref(da)) @ XT.t())[:Fh, :D]
+    dW3 = (deq_t(K.quant_128x1_ref(db)) @ XT.t())[:Fh, :D]
+    return y.reshape(x.shape), dx.reshape(x.shape), dW1, dW2, dW3
+
+
+def test_fp8_swiglu_forward_and_grads():
+    D, Fh = 96, 200
+    x = randn(2, 50, D, seed=9).requires_grad_()
+    lins = [nn.Linear(D, Fh, bias=False), nn.Linear(Fh, D, bias=False), nn.Linear(D, Fh, bias=False)]
+    m = fp8.Fp8SwiGLU(*lins)
+    dy = randn(2, 50, D, seed=10)
+    y = m(x)
+    y.backward(dy)
+    got = [y, x.grad] + [lin.weight.grad for lin in (lins[0], lins[1], lins[2])]
+    want = quantized_swiglu_float64(x.detach(), *(lin.weight.detach() for lin in lins), dy)
+    for name, g, w in zip(["y", "dx", "dW1", "dW2", "dW3"], got, want):
+        assert rel_err(g, w) < 1e-5, f"{name} differs from the float64 quantized reference"
+    # vs the unquantized FFN: up to five roundings stack on a path here (GEMM output, cache, re-quantized
+    # SwiGLU output, gradient), measured ≈6-7%; allow 10%
+    xd = x.detach().double().requires_grad_()
+    w1, w2, w3 = (lin.weight.detach().double().requires_grad_() for lin in lins)
+    yd = (F.silu(xd @ w1.t()) * (xd @ w3.t())) @ w2.t()
+    yd.backward(dy.double())
+    for g, w in zip(got, [yd, xd.grad, w1.grad, w2.grad, w3.grad]):
+        assert rel_err(g, w) < 0.10
+
+
+# --- converting the model ---------------------------------------------------------------------------------
+
+def tiny_args(**kw):
+    base = dict(vocab_size=64, dim=64, inter_dim=128, moe_inter_dim=32, n_layers=2, n_dense_layers=1, n_heads=2,
+                n_routed_experts=4, n_shared_experts=1, n_activated_experts=2, n_expert_groups=2,
+                n_limited_groups=1, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                v_head_dim=16, max_seq_len=64, original_seq_len=64, n_mtp_depth=1, init_std=0.02)
+    base.update(kw)
+    return ModelArgs(**base)
+
+
+def test_convert_to_fp8_swaps_exactly_the_paper_layers():
+    torch.manual_seed(0)
+    model = Transformer(tiny_args())
+    linears = {n for n, m in model.named_modules() if type(m) is nn.Linear}
+    before = {k: v for k, v in model.state_dict().items()}
+    tok = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(1))
+    ref = model(tok)
+    fp8.convert_to_fp8(model)
+    fp8_lin = {n for n, m in model.named_modules() if isinstance(m, fp8.Fp8Linear)}
+    assert fp8_lin == linears - {"head"}, "every Linear in layers/mtp, and only those, runs in FP8"
+    assert type(model.head) is nn.Linear and type(model.embed) is nn.Embedding
+    assert all(type(m.ffn.gate) is Gate for m in model.layers[1:])
+    assert sum(isinstance(m, fp8.Fp8SwiGLU) for m in model.modules()) == 1 + 2 * 5  # dense + (4 routed + shared) x 2
+    assert [n for n, m in model.named_modules() if getattr(m, "cache_input_hp", False)] == \
+        ["layers.0.attn.wo", "layers.1.attn.wo", "mtp.0.block.attn.wo"]
+    after = model.state_dict()
+    assert list(after) == list(before) and all(after[k] is before[k] or torch.equal(after[k], before[k]) for k in after)
+    model.load_state_dict(before)  # checkpoints interchange
+    out = model(tok)
+    assert rel_err(out, ref) < 0.05  # logits through a few FP8 layers vs fp32
+    model.set_impl(attn="absorb")  # absorb reads attn.wkv_b.weight directly: still a plain Parameter
+    assert rel_err(model(tok), ref) < 0.05
+
+
+# --- the optimizer ----------------------------------------------------------------------------------------
+
+def _regression_run(opt_cls, steps, p_dtype=torch.float32, **kw):
+    torch.manual_seed(0)
+    X, Y = torch.randn(256, 32), torch.randn(256, 8)
+    net = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 8)).to(p_dtype)
+    opt = opt_cls(net.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, **kw)
+    losses = []
+    for _ in range(steps):
+        loss = F.mse_loss(net(X.to(p_dtype)).float(), Y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return net, opt, losses
+
+
+def test_adamw_bf16_tracks_torch_adamw():
+    net_ref, _, l_ref = _regression_run(torch.optim.AdamW, 30)
+    net, opt, l = _regression_run(fp8.AdamWBF16, 30)
+    # the only difference is BF16 rounding of m and v (relative 2^-9 per step). Measured after 30 steps:
+    # parameters 0.3% apart, losses 0.01%; Adam's normalization amplifies such differences slowly (2% after
+    # 100 steps at this lr), so bound at 30 steps: parameters 1%, losses 0.1%
+    assert max(abs(a - b) / b for a, b in zip(l, l_ref)) < 1e-3
+    w_ref, w = torch.cat([p.flatten() for p in net_ref.parameters()]), torch.cat([p.flatten() for p in net.parameters()])
+    assert rel_err(w, w_ref) < 0.01
+    st = opt.state[next(net.parameters())]
+    assert st["exp_avg"].dtype == torch.bfloat16 and st["exp_avg_sq"].dtype == torch.bfloat16 and "master" not in st
+
+
+def test_adamw_bf16_master_weights_for_bf16_params():
+    _, _, l_ref = _regression_run(torch.optim.AdamW, 60)
+    net, opt, l = _regression_run(fp8.AdamWBF16, 60, p_dtype=torch.bfloat16)
+    for p in net.parameters():
+        assert opt.state[p]["master"].dtype == torch.float32 and torch.equal(p, opt.state[p]["master"].bfloat16())
+    assert abs(l[-1] - l_ref[-1]) / l_ref[-1] < 0.05  # BF16 forward/backward, FP32 master updates
+
+
+def test_adamw_bf16_state_dict_round_trip_is_exact():
+    for p_dtype in (torch.float32, torch.bfloat16):
+        net, opt, _ = _regression_run(fp8.AdamWBF16, 5, p_dtype=p_dtype)
+        net2, sd = copy.deepcopy(net), copy.deepcopy(opt.state_dict())
+        opt2 = fp8.AdamWBF16(net2.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+        opt2.load_state_dict(sd)
+        st2 = opt2.state[next(net2.parameters())]
+        assert st2["exp_avg"].dtype == torch.bfloat16
+        assert "master" not in st2 or st2["master"].dtype == torch.float32
+        X = torch.randn(64, 32).to(p_dtype)
+        for n, o in ((net, opt), (net2, opt2)):
+            for _ in range(3):
+                o.zero_grad()
+                n(X).float().square().mean().backward()
+                o.step()
+        assert all(torch.equal(a, b) for a, b in zip(net.parameters(), net2.parameters()))
+
+
+# --- a short training run ------------------------------------------------------------------------------------
+
+def bigram_batch(step, B=8, T=64, V=64):
+    """A fresh batch per step from one fixed random bigram chain (4 successors per token): learnable but not
+    memorizable, so the loss settles near a floor (ln 4 ≈ 1.39 plus what 30 steps leave unlearned)."""
+    succ = torch.randint(0, V, (V, 4), generator=torch.Generator().manual_seed(0))  # (V, 4)
+    g = torch.Generator().manual_seed(100 + step)
+    seq = [torch.randint(0, V, (B,), generator=g)]
+    for _ in range(T):
+        seq.append(succ[seq[-1], torch.randint(0, 4, (B,), generator=g)])
+    data = torch.stack(seq, dim=1)  # (B, T+1)
+    return data[:, :-1], data[:, 1:]
+
+
+def test_fp8_training_tracks_fp32():
+    def run(use_fp8, steps=30):
+        torch.manual_seed(0)
+        model = Transformer(tiny_args())
+        if use_fp8:  # the whole recipe: FP8 linears + fused SwiGLU, BF16 optimizer moments
+            fp8.convert_to_fp8(model)
+        opt = (fp8.AdamWBF16 if use_fp8 else torch.optim.AdamW)(model.parameters(), lr=1e-2, betas=(0.9, 0.95),
+                                                                weight_decay=0.1)
+        losses = []
+        for step in range(steps):
+            _, L = model(*bigram_batch(step))
+            opt.zero_grad()
+            L["loss"].backward()
+            opt.step()
+            model.update_router_biases()
+            losses.append(L["ce"].item())
+        return losses
+
+    l32, l8 = run(False), run(True)
+    assert l32[-1] < 0.5 * l32[0], "the task must be learnable for the comparison to mean anything"
+    mean_rel = abs(statistics.mean(l8) - statistics.mean(l32)) / statistics.mean(l32)
+    last_rel = abs(statistics.mean(l8[-10:]) - statistics.mean(l32[-10:])) / statistics.mean(l32[-10:])
+    print(f"FP8 vs FP32 loss: mean over the run {mean_rel:.3%} apart, last 10 steps {last_rel:.3%}")
+    # measured: 0.11% over the run, 0.66% over the last 10 steps (single steps differ by up to ~2.5%: FP8
+    # noise moves the trajectory and the router). The paper's < 0.25% is for long runs; we bound a 30-step
+    # run of a tiny model at 0.5% (whole run) and 2% (last 10 steps)
+    assert mean_rel < 0.005 and last_rel < 0.02
