@@ -62,6 +62,7 @@ from itertools import chain
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 import kernels
@@ -69,7 +70,7 @@ import kernels
 TILE = kernels.TILE
 BACKEND = "auto"  # 'auto' (hopper if it works on this device, else emulated) | 'hopper' | 'emulated'
 COMPILE_KERNELS = True  # on CUDA use kernels' torch.compile'd versions (on CPU the eager *_ref: compiling costs more)
-_HW: dict[int, tuple[bool, bool]] = {}  # cuda device index -> (1×128·128×128 works, 1×128·1×128 works)
+_HW: dict[int, tuple[bool, bool, bool]] = {}  # cuda device index -> what hopper_support returns
 
 
 def _k(name: str, x: Tensor):
@@ -100,21 +101,23 @@ def gemm_hopper(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch
     sa = sa.t().contiguous().t()  # (M, Kp/128) column-major (no copy if the quantizer made it so)
     if sb.shape[0] == qb.shape[0]:  # 1×128 tiles of b: (N, Kp/128) -> (Kp/128, N) row-major
         sb = sb.t().contiguous()
-    else:  # 128×128 blocks: (N/128, Kp/128) row-major -> its transpose (Kp/128, N/128), column-major
-        sb = sb.contiguous().t()
+    else:  # 128×128 blocks: (N/128, Kp/128) -> (Kp/128, N/128) column-major, leading dim padded to 4
+        nk = sb.shape[1]
+        sb = F.pad(sb, (0, -nk % 4)).t()[:nk]  # cuBLAS reads the block scales with a stride rounded up to 4
     return torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)
 
 
 @torch.compiler.disable
-def _probe_hopper(idx: int) -> tuple[bool, bool]:
-    """Try both scale combinations once on a small problem and compare with the emulated GEMM."""
+def _probe_hopper(idx: int) -> tuple[bool, bool, bool]:
+    """Run each scale combination once on a small problem and compare it with the emulated GEMM."""
     if torch.cuda.get_device_capability(idx) < (9, 0) or not hasattr(torch, "_scaled_mm"):
-        return False, False
+        return False, False, False
     g = torch.Generator(device=f"cuda:{idx}").manual_seed(0)
-    a, b = (torch.randn(256, 512, device=f"cuda:{idx}", generator=g) for _ in range(2))
-    qa, sa = kernels.quant_1x128_ref(a)
     ok = []
-    for qb, sb in (kernels.quant_128x128_ref(b), kernels.quant_1x128_ref(b)):
+    for Kd, quant_b in ((512, kernels.quant_128x128_ref), (512, kernels.quant_1x128_ref),
+                        (640, kernels.quant_128x128_ref)):  # the last: K/128 = 5 block scales, not a multiple of 4
+        a, b = (torch.randn(256, Kd, device=f"cuda:{idx}", generator=g) for _ in range(2))
+        (qa, sa), (qb, sb) = kernels.quant_1x128_ref(a), quant_b(b)
         try:
             hw = gemm_hopper(qa, sa, qb, sb, torch.float32)
         except (RuntimeError, NotImplementedError):
@@ -122,13 +125,14 @@ def _probe_hopper(idx: int) -> tuple[bool, bool]:
             continue
         ref = gemm_emulated(qa, sa, qb, sb, torch.float32)
         ok.append(bool(((hw - ref).norm() / ref.norm()) < 1e-3))  # both fp32: only summation order differs
-    return ok[0], ok[1]
+    return ok[0], ok[1], ok[0] and ok[2]
 
 
-def hopper_support(device: torch.device) -> tuple[bool, bool]:
-    """(Fprop/Dgrad on hardware?, Wgrad on hardware?) for this device, honouring BACKEND; probed once."""
+def hopper_support(device: torch.device) -> tuple[bool, bool, bool]:
+    """Which GEMMs run on the hardware here, honouring BACKEND (probed once per device): (1×128·128×128
+    i.e. Fprop/Dgrad, 1×128·1×128 i.e. Wgrad, 128×128 scales with K/128 not a multiple of 4)."""
     if BACKEND == "emulated" or device.type != "cuda":
-        return False, False
+        return False, False, False
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _HW:
         _HW[idx] = _probe_hopper(idx)
@@ -137,9 +141,13 @@ def hopper_support(device: torch.device) -> tuple[bool, bool]:
     return _HW[idx]
 
 
-def fp8_gemm(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch.dtype, hw: bool) -> Tensor:
-    # cuBLAS wants the 128×128 scale tensor's K/128 padded to a multiple of 4; we only take it as is
-    ok = hw and (sb.shape[0] == qb.shape[0] or sb.shape[1] % 4 == 0)
+def fp8_gemm(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch.dtype,
+             hw: tuple[bool, bool, bool]) -> Tensor:
+    """a·bᵀ on the hardware where hopper_support says it works for these scales, else emulated."""
+    if sb.shape[0] == qb.shape[0]:  # b in 1×128 tiles (Wgrad)
+        ok = hw[1]
+    else:
+        ok = hw[0] and (sb.shape[1] % 4 == 0 or hw[2])
     return (gemm_hopper if ok else gemm_emulated)(qa, sa, qb, sb, out_dtype)
 
 
@@ -147,13 +155,13 @@ def fp8_gemm(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch.dt
 # the three GEMMs of a Linear, shared by the Linear and the fused SwiGLU FFN below
 
 
-def _dgrad(dy: Tensor, qw: Tensor, sw: Tensor, K: int, dtype: torch.dtype, hw: bool) -> Tensor:
+def _dgrad(dy: Tensor, qw: Tensor, sw: Tensor, K: int, dtype: torch.dtype, hw: tuple) -> Tensor:
     """dx = dy·W: dy (M, N) quantized 1×128 along N; W read through its transposed 128×128 blocks."""
     qdy, sdy = _k("quant_1x128", dy)(dy)  # (M, Np), (M, Np/128)
     return fp8_gemm(qdy, sdy, qw.t().contiguous(), sw.t(), dtype, hw)[:, :K]  # (M, K)
 
 
-def _wgrad(dy: Tensor, qxT: Tensor, sxT: Tensor, N: int, K: int, hw: bool) -> Tensor:
+def _wgrad(dy: Tensor, qxT: Tensor, sxT: Tensor, N: int, K: int, hw: tuple) -> Tensor:
     """dW = dyᵀ·x in fp32: both operands tiled 128×1 along the tokens, the dim Wgrad reduces over."""
     qdyT, sdyT = _k("quant_128x1", dy)(dy)  # (Np, Mp), (Np, Mp/128)
     return fp8_gemm(qdyT, sdyT, qxT, sxT, torch.float32, hw)[:N, :K]  # (N, K)
@@ -161,13 +169,13 @@ def _wgrad(dy: Tensor, qxT: Tensor, sxT: Tensor, N: int, K: int, hw: bool) -> Te
 
 class _Fp8LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, out_dtype: torch.dtype, hw: tuple[bool, bool],
+    def forward(ctx, x: Tensor, weight: Tensor, out_dtype: torch.dtype, hw: tuple[bool, bool, bool],
                 pow2: bool, cache_hp: bool) -> Tensor:
         N, K = weight.shape
         x2 = x.reshape(-1, K)  # (M, K)
         qx, sx = _k("quant_1x128", x2)(x2, pow2)  # (M, Kp), (M, Kp/128)
         qw, sw = _k("quant_128x128", weight)(weight)  # (Np, Kp), (Np/128, Kp/128)
-        y = fp8_gemm(qx, sx, qw, sw, out_dtype, hw[0])[:, :N]  # Fprop: (M, N)
+        y = fp8_gemm(qx, sx, qw, sw, out_dtype, hw)[:, :N]  # Fprop: (M, N)
         # the activation cache: x in FP8 (1 byte + 4/128 bytes of scale per value), or x itself (wo's input)
         ctx.save_for_backward(*((x2,) if cache_hp else (qx, sx)), qw, sw)
         ctx.meta = (x.shape, x.dtype, weight.dtype, hw, pow2, cache_hp)
@@ -182,13 +190,13 @@ class _Fp8LinearFn(torch.autograd.Function):
         dx = dw = None
         with torch.autocast(dy.device.type, enabled=False):
             if ctx.needs_input_grad[0]:
-                dx = _dgrad(dy2, qw, sw, K, x_dtype, hw[0]).reshape(x_shape)  # (..., K)
+                dx = _dgrad(dy2, qw, sw, K, x_dtype, hw).reshape(x_shape)  # (..., K)
             if ctx.needs_input_grad[1]:
                 if cache_hp:
                     qxT, sxT = _k("quant_128x1", xs[0])(xs[0], pow2)  # (Kp, Mp), (Kp, Mp/128)
                 else:
                     qxT, sxT = _k("requant_128x1", xs[0])(*xs, pow2)  # 1×128 cache re-tiled 128×1
-                dw = _wgrad(dy2, qxT, sxT, N, K, hw[1]).to(w_dtype)  # (N, K)
+                dw = _wgrad(dy2, qxT, sxT, N, K, hw).to(w_dtype)  # (N, K)
         return dx, dw, None, None, None, None
 
 
@@ -230,42 +238,43 @@ class Fp8Linear(nn.Linear):
 class _Fp8SwiGLUFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, out_dtype: torch.dtype,
-                hw: tuple[bool, bool]) -> Tensor:
+                hw: tuple[bool, bool, bool]) -> Tensor:
         F_, D = w1.shape
         x2 = x.reshape(-1, D)  # (M, D)
         qx, sx = _k("quant_1x128", x2)(x2)  # (M, Dp), (M, Dp/128)
         (qw1, sw1), (qw2, sw2), (qw3, sw3) = (_k("quant_128x128", w)(w) for w in (w1, w2, w3))
-        a = fp8_gemm(qx, sx, qw1, sw1, out_dtype, hw[0])[:, :F_]  # gate pre-activation (M, F)
-        b = fp8_gemm(qx, sx, qw3, sw3, out_dtype, hw[0])[:, :F_]  # up projection (M, F)
+        # W1 and W3 read the same x: stack them and run one GEMM of twice the width
+        qw13, sw13 = torch.cat([qw1, qw3]), torch.cat([sw1, sw3])  # (2Fp, Dp), (2Fp/128, Dp/128)
+        Fp = qw1.shape[0]
+        ab = fp8_gemm(qx, sx, qw13, sw13, out_dtype, hw)  # (M, 2Fp): [W1 x | W3 x]
+        a, b = ab[:, :F_], ab[:, Fp:Fp + F_]  # gate pre-activation and up projection, (M, F) each
         qh, sh = _k("swiglu_quant", a)(a, b)  # silu(a)·b, born in FP8: (M, Fp), (M, Fp/128)
-        y = fp8_gemm(qh, sh, qw2, sw2, out_dtype, hw[0])[:, :D]  # (M, D)
-        qa, sa = _k("quant_1x128", a)(a)  # SwiGLU inputs cached in FP8 (§3.3.3); its output is not cached
-        qb, sb = _k("quant_1x128", b)(b)
-        ctx.save_for_backward(qx, sx, qa, sa, qb, sb, qw1, sw1, qw2, sw2, qw3, sw3)
+        y = fp8_gemm(qh, sh, qw2, sw2, out_dtype, hw)[:, :D]  # (M, D)
+        qab, sab = _k("quant_1x128", ab)(ab)  # SwiGLU inputs cached in FP8 (§3.3.3); its output is not
+        ctx.save_for_backward(qx, sx, qab, sab, qw13, sw13, qw2, sw2)
         ctx.meta = (x.shape, x.dtype, w1.dtype, hw, F_)
         return y.reshape(x.shape)  # (..., D)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         x_shape, x_dtype, w_dtype, hw, F_ = ctx.meta
-        qx, sx, qa, sa, qb, sb, qw1, sw1, qw2, sw2, qw3, sw3 = ctx.saved_tensors
-        D = x_shape[-1]
+        qx, sx, qab, sab, qw13, sw13, qw2, sw2 = ctx.saved_tensors
+        D, Fp = x_shape[-1], qw2.shape[1]
         dy2 = dy.reshape(-1, D)  # (M, D)
         with torch.autocast(dy.device.type, enabled=False):
             # padded width Fp throughout: the padding columns of a and b are zero, so are h, da and db there
-            Fp = qw1.shape[0]
-            a = _k("dequant_1x128", qa)(qa, sa)  # (M, Fp)
-            b = _k("dequant_1x128", qb)(qb, sb)
+            ab = _k("dequant_1x128", qab)(qab, sab)  # (M, 2Fp)
+            a, b = ab[:, :Fp], ab[:, Fp:]
             h = _k("swiglu", a)(a, b)  # the SwiGLU output, recomputed (M, Fp)
-            dh = _dgrad(dy2, qw2, sw2, Fp, torch.float32, hw[0])  # (M, Fp)
+            dh = _dgrad(dy2, qw2, sw2, Fp, torch.float32, hw)  # W2's Dgrad (M, Fp)
             hT, shT = _k("quant_128x1", h)(h)  # (Fp, Mp), (Fp, Mp/128)
-            dw2 = _wgrad(dy2, hT, shT, D, F_, hw[1])  # (D, F)
-            da, db = _k("swiglu_bwd", a)(a, b, dh)  # (M, Fp) each
-            dx = _dgrad(da, qw1, sw1, D, torch.float32, hw[0]) + _dgrad(db, qw3, sw3, D, torch.float32, hw[0])
-            qxT, sxT = _k("requant_128x1", qx)(qx, sx)  # x re-tiled 128×1 once, for both W1 and W3
-            dw1 = _wgrad(da, qxT, sxT, F_, D, hw[1])  # (F, D)
-            dw3 = _wgrad(db, qxT, sxT, F_, D, hw[1])
-        return dx.to(x_dtype).reshape(x_shape), dw1.to(w_dtype), dw2.to(w_dtype), dw3.to(w_dtype), None, None
+            dw2 = _wgrad(dy2, hT, shT, D, F_, hw)  # W2's Wgrad (D, F)
+            dab = torch.cat(_k("swiglu_bwd", a)(a, b, dh), dim=1)  # [da | db] (M, 2Fp)
+            dx = _dgrad(dab, qw13, sw13, D, x_dtype, hw)  # dx = da·W1 + db·W3 in one GEMM, K = 2Fp: (M, D)
+            qxT, sxT = _k("requant_128x1", qx)(qx, sx)  # x re-tiled 128×1 for the Wgrad
+            dw13 = _wgrad(dab, qxT, sxT, 2 * Fp, D, hw)  # [dW1 ; dW3] (2Fp, D)
+        dw1, dw3 = dw13[:F_], dw13[Fp:Fp + F_]
+        return dx.reshape(x_shape), dw1.to(w_dtype), dw2.to(w_dtype), dw3.to(w_dtype), None, None
 
 
 class Fp8SwiGLU(nn.Module):

@@ -46,7 +46,7 @@ def test_emulated_gemm_matches_float64_of_dequantized_operands(b_tiles):
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
                     reason="needs a Hopper GPU (sm90) for blockwise torch._scaled_mm")
 def test_hopper_backend_matches_emulated():
-    assert fp8.hopper_support(torch.device("cuda")) == (True, True)
+    assert fp8.hopper_support(torch.device("cuda"))[:2] == (True, True)
     torch.manual_seed(0)
     x = torch.randn(4, 96, 512, device="cuda", requires_grad=True)
     lin = nn.Linear(512, 384, bias=False, device="cuda")
@@ -96,7 +96,8 @@ def test_fp8_linear_forward_and_grads(hp):
     # against the unquantized linear in float64: the FP8 error budget (see module docstring)
     xd, wd = x.detach().double().requires_grad_(), lin.weight.detach().double().requires_grad_()
     (xd @ wd.t()).backward(dy.double())
-    errs = dict(y=rel_err(y, xd.detach() @ wd.detach().t()), dx=rel_err(x.grad, xd.grad), dW=rel_err(lin.weight.grad, wd.grad))
+    errs = dict(y=rel_err(y, xd.detach() @ wd.detach().t()), dx=rel_err(x.grad, xd.grad),
+                dW=rel_err(lin.weight.grad, wd.grad))
     assert max(errs.values()) < 0.06, errs
 
 
@@ -265,7 +266,8 @@ def test_adamw_bf16_tracks_torch_adamw():
     # parameters 0.3% apart, losses 0.01%; Adam's normalization amplifies such differences slowly (2% after
     # 100 steps at this lr), so bound at 30 steps: parameters 1%, losses 0.1%
     assert max(abs(a - b) / b for a, b in zip(l, l_ref)) < 1e-3
-    w_ref, w = torch.cat([p.flatten() for p in net_ref.parameters()]), torch.cat([p.flatten() for p in net.parameters()])
+    w_ref = torch.cat([p.flatten() for p in net_ref.parameters()])
+    w = torch.cat([p.flatten() for p in net.parameters()])
     assert rel_err(w, w_ref) < 0.01
     st = opt.state[next(net.parameters())]
     assert st["exp_avg"].dtype == torch.bfloat16 and st["exp_avg_sq"].dtype == torch.bfloat16 and "master" not in st

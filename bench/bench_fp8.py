@@ -1,0 +1,294 @@
+"""
+Benchmark of the FP8 framework on one Hopper GPU: per-GEMM TFLOP/s (Fprop/Dgrad/Wgrad) FP8 vs BF16, the
+compiled quantization kernels' GB/s vs the measured copy bandwidth, Fp8Linear / Fp8SwiGLU forward+backward
+time vs BF16, and the activation memory each keeps for backward. Prints markdown tables.
+
+Run:  PYTHONUNBUFFERED=1 python bench/bench_fp8.py | tee bench_fp8.md       (H200: ~3 min)
+      python bench/bench_fp8.py --probe     (layouts of blockwise torch._scaled_mm + hopper == emulated checks)
+Timings are medians of CUDA-event-timed runs after warm-up, on random data (never zeros).
+"""
+import datetime
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import fp8  # noqa: E402
+import kernels as K  # noqa: E402
+
+torch._dynamo.config.automatic_dynamic_shapes = False  # one static kernel per benchmarked shape
+torch._dynamo.config.recompile_limit = 64
+torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def bench(fn, warmup=5, iters=30):
+    """Median milliseconds of fn() over `iters` runs, each timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    return statistics.median(times)
+
+
+def table(header, rows):
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join(" --- " for _ in header) + "|")
+    for r in rows:
+        print("| " + " | ".join(str(c) for c in r) + " |")
+    print()
+
+
+def section(name, fn):
+    t = time.time()
+    try:
+        fn()
+    except Exception as e:  # keep going: one broken section must not hide the others' numbers
+        print(f"**{name} failed**: {type(e).__name__}: {str(e)[:400]}\n")
+    print(f"<!-- {name}: {time.time() - t:.1f} s -->\n", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def probe():
+    """Which blockwise scale layouts torch._scaled_mm accepts here, and hopper == emulated for each GEMM."""
+    dev = torch.device("cuda")
+    print(f"hopper_support (Fprop/Dgrad, Wgrad): {fp8.hopper_support(dev)}\n")
+    rows = []
+
+    def plain_ld(qa, sa, qb, sb, out_dtype):  # 128x128 scales passed as sb.t() with no padding of the K/128 dim
+        return torch._scaled_mm(qa, qb.t(), scale_a=sa.t().contiguous().t(), scale_b=sb.contiguous().t(),
+                                out_dtype=out_dtype)
+
+    for M, Kd, N in [(256, 512, 384), (200, 512, 384), (1, 512, 384), (256, 640, 384), (256, 2816, 1024)]:
+        a, w = torch.randn(M, Kd, device=dev), torch.randn(N, Kd, device=dev) * 0.02
+        qa, sa = K.quant_1x128(a)
+        for combo, (qb, sb), fn in [("1x128 x 128x128 (scale ld padded to 4)", K.quant_128x128(w), fp8.gemm_hopper),
+                                    ("1x128 x 128x128 (plain sw.t())", K.quant_128x128(w), plain_ld),
+                                    ("1x128 x 1x128", K.quant_1x128(w), fp8.gemm_hopper)]:
+            try:
+                hw = fn(qa, sa, qb, sb, torch.float32)
+                em = fp8.gemm_emulated(qa, sa, qb, sb, torch.float32)
+                res = f"ok, rel err vs emulated {rel_err(hw, em):.1e}"
+            except Exception as e:
+                res = f"{type(e).__name__}: {str(e)[:150]}"
+            rows.append((f"{M}x{Kd}x{N}", combo, res))
+    table(["M x K x N", "scales (a x b)", "result"], rows)
+    # the whole layer, hopper vs emulated, eager and compiled
+    torch.manual_seed(0)
+    for name, make, D_in, D_out in [("Fp8Linear", lambda: fp8.Fp8Linear(1024, 768, device=dev), 1024, 768),
+                                    ("Fp8SwiGLU", lambda: fp8.Fp8SwiGLU(*(nn.Linear(a, b, bias=False, device=dev)
+                                     for a, b in ((1024, 640), (640, 1024), (1024, 640)))), 1024, 1024)]:
+        m = make()
+        x = torch.randn(4, 512, D_in, device=dev, requires_grad=True)
+        dy = torch.randn(4, 512, D_out, device=dev)
+        res = {}
+        for tag, backend, compiled in [("emulated", "emulated", False), ("hopper", "auto", False),
+                                       ("hopper+compile", "auto", True)]:
+            fp8.BACKEND = backend
+            f = torch.compile(m) if compiled else m
+            x.grad = None
+            m.zero_grad()
+            with torch.autocast("cuda", torch.bfloat16):
+                y = f(x)
+            y.backward(dy)
+            res[tag] = [y.float(), x.grad.float()] + [p.grad.float() for p in m.parameters()]
+        fp8.BACKEND = "auto"
+        for tag in ("hopper", "hopper+compile"):
+            errs = ", ".join(f"{rel_err(a, b):.1e}" for a, b in zip(res[tag], res["emulated"]))
+            print(f"{name} {tag} vs emulated (y, dx, dW...; bf16 outputs): {errs}")
+    print()
+    # the train.py path: convert_to_fp8 after .to(device), then torch.compile of the whole model, bf16 autocast
+    from model import ModelArgs, Transformer
+    args = ModelArgs(vocab_size=8192, dim=1024, inter_dim=2816, moe_inter_dim=512, n_layers=2, n_dense_layers=1,
+                     n_heads=16, n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, n_expert_groups=4,
+                     n_limited_groups=2, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
+                     v_head_dim=64, max_seq_len=512, original_seq_len=512, n_mtp_depth=1, init_std=0.006)
+    tok = torch.randint(0, 8192, (4, 513), device=dev)
+    losses = {}
+    for tag, use_fp8, compiled in [("bf16", False, False), ("fp8", True, False), ("fp8+compile", True, True)]:
+        torch.manual_seed(0)
+        model = Transformer(args).to(dev)
+        if use_fp8:
+            fp8.convert_to_fp8(model)
+        step = torch.compile(model) if compiled else model
+        t = time.time()
+        with torch.autocast("cuda", torch.bfloat16):
+            _, L = step(tok[:, :-1], tok[:, 1:])
+        L["loss"].backward()
+        gn = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).norm().item()
+        losses[tag] = (L["loss"].item(), gn)
+        print(f"model {tag}: loss {L['loss'].item():.5f}, grad norm {gn:.5f}, first step {time.time() - t:.1f} s")
+    print()
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def copy_bandwidth():
+    x = torch.randn(512 * 1024 * 1024 // 4 * 4, device="cuda")  # 2 GiB fp32
+    y = torch.empty_like(x)
+    ms = bench(lambda: y.copy_(x), iters=20)
+    return 2 * x.numel() * 4 / ms / 1e6  # GB/s, read + write
+
+
+def gemm_table(M, shapes):
+    rows = []
+    for Kd, N in shapes:
+        flops = 2 * M * Kd * N
+        g = torch.Generator(device="cuda").manual_seed(0)
+        x = torch.randn(M, Kd, device="cuda", generator=g).bfloat16()
+        w = (torch.randn(N, Kd, device="cuda", generator=g) * 0.02).bfloat16()
+        dy = torch.randn(M, N, device="cuda", generator=g).bfloat16()
+        wT, dyT, xT = w.t().contiguous(), dy.t().contiguous(), x.t().contiguous()
+        # the BF16 GEMMs with the same operand layouts: a row-major, b given as (N', K') row-major and transposed
+        bf = {"Fprop": lambda: x @ w.t(), "Dgrad": lambda: dy @ wT.t(), "Wgrad": lambda: dyT @ xT.t()}
+        qx, sx = K.quant_1x128(x)
+        qw, sw = K.quant_128x128(w)
+        qdy, sdy = K.quant_1x128(dy)
+        qwT, swT = qw.t().contiguous(), sw.t().contiguous()
+        qdyT, sdyT = K.quant_128x1(dy)
+        qxT, sxT = K.quant_128x1(x)
+        f8 = {"Fprop": lambda: fp8.gemm_hopper(qx, sx, qw, sw, torch.bfloat16),
+              "Dgrad": lambda: fp8.gemm_hopper(qdy, sdy, qwT, swT, torch.bfloat16),
+              "Wgrad": lambda: fp8.gemm_hopper(qdyT, sdyT, qxT, sxT, torch.float32)}
+        for name in ("Fprop", "Dgrad", "Wgrad"):
+            tb, tf = bench(bf[name]), bench(f8[name])
+            rows.append((f"{M}x{Kd}x{N}", name, f"{flops / tb / 1e9:.0f}", f"{flops / tf / 1e9:.0f}",
+                         f"{tb / tf:.2f}x"))
+        del x, w, dy, wT, dyT, xT, qx, qw, qdy, qwT, qdyT, qxT
+    table(["M x K x N", "GEMM", "BF16 TFLOP/s", "FP8 TFLOP/s", "FP8 speed-up"], rows)
+    print("Fprop/Dgrad: 1x128 x 128x128 scales, BF16 output; Wgrad: 1x128 x 1x128 (both along tokens), "
+          "FP32 output (the weight gradient).\n")
+
+
+def quant_table(copy_bw):
+    M, Kd, N = 16384, 7168, 7168
+    x = torch.randn(M, Kd, device="cuda").bfloat16()
+    w = torch.randn(2 * N, Kd, device="cuda") * 0.02  # fp32 master weight, 14336 x 7168
+    a, b = torch.randn(M, 2048, device="cuda").bfloat16(), torch.randn(M, 2048, device="cuda").bfloat16()
+    qx, sx = K.quant_1x128(x)
+    MK = M * Kd
+    cases = [  # name, compiled fn, eager fn, bytes moved (inputs read once + outputs written once)
+        ("quant_1x128 (bf16 act)", lambda: K.quant_1x128(x), lambda: K.quant_1x128_ref(x), 2 * MK + MK + MK // 32),
+        ("quant_128x1 (bf16 act, transposed out)", lambda: K.quant_128x1(x), lambda: K.quant_128x1_ref(x),
+         2 * MK + MK + MK // 32),
+        ("requant_128x1 (fp8 1x128 cache)", lambda: K.requant_128x1(qx, sx), lambda: K.requant_128x1_ref(qx, sx),
+         2 * (MK + MK // 32)),
+        ("quant_128x128 (fp32 weight 14336x7168)", lambda: K.quant_128x128(w), lambda: K.quant_128x128_ref(w),
+         4 * w.numel() + w.numel()),
+        ("swiglu_quant (2 bf16 in, F=2048)", lambda: K.swiglu_quant(a, b), lambda: K.swiglu_quant_ref(a, b),
+         2 * 2 * a.numel() + a.numel() + a.numel() // 32),
+    ]
+    rows = []
+    for name, fc, fe, nbytes in cases:
+        tc, te = bench(fc), bench(fe, warmup=2, iters=10)
+        gbs = nbytes / tc / 1e6
+        rows.append((name, f"{tc:.3f}", f"{gbs:.0f}", f"{gbs / copy_bw:.0%}", f"{te:.3f}"))
+    table(["kernel (M=16384, K=7168)", "compiled ms", "GB/s", "% of copy BW", "eager ms"], rows)
+
+
+def saved_bytes(fn, rows):
+    """Bytes autograd saves for backward, counting tensors with `rows` leading rows (activations)."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        fn()
+    return sum(t.numel() * t.element_size() for t in saved if t.dim() >= 1 and t.shape[0] == rows)
+
+
+def layer_table():
+    rows, mem = [], []
+    M = 16384
+    for Kd, N in [(7168, 7168), (7168, 2048), (2048, 7168)]:
+        torch.manual_seed(0)
+        lin = nn.Linear(Kd, N, bias=False, device="cuda")  # fp32 master weight
+        f = fp8.Fp8Linear.from_linear(lin)
+        fc = torch.compile(f)
+        lin_bf = nn.Linear(Kd, N, bias=False, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(M, Kd, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+
+        def step(mod, autocast=True):
+            with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+                y = mod(x)
+            y.backward(dy)
+
+        t_amp, t_bf = bench(lambda: step(lin)), bench(lambda: step(lin_bf, False))
+        t_f8, t_f8c = bench(lambda: step(f)), bench(lambda: step(fc))
+        rows.append((f"Linear {M}x{Kd}x{N}", f"{t_amp:.2f}", f"{t_bf:.2f}", f"{t_f8:.2f}", f"{t_f8c:.2f}",
+                     f"{t_amp / t_f8c:.2f}x", f"{t_bf / t_f8c:.2f}x"))
+        with torch.autocast("cuda", torch.bfloat16):
+            b16, b8 = saved_bytes(lambda: lin(x), M), saved_bytes(lambda: f(x), M)
+        mem.append((f"Linear {M}x{Kd}x{N}", f"{b16 / 2**20:.0f}", f"{b8 / 2**20:.0f}", f"{1 - b8 / b16:.1%}"))
+        del lin, f, fc, lin_bf, x, dy
+    # a DeepSeek-V3 expert / shared expert shape: D=7168, F=2048
+    D, Fh = 7168, 2048
+    torch.manual_seed(0)
+    make = lambda dtype: [nn.Linear(a, b, bias=False, device="cuda", dtype=dtype)  # noqa: E731
+                          for a, b in ((D, Fh), (Fh, D), (D, Fh))]
+
+    class MLP(nn.Module):  # model.MLP
+        def __init__(self, w1, w2, w3):
+            super().__init__()
+            self.w1, self.w2, self.w3 = w1, w2, w3
+
+        def forward(self, x):
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    lins = make(torch.float32)
+    mlp, m8, mlp_bf = MLP(*lins), fp8.Fp8SwiGLU(*lins), MLP(*make(torch.bfloat16))
+    mlp_c, m8c, mlp_bf_c = torch.compile(mlp), torch.compile(m8), torch.compile(mlp_bf)
+    x = torch.randn(M, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(M, D, device="cuda", dtype=torch.bfloat16)
+
+    def step(mod, autocast=True):
+        with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+            y = mod(x)
+        y.backward(dy)
+
+    t_amp, t_bf = bench(lambda: step(mlp_c)), bench(lambda: step(mlp_bf_c, False))
+    t_f8, t_f8c = bench(lambda: step(m8)), bench(lambda: step(m8c))
+    rows.append((f"SwiGLU FFN M={M} D={D} F={Fh}", f"{t_amp:.2f}", f"{t_bf:.2f}", f"{t_f8:.2f}", f"{t_f8c:.2f}",
+                 f"{t_amp / t_f8c:.2f}x", f"{t_bf / t_f8c:.2f}x"))
+    with torch.autocast("cuda", torch.bfloat16):
+        b16, b8 = saved_bytes(lambda: mlp(x), M), saved_bytes(lambda: m8(x), M)
+    mem.append((f"SwiGLU FFN M={M} D={D} F={Fh}", f"{b16 / 2**20:.0f}", f"{b8 / 2**20:.0f}", f"{1 - b8 / b16:.1%}"))
+    table(["forward+backward, ms", "BF16 autocast (fp32 master)", "BF16 weights", "FP8 eager",
+           "FP8 compiled", "speed-up vs autocast", "vs BF16 weights"], rows)
+    print("BF16 columns: nn.Linear (FFN: torch.compile'd) on bf16 input; FP8: Fp8Linear / Fp8SwiGLU with fp32 "
+          "master weights under autocast, eager (compiled kernels, cuBLAS GEMMs) and torch.compile'd whole.\n")
+    table(["activations saved for backward", "BF16 MiB", "FP8 MiB", "saved"], mem)
+
+
+def main():
+    if not torch.cuda.is_available():
+        sys.exit("bench_fp8.py needs a CUDA GPU (the CPU path is exercised by tests/test_fp8.py)")
+    props = torch.cuda.get_device_properties(0)
+    print(f"# FP8 benchmark\n\n{props.name}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+          f"{datetime.date.today()}, command: `python bench/bench_fp8.py {' '.join(sys.argv[1:])}`\n")
+    if "--probe" in sys.argv:
+        section("probe", probe)
+        return
+    bw = copy_bandwidth()
+    print(f"device copy bandwidth (2 GiB, read + write): {bw:.0f} GB/s\n")
+    section("gemm", lambda: gemm_table(16384, [(7168, 7168), (2048, 7168), (7168, 2048)]))
+    section("quant", lambda: quant_table(bw))
+    section("layers", layer_table)
+
+
+if __name__ == "__main__":
+    main()
