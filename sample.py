@@ -265,7 +265,7 @@ def parse_args(argv: list[str], defaults: dict) -> dict:
         if want is float and type(val) is int:
             val = float(val)
         if type(val) is not want:
-            raise SampleError(f"--{key} must be a {want.__name__}, got {val!r}")
+            raise SampleError(f"--{key} must be of type {want.__name__}, got {val!r}")
         cfg[key] = val
     return cfg
 

@@ -238,7 +238,7 @@ def test_cli_generates_and_reports(ckpt_dir, capsys):
 
 @pytest.mark.parametrize("args, msg", [
     (["--out_dir=/nonexistent/dir"], "no checkpoint at /nonexistent/dir/ckpt.pt"),
-    (["--temperature=hot"], "--temperature must be a float"),
+    (["--temperature=hot"], "--temperature must be of type float"),
     (["--bogus=1"], "unknown option --bogus"),
     (["--prompt=FILE:/nonexistent.txt"], "cannot read prompt file"),
     (["--max_new_tokens=500"], "exceeds the model's max_seq_len=96"),

@@ -1,0 +1,135 @@
+"""
+Decode speed of sample.py's paths for one sequence: no cache (recompute the prefix for every token), the MLA
+latent cache in naive and absorb mode (§2.1.1), and MTP speculative decoding (§5.4.3), with the acceptance
+rate per draft depth and the cache bytes per token against an MHA cache.
+
+Model: a trained checkpoint (--out_dir=DIR), or a randomly initialised model with the ModelArgs of train.py's
+preset (--preset=small|gpu, read from train.py's source) and any ModelArgs field overridden (--dim=512 ...).
+On random weights the acceptance rate means nothing (the MTP module has learnt nothing), so speculation is
+slower there; the timings of the other paths do not depend on the weights. All paths decode greedily by default,
+so they must produce the same tokens (checked; bf16 rounding can flip a near-tie between a 1-token and a
+(D+1)-token forward).
+
+Run: python bench/bench_sample.py [--out_dir=out-small | --preset=small] [--device=cpu] [--new_tokens=64] [--threads=1]
+     GPU: python bench/bench_sample.py --preset=gpu --device=cuda --prompt_len=128 --new_tokens=256
+"""
+import ast, os, statistics, sys, time
+from dataclasses import fields
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from model import ModelArgs, Transformer
+import sample
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL_FIELDS = {f.name: f for f in fields(ModelArgs)}
+DEFAULTS = dict(out_dir="", preset="small", device="auto", dtype="auto", prompt="<|endoftext|>", prompt_len=32,
+                new_tokens=64, repeats=5, temperature=0.0, draft_depth=0, seed=0, no_cache=True, threads=0)
+
+
+def preset_model_args(name: str) -> dict:
+    """The ModelArgs fields of train.py's PRESETS[name], read from its source (importing train.py would train)."""
+    tree = ast.parse(open(os.path.join(ROOT, "train.py")).read())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "PRESETS":
+            for key, call in zip(node.value.keys, node.value.values):
+                if ast.literal_eval(key) == name:
+                    kw = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+                    return {k: v for k, v in kw.items() if k in MODEL_FIELDS}
+    raise sample.SampleError(f"no preset {name!r} in train.py")
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_paths(paths: dict, device: str, repeats: int) -> dict:
+    """{label: fn} -> {label: (median wall s, median process CPU s, last result)}. One warm-up call each, then
+    the paths take turns `repeats` times, so that load from other processes spreads over all of them alike."""
+    out = {label: fn() for label, fn in paths.items()}
+    wall, cpu = {k: [] for k in paths}, {k: [] for k in paths}
+    for _ in range(repeats):
+        for label, fn in paths.items():
+            sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            out[label] = fn()
+            sync(device)
+            wall[label].append(time.perf_counter() - t0)
+            cpu[label].append(time.process_time() - c0)
+    return {k: (statistics.median(wall[k]), statistics.median(cpu[k]), out[k]) for k in paths}
+
+
+def main(argv):
+    bench_opts = {k: v for k, v in DEFAULTS.items()}
+    model_opts = [a for a in argv if a.startswith("--") and a[2:].split("=", 1)[0] in MODEL_FIELDS]
+    c = sample.parse_args([a for a in argv if a not in model_opts], bench_opts)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if c["device"] == "auto" else c["device"]
+    dtype = getattr(torch, c["dtype"] if c["dtype"] != "auto" else ("bfloat16" if device == "cuda" else "float32"))
+    if c["threads"]:   # one sequence of a small model is a chain of tiny ops: on a busy CPU, 1 thread can be faster
+        torch.set_num_threads(c["threads"])
+    torch.manual_seed(c["seed"])
+    if c["out_dir"]:
+        model, enc, ckpt = sample.load_checkpoint(c["out_dir"], device, dtype)
+        prompt = enc.encode(c["prompt"], allowed_special={"<|endoftext|>"})
+        what = f"checkpoint {c['out_dir']} (step {ckpt.get('step', '?')})"
+    else:
+        kw = preset_model_args(c["preset"])
+        kw.update(sample.parse_args(model_opts, {k: kw.get(k, f.default) for k, f in MODEL_FIELDS.items()}))
+        model = Transformer(ModelArgs(**kw))
+        for p in model.parameters():   # parameters only; RoPE table and router bias stay fp32 (as sample.py)
+            p.data = p.data.to(device=device, dtype=dtype)
+        model.to(device).eval()
+        prompt = torch.randint(0, model.args.vocab_size, (c["prompt_len"],)).tolist()
+        what = f"random init, preset {c['preset']}" + (f" + {' '.join(model_opts)}" if model_opts else "")
+    a, n, cb = model.args, model.num_params(), sample.cache_report(model)
+    name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"{what}: {n['total'] / 1e6:.1f}M params ({n['activated'] / 1e6:.1f}M activated), {a.n_layers} layers, "
+          f"dim {a.dim}, {len(model.mtp)} MTP; {name}, {str(dtype).removeprefix('torch.')}, torch {torch.__version__}")
+    print(f"prompt {len(prompt)} tokens, {c['new_tokens']} new tokens, temperature {c['temperature']}, "
+          f"median of {c['repeats']} runs after a warm-up, paths interleaved")
+    print(f"cache bytes/token: MLA {cb['mla']:,} (n_layers x (Ckv+Dr) = {a.n_layers} x ({a.kv_lora_rank}+"
+          f"{a.qk_rope_head_dim})) vs MHA {cb['mha']:,} (n_layers x H x (Dn+Dr+Dv)): {cb['mha'] / cb['mla']:.1f}x "
+          f"smaller; the MTP blocks add {cb['mtp']:,} when speculating")
+
+    sampling = dict(temperature=c["temperature"], top_k=0, top_p=1.0)
+    gen = torch.Generator(device=device)
+
+    def run(spec=False, cache=True, impl="absorb"):
+        model.set_impl(attn=impl)
+        gen.manual_seed(c["seed"])
+        if spec:
+            return sample.generate_speculative(model, prompt, c["new_tokens"], gen, **sampling, depth=c["draft_depth"])
+        return sample.generate(model, prompt, c["new_tokens"], gen, **sampling, use_cache=cache)
+
+    paths = {}
+    if c["no_cache"]:
+        paths["no cache (recompute prefix)"] = lambda: run(cache=False, impl="naive")
+    paths["latent cache, naive"] = lambda: run(impl="naive")
+    paths["latent cache, absorb"] = lambda: run()
+    paths["speculative (MTP draft), absorb"] = lambda: run(spec=True)
+    results = time_paths(paths, device, c["repeats"])
+    N = c["new_tokens"]
+    base_wall, base_cpu, (base_tokens, _) = results["latent cache, absorb"]
+    cpu_col = device == "cpu"   # on a shared CPU the process's own CPU time is steadier than the wall clock
+    print(f"\n| decode path | tokens/s | vs cache+absorb |{' tokens/CPU-s |' if cpu_col else ''} "
+          f"main forwards/token | same tokens |\n|---|---|---|{'---|' if cpu_col else ''}---|---|")
+    for label, (wall, cpu, (tokens, st)) in results.items():
+        diff = [i for i, (x, y) in enumerate(zip(tokens, base_tokens)) if x != y]
+        same = "n/a (sampling)" if c["temperature"] else ("yes" if not diff else f"no (first diff at {diff[0]})")
+        print(f"| {label} | {N / wall:.1f} | {base_wall / wall:.2f}x |{f' {N / cpu:.1f} |' if cpu_col else ''} "
+              f"{st['forwards'] / len(tokens):.2f} | {same} |")
+    st = results["speculative (MTP draft), absorb"][2][1]
+    rates = ", ".join(f"depth {k}: {y}/{x} = {y / max(x, 1):.1%}" for k, (x, y) in enumerate(zip(st["tried"], st["accepted"]), 1))
+    note = "" if c["out_dir"] else "  (random weights: meaningless, the MTP module has learnt nothing)"
+    print(f"\nacceptance of drafts that reached verification: {rates}{note}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except sample.SampleError as e:
+        print(f"bench_sample.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
