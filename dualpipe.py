@@ -16,11 +16,13 @@ Ops and costs (Table 2's symbols: F forward chunk, B *full* backward chunk, W we
   BW  full backward: input and weight gradients at once (1F1B's "B")             cost B
   FB  an F of one micro-batch overlapped with the BW of another (DualPipe)       cost F&B
 Bubble, as measured here: makespan (time 0 to the end of the last op on any rank) minus a rank's busy time (the
-sum of its op costs; an FB pair counts once, at cost F&B), worst rank. Every rank does the same work, N(F+B), so
-this is Table 2's bubble. It equals Table 2's formulas at the paper's proportions (F=1, B=2, W=1, F&B=3, i.e.
-B-W = F and W <= F) with zero p2p latency; other costs deviate and we print the deviation rather than hide it
-(e.g. ZB1P becomes (PP-1)·max(F+B-2W, F, B-W); try `python dualpipe.py --B=1.5`).
+sum of its op costs; an FB pair counts once, at cost F&B), for the worst rank. This reproduces Table 2 exactly
+(tests: 14 (PP, N) pairs x 5 cost sets) when B-W = F and W <= F, as in the paper's figure (F=1, B=2, W=1, F&B=3),
+with zero p2p latency; other costs deviate and we print the deviation rather than hide it (ZB1P, for instance,
+becomes (PP-1)·max(F+B-2W, F, B-W); try `python dualpipe.py --B=1.5`). A p2p latency adds to every bubble.
 Activations: micro-batch-stage activations alive on a rank (F adds one, BW or W frees it; in an FB both are alive).
+B/W split cost: B + W run exactly the GEMMs of one BW (counted in the tests); what ZB pays is memory, each Linear's
+input and output gradient held from B until its W.
 
 Simplifications vs. the real thing:
   - costs are constants per op kind: uniform stages, no embedding/head imbalance, no jitter;
@@ -29,7 +31,8 @@ Simplifications vs. the real thing:
   - W is deferred for nn.Linear weights (dW = g^T x from the saved input and the output grad caught by a hook);
     norm weights, the MoE gate and the embedding get their (cheap) gradients inside B;
   - p2p message order comes from the simulated timeline (one global order that both ends of every link follow)
-    instead of the official code's hand-paired batched sends; no rank_mapping, no sub-groups; no DualPipeV.
+    instead of the official code's hand-paired batched sends; no rank_mapping, no sub-groups; no DualPipeV;
+  - the real-rank flag is --ranks, not --run: torchrun's own parser would take --run for its --run-path.
 Run: python dualpipe.py [--pp=4 --nmb=12 --B=1.5 --exec]  |  torchrun --nproc_per_node=4 dualpipe.py --ranks
 
 Legend: PP ranks (= stages), N micro-batches, r rank, s stage, d direction (0 enters at rank 0, 1 at rank PP-1),
@@ -171,15 +174,10 @@ def schedule_dualpipe(pp: int, nmb: int) -> Schedule:
         for _ in range(half - h - 1):
             b(far, split=False)
             fb(far, near)
-        # Step 6: nB1B0 -- cool-down backwards; from the middle of this phase on they are split (W deferred)
-        split = False
-        for i in range(h + 1):
-            if i == (h + 1) // 2 and h % 2 == 1:
-                split = True
-            b(far, split)
-            if i == (h + 1) // 2 and h % 2 == 0:
-                split = True
-            b(near, split)
+        # Step 6: nB1B0 -- cool-down: 2(h+1) backwards, far and near in turn; the second half are split (B now,
+        # W later) so that their W's can fill the waits of steps 7 and 8
+        for k in range(2 * (h + 1)):
+            b((far, near)[k % 2], split=k >= h + 1)
         # Step 7: nWB0 -- the last near backwards, each after a deferred W that fills its wait
         for _ in range(half - h - 1):
             w()
@@ -317,63 +315,64 @@ def simulate(sched: Schedule, c: Costs = Costs()) -> Timeline:
 
 COLORS = {("F", 0): "#f6b26b", ("F", 1): "#ffe08a", ("BW", 0): "#6aa84f", ("BW", 1): "#b6d7a8",
           ("B", 0): "#3d85c6", ("B", 1): "#9fc5e8", ("W", 0): "#8e7cc3", ("W", 1): "#cdc3ea"}
+CSS = ("rect{stroke:#fff;stroke-width:.5} text{font-size:9px;text-anchor:middle} .s{font-size:7px} "
+       ".l{font-size:10px;text-anchor:start} .h{font-size:11px;text-anchor:start;font-weight:bold} "
+       ".fb{fill:none;stroke:#000;stroke-width:1.2}" + "".join(f" .{k}{d}{{fill:{c}}}" for (k, d), c in COLORS.items()))
 
 
-def _box(x: float, y: float, w: float, h: float, fill: str, label: object = "", frame: bool = False) -> str:
-    s = (f'<rect x="{x:.1f}" y="{y:.1f}" width="{w:.1f}" height="{h:.1f}" fill="{fill}" '
-         f'stroke="{"#000" if frame else "#fff"}" stroke-width="{1.2 if frame else 0.5}"/>')
+def _box(x: float, y: float, w: float, h: float, cls: str, label: object = "", small: bool = False) -> str:
+    s = f'<rect x="{x:.1f}" y="{y:.1f}" width="{w:.1f}" height="{h:g}" class="{cls}"/>'
     if label != "" and w >= 8:
-        s += f'<text x="{x + w / 2:.1f}" y="{y + h / 2 + 3:.1f}" font-size="{min(9, h - 1):.0f}" text-anchor="middle">{label}</text>'
+        cls = ' class="s"' if small else ""
+        s += f'<text x="{x + w / 2:.1f}" y="{y + h / 2 + 3:.1f}"{cls}>{label}</text>'
     return s
 
 
-def _text(x: float, y: float, s: str, size: int = 10, bold: bool = False) -> str:
-    weight = ' font-weight="bold"' if bold else ""
-    return f'<text x="{x:.1f}" y="{y:.1f}" font-size="{size}"{weight}>{s}</text>'
+def _text(x: float, y: float, s: str, cls: str = "l") -> str:
+    return f'<text x="{x:.1f}" y="{y:.1f}" class="{cls}">{s}</text>'
 
 
 def svg_figure(panels: list[tuple[str, Timeline]], pair: Costs | None = None, width: float = 1300.0) -> str:
-    """Panels of timelines on one shared time scale (so bubbles compare by length), then an F&B pair close-up."""
-    x0, row, out, y = 52.0, 16.0, [], 8.0
+    """Timelines on one shared time scale (so bubbles compare by length), then a close-up of one F&B pair."""
+    x0, row, y = 52.0, 18.0, 8.0
     scale = (width - x0 - 10) / max(tl.makespan for _, tl in panels)
-    legend = [("F dir 0", COLORS["F", 0]), ("F dir 1", COLORS["F", 1]), ("full B dir 0", COLORS["BW", 0]),
-              ("full B dir 1", COLORS["BW", 1]), ("B input dir 0", COLORS["B", 0]), ("B input dir 1", COLORS["B", 1]),
-              ("W dir 0", COLORS["W", 0]), ("W dir 1", COLORS["W", 1])]
-    for i, (name, col) in enumerate(legend):
-        out += [_box(x0 + 130 * i, y, 14, 12, col), _text(x0 + 130 * i + 18, y + 10, name)]
-    out += [_text(x0, y + 28, "framed = overlapped F&amp;B pair (F on top, full B below); "
-                              "numbers = micro-batch within its direction")]
+    out = [f"<style>{CSS}</style>", '<rect width="100%" height="100%" style="fill:#fff;stroke:none"/>']
+    legend = [("F", "forward F"), ("BW", "full backward"), ("B", "input backward B"), ("W", "weight backward W")]
+    for i, ((kind, what), d) in enumerate((k, d) for k in legend for d in (0, 1)):
+        out += [_box(x0 + 145 * i, y, 14, 12, f"{kind}{d}"), _text(x0 + 145 * i + 18, y + 10, f"{what} ({('&gt;', '&lt;')[d]})")]
+    out.append(_text(x0, y + 28, "direction 0 (&gt;) enters at rank 0, direction 1 (&lt;) at the last rank; number = micro-batch "
+                                 "in its direction; framed = overlapped F&amp;B pair (F on top, full backward below)"))
     y += 40
     for title, tl in panels:
-        out.append(_text(x0, y + 11, f"{title}: makespan {tl.makespan:g}, bubble {max(tl.bubble):g}", 11, True))
+        out.append(_text(x0, y + 11, f"{title}: makespan {tl.makespan:g}, bubble {max(tl.bubble):g}", "h"))
         y += 16
         for r, spans in enumerate(tl.spans):
-            out.append(_text(4, y + 11, f"rank {r}"))
+            out.append(_text(4, y + 12, f"rank {r}"))
             for op, t0, t1 in spans:
                 x, w = x0 + t0 * scale, (t1 - t0) * scale
                 if op.kind == "FB":
                     fo, bo = op.halves()
-                    out += [_box(x, y, w, row / 2, COLORS["F", fo.d], fo.mb),
-                            _box(x, y + row / 2, w, row / 2, COLORS["BW", bo.d], bo.mb), _box(x, y, w, row, "none", "", True)]
+                    out += [_box(x, y, w, row / 2, f"F{fo.d}", fo.mb, True),
+                            _box(x, y + row / 2, w, row / 2, f"BW{bo.d}", bo.mb, True), _box(x, y, w, row, "fb")]
                 else:
-                    out.append(_box(x, y, w, row, COLORS[op.kind, op.d], op.mb))
+                    out.append(_box(x, y, w, row, f"{op.kind}{op.d}", op.mb))
             y += row + 2
         y += 14
-    if pair is not None:   # close-up of one F&B pair: what the two streams hide
-        ps = 300 / pair_time(pair, False)[0]
+    if pair is not None:   # one F&B pair on its two streams: what the overlap hides
+        ps = 600 / pair_time(pair, False)[0]
         for overlap in (False, True):
             t, pieces = pair_time(pair, overlap)
             out.append(_text(x0, y + 11, f"one F&amp;B pair, {'overlapped' if overlap else 'serialized'}: {t:g} "
-                                         f"(all-to-all {pair.a2a:g} each)", 11, True))
+                                         f"(F={pair.F:g}, F&amp;B compute={pair.FB:g}, all-to-all {pair.a2a:g} each)", "h"))
             y += 16
             for stream in (0, 1):
-                out.append(_text(4, y + 11, ("compute", "a2a")[stream]))
-                out += [_box(x0 + t0 * ps, y, (t1 - t0) * ps, row, COLORS["F" if ch == "F" else "BW", 0], f"{name} {ch}")
+                out.append(_text(4, y + 12, ("compute", "all-to-all")[stream]))
+                out += [_box(x0 + t0 * ps, y, (t1 - t0) * ps, row, "F0" if ch == "F" else "BW0", f"{name} ({ch})")
                         for st, ch, name, t0, t1 in pieces if st == stream and t1 > t0]
                 y += row + 2
             y += 8
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{y + 6:.0f}" '
-            f'font-family="sans-serif"><rect width="100%" height="100%" fill="#fff"/>' + "".join(out) + "</svg>\n")
+            f'font-family="sans-serif">' + "".join(out) + "</svg>\n")
 
 
 # -----------------------------------------------------------------------------
@@ -603,14 +602,18 @@ def run_ranks(names: list[str], nmb: int, seed: int) -> int:
         model, tokens, targets = tiny_setup(pp, nmb, seed, device)   # same seed: every rank builds the same model
         worker = make_workers(name, model, pp, [rank], tokens, targets)
         shape = (*tokens.shape[1:], model.args.dim)                  # (Bm, T, D): every message has this shape
-        sent = []                                                    # keep tensors alive until their sends finish
+        sent = []
+
+        def send(src: int, dst: int, msg: tuple, t: torch.Tensor) -> None:
+            t = t.contiguous()
+            sent.append((dist.isend(t, dst), t))                     # keep t alive until its send completes
 
         def recv(src: int, dst: int, msg: tuple) -> torch.Tensor:
             buf = torch.empty(shape, dtype=model.embed.weight.dtype, device=device)
             dist.recv(buf, src)
             return buf
 
-        play(worker, SCHEDULES[name](pp, nmb), lambda src, dst, msg, t: sent.append((dist.isend(t, dst), t)), recv)
+        play(worker, SCHEDULES[name](pp, nmb), send, recv)
         for req, _ in sent:
             req.wait()
         mine, params = worker[rank].grads(), list(model.named_parameters())
@@ -636,28 +639,29 @@ def run_ranks(names: list[str], nmb: int, seed: int) -> int:
 # -----------------------------------------------------------------------------
 # 5. Command line: the Table 2 comparison, the overlap, the picture, the executors
 
-DEFAULTS = dict(pp=8, nmb=20, F=1.0, B=2.0, W=1.0, FB=3.0, p2p=0.0, a2a=0.5, svg="assets/dualpipe_pp8.svg",
-                schedule="all", seed=0, exec=False, ranks=False)
+DEFAULTS = dict(pp=8, nmb=20, F=1.0, B=2.0, W=1.0, FB=3.0, p2p=0.0, a2a=0.5, svg="auto", schedule="all", seed=0,
+                exec=False, ranks=False)   # svg: auto = assets/dualpipe_pp{pp}.svg, empty = none
+
+
+def _die(msg: str) -> None:
+    print(f"dualpipe.py: {msg}", file=sys.stderr)
+    sys.exit(2)
 
 
 def parse_args(argv: list[str]) -> dict:
-    """--key=value (a Python literal, type-checked against DEFAULTS) and bare --flag for booleans."""
+    """--key=value (a Python literal, type-checked against DEFAULTS; bare --flag for booleans)."""
     cfg = dict(DEFAULTS)
     for a in argv:
         key, eq, val = a[2:].partition("=") if a.startswith("--") else (a, "", "")
         if key not in cfg:
             _die(f"unknown option {a!r}; options: " + " ".join(f"--{k}" for k in cfg))
-        if not eq:
-            if not isinstance(cfg[key], bool):
-                _die(f"--{key} needs a value, e.g. --{key}={cfg[key]}")
-            cfg[key] = True
-            continue
+        if not eq and not isinstance(cfg[key], bool):
+            _die(f"--{key} needs a value, e.g. --{key}={cfg[key]}")
         try:
-            v = ast.literal_eval(val)
+            v = ast.literal_eval(val) if eq else True
         except (ValueError, SyntaxError):
             v = val
-        if isinstance(cfg[key], float) and type(v) is int:
-            v = float(v)
+        v = float(v) if isinstance(cfg[key], float) and type(v) is int else v
         if type(v) is not type(cfg[key]):
             _die(f"--{key} must be {type(cfg[key]).__name__}, got {val!r}")
         cfg[key] = v
@@ -666,75 +670,62 @@ def parse_args(argv: list[str]) -> dict:
     return cfg
 
 
-def _die(msg: str) -> None:
-    print(f"dualpipe.py: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def report(sizes: list[tuple[int, int]], c: Costs) -> list[tuple]:
-    """Print Table 2 (formula) next to the simulation for every schedule and size; returns the rows."""
-    print(f"costs F={c.F:g} B={c.B:g} W={c.W:g} F&B={c.FB:g} p2p={c.p2p:g}; bubble = makespan - busy time, "
-          f"worst rank; activations in micro-batch-stage units")
-    print(f"{'PP':>3} {'N':>4}  {'schedule':<9} {'bubble: formula':>16} {'simulated':>10}  {'params f/s':>10}  "
-          f"{'activations f/s':>15}")
-    rows = []
+def report(sizes: list[tuple[int, int]], c: Costs) -> None:
+    """Table 2's formulas next to the simulated values, every schedule and size."""
+    print(f"costs F={c.F:g} B={c.B:g} W={c.W:g} F&B={c.FB:g} p2p={c.p2p:g}; bubble = makespan - busy time, worst rank;"
+          f" activations in micro-batch-stage units\n PP    N  schedule   bubble: formula  simulated  params f/s"
+          f"  activations f/s")
     for pp, nmb in sizes:
         for name, build in SCHEDULES.items():
-            fb, fp, fa = table2(name, pp, c)
-            tl = simulate(build(pp, nmb), c)
+            (fb, fp, fa), tl = table2(name, pp, c), simulate(build(pp, nmb), c)
             sb, sp, sa = max(tl.bubble), max(tl.params), max(tl.peak_act)
             note = "" if abs(sb - fb) < 1e-9 else "   <- deviates from Table 2"
             if note and name == "zb1p":
                 note += f" (= (PP-1)*max(F+B-2W, F, B-W) = {(pp - 1) * max(c.F + c.B - 2 * c.W, c.F, c.B - c.W):g})"
-            print(f"{pp:>3} {nmb:>4}  {NAMES[name]:<9} {fb:>16.2f} {sb:>10.2f}  {fp:>5}/{sp:<4}  {fa:>10}/{sa:<4}{note}")
-            rows.append((pp, nmb, name, fb, sb, fp, sp, fa, sa))
-    return rows
+            print(f"{pp:>3} {nmb:>4}  {NAMES[name]:<9} {fb:>16.2f} {sb:>10.2f}  {fp:>5}/{sp:<4}  {fa:>10}/{sa:<4}{note}".rstrip())
 
 
 def main(argv: list[str]) -> int:
     cfg = parse_args(argv)
-    names = list(SCHEDULES) if cfg["schedule"] == "all" else [cfg["schedule"]]
+    pp, nmb, names = cfg["pp"], cfg["nmb"], list(SCHEDULES) if cfg["schedule"] == "all" else [cfg["schedule"]]
     try:
         if cfg["ranks"]:
             if "RANK" not in os.environ:
                 _die("--ranks needs real ranks: torchrun --nproc_per_node=PP dualpipe.py --ranks")
-            return run_ranks(names, cfg["nmb"], cfg["seed"])
-        for n in names:
-            SCHEDULES[n](cfg["pp"], cfg["nmb"])      # validate the user's sizes before printing anything
+            return run_ranks(names, nmb, cfg["seed"])
+        for n in SCHEDULES:
+            SCHEDULES[n](pp, nmb)                       # check the user's sizes before printing anything
     except ValueError as e:
         _die(str(e))
-    sizes = [(8, 20)] + ([(cfg["pp"], cfg["nmb"])] if (cfg["pp"], cfg["nmb"]) != (8, 20) else [])
-    paper = Costs()
-    report(sizes, paper)
-    user = Costs(cfg["F"], cfg["B"], cfg["W"], cfg["FB"], cfg["p2p"])
-    if user != paper:
+    paper, user = Costs(), Costs(cfg["F"], cfg["B"], cfg["W"], cfg["FB"], cfg["p2p"])
+    sizes = [(8, 20)] + ([(pp, nmb)] if (pp, nmb) != (8, 20) else [])
+    for c in [paper] + ([user] if user != paper else []):
+        report(sizes, c)
         print()
-        report(sizes, user)
-    # the overlap: one F&B pair and the whole DualPipe timeline, with MoE all-to-all, with and without overlap
-    comm = Costs(cfg["F"], cfg["B"], cfg["W"], cfg["FB"], cfg["p2p"], a2a=cfg["a2a"])
-    ser, ovl = pair_time(comm, False)[0], pair_time(comm, True)[0]
-    print(f"\nF&B pair with all-to-all {comm.a2a:g} each (4 per pair): {ser:g} serialized, {ovl:g} overlapped "
-          f"-> hides {ser - ovl:g} of {4 * comm.a2a:g}")
-    pp, nmb = cfg["pp"], cfg["nmb"]
-    with_ovl = {n: simulate(SCHEDULES[n](pp, nmb), comm) for n in SCHEDULES}
-    no_ovl = simulate(schedule_dualpipe(pp, nmb), Costs(**{**comm.__dict__, "overlap": False}))
+    # the F&B overlap: MoE all-to-all added to every chunk, hidden (or not) inside the F&B pairs
+    comm = Costs(**{**user.__dict__, "a2a": cfg["a2a"]})
+    serial, overlapped = pair_time(comm, False)[0], pair_time(comm, True)[0]
+    print(f"F&B pair with all-to-all {comm.a2a:g} each (4 per pair): {serial:g} serialized, {overlapped:g} overlapped"
+          f" -> hides {serial - overlapped:g} of {4 * comm.a2a:g}")
+    tls = {n: simulate(SCHEDULES[n](pp, nmb), comm) for n in SCHEDULES}
+    no_overlap = simulate(schedule_dualpipe(pp, nmb), Costs(**{**comm.__dict__, "overlap": False}))
     print(f"PP={pp} N={nmb} makespan with all-to-all: " + ", ".join(f"{NAMES[n]} {t.makespan:g}" for n, t in
-          with_ovl.items()) + f" (DualPipe without the overlap: {no_ovl.makespan:g})")
+          tls.items()) + f" (DualPipe without the overlap: {no_overlap.makespan:g})")
     if cfg["svg"]:
-        panels = [(f"{NAMES[n]} PP={pp} N={nmb} (F={paper.F:g} B={paper.B:g} W={paper.W:g} F&amp;B={paper.FB:g})",
-                   simulate(SCHEDULES[n](pp, nmb), paper)) for n in SCHEDULES]
-        panels += [(f"DualPipe with all-to-all {comm.a2a:g}, F&amp;B serialized", no_ovl),
-                   (f"DualPipe with all-to-all {comm.a2a:g}, F&amp;B overlapped", with_ovl["dualpipe"])]
-        os.makedirs(os.path.dirname(cfg["svg"]) or ".", exist_ok=True)
-        with open(cfg["svg"], "w") as fh:
+        path = f"assets/dualpipe_pp{pp}.svg" if cfg["svg"] == "auto" else cfg["svg"]
+        panels = [(f"{NAMES[n]} PP={pp} N={nmb} (F={user.F:g} B={user.B:g} W={user.W:g} F&amp;B={user.FB:g})",
+                   simulate(SCHEDULES[n](pp, nmb), user)) for n in SCHEDULES]
+        panels += [(f"DualPipe with all-to-all {comm.a2a:g}, F&amp;B serialized", no_overlap),
+                   (f"DualPipe with all-to-all {comm.a2a:g}, F&amp;B overlapped", tls["dualpipe"])]
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as fh:
             fh.write(svg_figure(panels, comm))
-        print(f"wrote {cfg['svg']}")
-    if cfg["exec"]:   # the single-process executor on a tiny model at the user's sizes
-        for n in names:
-            model, tokens, targets = tiny_setup(pp, nmb, cfg["seed"])
-            dl, dg = check_against_reference(model, *run_virtual(n, model, pp, tokens, targets), tokens, targets)
-            print(f"{NAMES[n]} on {pp} virtual ranks, {nmb} micro-batches: max |loss - reference| {dl:.3g}, "
-                  f"max grad diff {dg:.3g}")
+        print(f"wrote {path}")
+    for n in names if cfg["exec"] else []:             # the single-process executor, tiny model, these sizes
+        model, tokens, targets = tiny_setup(pp, nmb, cfg["seed"])
+        dl, dg = check_against_reference(model, *run_virtual(n, model, pp, tokens, targets), tokens, targets)
+        print(f"{NAMES[n]} on {pp} virtual ranks, {nmb} micro-batches: max |loss - reference| {dl:.3g}, "
+              f"max grad diff {dg:.3g}")
     return 0
 
 
