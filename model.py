@@ -79,7 +79,7 @@ class ModelArgs:
     init_std: float = 0.006         # std of every weight's normal init (§4.2)
     # implementation switches (same maths, different speed)
     attn_impl: str = "naive"        # 'naive' materializes per-head K/V; 'absorb' attends in the latent space
-    moe_impl: str = "grouped"       # 'grouped' sorts tokens by expert; 'loop' is the plain reference
+    moe_impl: str = "grouped"       # 'grouped' one grouped GEMM; 'sorted' one matmul per expert; 'loop' reference
 
     def __post_init__(self):
         def check(ok, msg):
@@ -95,7 +95,8 @@ class ModelArgs:
         check(self.q_lora_rank >= 0 and self.n_mtp_depth >= 0, "q_lora_rank and n_mtp_depth must be >= 0")
         check(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim must be even (RoPE rotates pairs)")
         check(self.attn_impl in ("naive", "absorb"), f"attn_impl must be 'naive' or 'absorb', got {self.attn_impl!r}")
-        check(self.moe_impl in ("grouped", "loop"), f"moe_impl must be 'grouped' or 'loop', got {self.moe_impl!r}")
+        check(self.moe_impl in ("grouped", "sorted", "loop"),
+              f"moe_impl must be 'grouped', 'sorted' or 'loop', got {self.moe_impl!r}")
         if self.n_dense_layers < self.n_layers or self.n_mtp_depth > 0:  # some block is an MoE block
             E, G, M, K = self.n_routed_experts, self.n_expert_groups, self.n_limited_groups, self.n_activated_experts
             check(E > 0 and self.moe_inter_dim > 0, "MoE layers need n_routed_experts > 0 and moe_inter_dim > 0")
@@ -333,16 +334,54 @@ class MoE(nn.Module):
         B, T, D = x.shape
         u = x.reshape(B * T, D)                              # (N, D)
         g, idx, s = self.gate(u)                             # (N, K), (N, K), (N, E)
-        counts = torch.bincount(idx.flatten(), minlength=self.n_routed)  # (E,)
+        flat = idx.flatten()                                 # (N*K,)
+        # tokens per expert; scatter_add (not bincount) keeps the shape static for torch.compile
+        counts = torch.zeros(self.n_routed, dtype=torch.long, device=u.device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat))  # (E,)
         self.last_counts = counts.detach()
         if self.training and torch.is_grad_enabled():
             self.load += counts      # only real training steps move the router bias (not eval, not no_grad)
             self.balance_loss = self.sequence_balance_loss(s.view(B, T, -1), idx.view(B, T, -1))
-        route = self.routed_grouped if self.impl == "grouped" else self.routed_loop
+        route = {"grouped": self.routed_grouped, "sorted": self.routed_sorted, "loop": self.routed_loop}[self.impl]
         y = route(u, g, idx, counts)                         # (N, D)
         if self.shared_experts is not None:
             y = y + self.shared_experts(u)
         return y.view(B, T, D)
+
+    def sort_by_expert(self, u, idx):
+        """Sort the N·K (token, expert) pairs by expert: each expert's tokens become one contiguous slice."""
+        order = idx.flatten().argsort(stable=True)          # (N*K,) pairs grouped by expert
+        tok = order // self.topk                             # (N*K,) source token of each sorted pair
+        return order, tok, u[tok]                            # ..., (N*K, D) gathered, expert-contiguous
+
+    def routed_sorted(self, u, g, idx, counts):
+        """One matmul per weight per expert over its contiguous slice; no token dropped, no wasted compute.
+        Works with any Linear (fp8.py's too). NOTE: the split sizes must be known on the host, one
+        device->host sync per MoE layer; routed_grouped avoids it."""
+        order, tok, xs = self.sort_by_expert(u, idx)
+        outs = [self.experts[e](chunk) for e, chunk in enumerate(xs.split(counts.tolist())) if chunk.numel()]
+        ys = at_least_fp32(torch.cat(outs)) * g.flatten()[order, None]  # (N*K, D) gated
+        return torch.zeros_like(u).index_add_(0, tok, ys.to(u.dtype))
+
+    def routed_grouped(self, u, g, idx, counts):
+        """The fast path: all experts in ONE grouped GEMM per weight (torch._grouped_mm), with the expert
+        boundaries given as device-side offsets: no host sync, static shapes (torch.compile captures it).
+        The per-expert weights are stacked on the fly: (E, I, D), one extra read of the expert weights."""
+        w1 = self.experts[0].w1
+        if type(w1) is not nn.Linear or u.dtype not in (torch.float32, torch.bfloat16) or \
+                not hasattr(torch, "_grouped_mm"):
+            return self.routed_sorted(u, g, idx, counts)    # FP8 experts, float64 tests, old torch
+        order, tok, xs = self.sort_by_expert(u, idx)
+        dt = torch.get_autocast_dtype(u.device.type) if torch.is_autocast_enabled(u.device.type) else u.dtype
+        offs = counts.cumsum(0).to(torch.int32)              # (E,) end row of each expert's slice
+        xs = xs.to(dt)
+
+        def gmm(x, name):   # x (N*K, in) @ W_e.T for each expert's rows -> (N*K, out)
+            w = torch.stack([getattr(e, name).weight for e in self.experts]).to(dt)  # (E, out, in)
+            return torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
+        h = F.silu(gmm(xs, "w1")) * gmm(xs, "w3")            # (N*K, I) SwiGLU
+        ys = at_least_fp32(gmm(h, "w2")) * g.flatten()[order, None]  # (N*K, D) gated
+        return torch.zeros_like(u).index_add_(0, tok, ys.to(u.dtype))
 
     def routed_loop(self, u, g, idx, counts):
         """Reference: for each expert, gather its tokens, run it, scatter-add the gated output."""
@@ -352,20 +391,6 @@ class MoE(nn.Module):
             if tok.numel():
                 y.index_add_(0, tok, (at_least_fp32(expert(u[tok])) * g[tok, slot, None]).to(u.dtype))
         return y
-
-    def routed_grouped(self, u, g, idx, counts):
-        """Fast path: sort the N·K (token, expert) pairs by expert once, so each expert reads one contiguous
-        slice and runs one matmul per weight; no token is dropped and no expert computes on others' tokens."""
-        flat = idx.flatten()                                 # (N*K,) expert of each pair
-        order = flat.argsort(stable=True)                    # pairs grouped by expert
-        tok = order // self.topk                             # (N*K,) source token of each sorted pair
-        xs = u[tok]                                          # (N*K, D) gathered, expert-contiguous
-        # NOTE: split sizes must be known on the host: one device->host sync per MoE layer. A grouped GEMM
-        # (torch._grouped_mm) with device-side offsets removes it; left out to keep nn.Linear experts that
-        # fp8.py can convert and that expert-parallel code can shard one by one.
-        outs = [self.experts[e](chunk) for e, chunk in enumerate(xs.split(counts.tolist())) if chunk.numel()]
-        ys = at_least_fp32(torch.cat(outs)) * g.flatten()[order, None]  # (N*K, D) gated
-        return torch.zeros_like(u).index_add_(0, tok, ys.to(u.dtype))
 
     def sequence_balance_loss(self, s: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """eqs. (17)-(20): α Σ_i f_i P_i per sequence, averaged over the batch. s: (B, T, E), idx: (B, T, K)."""
@@ -512,8 +537,8 @@ class Transformer(nn.Module):
         return [m for m in self.modules() if isinstance(m, MLA)]
 
     def set_impl(self, attn: str | None = None, moe: str | None = None):
-        """Switch every MLA between 'naive'/'absorb' and every MoE between 'grouped'/'loop' (same maths)."""
-        assert attn in (None, "naive", "absorb") and moe in (None, "grouped", "loop")
+        """Switch every MLA between 'naive'/'absorb' and every MoE between 'grouped'/'sorted'/'loop' (same maths)."""
+        assert attn in (None, "naive", "absorb") and moe in (None, "grouped", "sorted", "loop")
         for m in self.modules():
             if isinstance(m, MLA) and attn:
                 m.attn_impl = attn
