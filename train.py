@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 import data as D
 from model import ModelArgs, Transformer
+from sample import generate
 
 # -----------------------------------------------------------------------------
 # config: defaults, presets, command-line overrides
@@ -254,24 +255,16 @@ def evaluate() -> dict:
     return dict(val_loss=ce, val_bpb=D.bits_per_byte(ce, meta["val_tokens"], meta["val_bytes"]), maxvio=maxvio)
 
 
-@torch.no_grad()
-def sample_text(n_tokens: int, temperature: float = 0.8, top_k: int = 50) -> str:
-    """Generate from <|endoftext|> with the compressed MLA cache (sample.py has the full-featured version)."""
+def sample_text(n_tokens: int) -> str:
+    """A short sample from <|endoftext|> (a new play), decoded with the compressed MLA cache (sample.py)."""
     model.eval()
     gen = torch.Generator(device=device).manual_seed(cfg["seed"])
-    n_tokens = min(n_tokens, model_args.max_seq_len - 1)
-    model.setup_cache(1, n_tokens + 1)
-    tok, out = torch.tensor([[meta["eot_token"]]], device=device), []
-    for pos in range(n_tokens):
-        with autocast:
-            logits = model(tok, start_pos=pos)[:, -1] / temperature   # (1, V)
-        v, _ = logits.topk(top_k)
-        logits[logits < v[:, -1:]] = -float("inf")
-        tok = torch.multinomial(logits.softmax(-1), 1, generator=gen)  # (1, 1)
-        out.append(tok.item())
-    model.clear_cache()
+    with autocast:
+        ids, _ = generate(model, [meta["eot_token"]], min(n_tokens, model_args.max_seq_len - 1), gen,
+                          temperature=0.8, top_k=50)
+    model.clear_cache()   # training forwards must not write into a generation cache
     model.train()
-    return enc.decode([t for t in out if t != meta["eot_token"]])
+    return enc.decode([t for t in ids if t != meta["eot_token"]])
 
 
 def save_checkpoint():
