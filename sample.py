@@ -283,6 +283,8 @@ def run(cfg: dict) -> int:
     if c["temperature"] < 0 or c["top_k"] < 0 or not 0 < c["top_p"] <= 1 or c["num_samples"] < 1:
         raise SampleError("need temperature >= 0, top_k >= 0 (0 = off), 0 < top_p <= 1, num_samples >= 1")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if c["device"] == "auto" else c["device"]
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SampleError(f"--device={device} but CUDA is not available here (use --device=cpu)")
     dtype = c["dtype"] if c["dtype"] != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise SampleError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")

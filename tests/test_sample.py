@@ -173,7 +173,8 @@ def test_caches_after_speculation_equal_caches_without_rejected_tokens(trained, 
     model = trained if which == "trained" else untrained()
     prompt = [1, 2, 3, 4, 10, 11]
     new, st = sample.generate_speculative(model, prompt, 45, gen(3), temperature=temperature)
-    assert sum(st["tried"]) > sum(st["accepted"]) > 0 or which == "trained", st   # both paths exercised
+    # the trained model exercises acceptance, the untrained one rejection (and, with sampling, both at depth 2)
+    assert sum(st["accepted"]) > 0 and (which == "trained" or sum(st["tried"]) > sum(st["accepted"])), st
     got = [(m.kv_cache.clone(), m.pe_cache.clone()) for m in model.attn_modules()]
     L = got[0][0].size(1)
     want = reference_caches(model, prompt + new, st["main_len"], st["mtp_valid"])
