@@ -69,8 +69,9 @@ import kernels
 
 TILE = kernels.TILE
 BACKEND = "auto"  # 'auto' (hopper if it works on this device, else emulated) | 'hopper' | 'emulated'
+MIN_ROWS = 64  # fewer rows than this are zero-padded on the hardware path (M=1 has no cuBLAS kernel)
 COMPILE_KERNELS = True  # on CUDA use kernels' torch.compile'd versions (on CPU the eager *_ref: compiling costs more)
-_HW: dict[int, tuple[bool, bool, bool]] = {}  # cuda device index -> what hopper_support returns
+_HW: dict[int, tuple[bool, bool]] = {}  # cuda device index -> what hopper_support returns
 
 
 def _k(name: str, x: Tensor):
@@ -96,27 +97,38 @@ def gemm_emulated(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: tor
     return out.to(out_dtype)
 
 
+def _pad_cols(q: Tensor, n: int) -> Tensor:
+    # zero columns appended to FP8 data (padding through uint8: 0x00 is +0.0 in E4M3)
+    return F.pad(q.view(torch.uint8), (0, n)).view(q.dtype)
+
+
 def gemm_hopper(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch.dtype) -> Tensor:
     """The same product on cuBLAS's blockwise FP8 GEMM (sm90). Same arguments as gemm_emulated."""
-    sa = sa.t().contiguous().t()  # (M, Kp/128) column-major (no copy if the quantizer made it so)
+    M, nk = sa.shape
     if sb.shape[0] == qb.shape[0]:  # 1×128 tiles of b: (N, Kp/128) -> (Kp/128, N) row-major
         sb = sb.t().contiguous()
-    else:  # 128×128 blocks: (N/128, Kp/128) -> (Kp/128, N/128) column-major, leading dim padded to 4
-        nk = sb.shape[1]
-        sb = F.pad(sb, (0, -nk % 4)).t()[:nk]  # cuBLAS reads the block scales with a stride rounded up to 4
-    return torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)
+    else:  # 128×128 blocks: (N/128, Kp/128) -> its transpose (Kp/128, N/128), column-major
+        if nk % 4:  # cuBLAS computes garbage or refuses unless K/128 % 4 == 0: pad K with zeros
+            r = -nk % 4
+            qa, qb = _pad_cols(qa, r * TILE), _pad_cols(qb, r * TILE)
+            sa, sb = F.pad(sa, (0, r), value=1.0), F.pad(sb, (0, r), value=1.0)
+        sb = sb.contiguous().t()
+    if M < MIN_ROWS:  # cuBLAS has no blockwise kernel for very few rows (decoding): pad with zero rows
+        qa = F.pad(qa.view(torch.uint8), (0, 0, 0, MIN_ROWS - M)).view(qa.dtype)
+        sa = F.pad(sa, (0, 0, 0, MIN_ROWS - M))
+    sa = sa.t().contiguous().t()  # (M, K/128) column-major (no copy if the quantizer made it so)
+    return torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)[:M]
 
 
 @torch.compiler.disable
-def _probe_hopper(idx: int) -> tuple[bool, bool, bool]:
-    """Run each scale combination once on a small problem and compare it with the emulated GEMM."""
+def _probe_hopper(idx: int) -> tuple[bool, bool]:
+    """Run both scale combinations once on a small problem and compare them with the emulated GEMM."""
     if torch.cuda.get_device_capability(idx) < (9, 0) or not hasattr(torch, "_scaled_mm"):
-        return False, False, False
+        return False, False
     g = torch.Generator(device=f"cuda:{idx}").manual_seed(0)
     ok = []
-    for Kd, quant_b in ((512, kernels.quant_128x128_ref), (512, kernels.quant_1x128_ref),
-                        (640, kernels.quant_128x128_ref)):  # the last: K/128 = 5 block scales, not a multiple of 4
-        a, b = (torch.randn(256, Kd, device=f"cuda:{idx}", generator=g) for _ in range(2))
+    for quant_b in (kernels.quant_128x128_ref, kernels.quant_1x128_ref):
+        a, b = (torch.randn(256, 640, device=f"cuda:{idx}", generator=g) for _ in range(2))  # K/128 = 5
         (qa, sa), (qb, sb) = kernels.quant_1x128_ref(a), quant_b(b)
         try:
             hw = gemm_hopper(qa, sa, qb, sb, torch.float32)
@@ -125,14 +137,14 @@ def _probe_hopper(idx: int) -> tuple[bool, bool, bool]:
             continue
         ref = gemm_emulated(qa, sa, qb, sb, torch.float32)
         ok.append(bool(((hw - ref).norm() / ref.norm()) < 1e-3))  # both fp32: only summation order differs
-    return ok[0], ok[1], ok[0] and ok[2]
+    return ok[0], ok[1]
 
 
-def hopper_support(device: torch.device) -> tuple[bool, bool, bool]:
-    """Which GEMMs run on the hardware here, honouring BACKEND (probed once per device): (1×128·128×128
-    i.e. Fprop/Dgrad, 1×128·1×128 i.e. Wgrad, 128×128 scales with K/128 not a multiple of 4)."""
+def hopper_support(device: torch.device) -> tuple[bool, bool]:
+    """(1×128·128×128 i.e. Fprop/Dgrad, 1×128·1×128 i.e. Wgrad) run on the hardware here? Honours BACKEND;
+    probed once per device."""
     if BACKEND == "emulated" or device.type != "cuda":
-        return False, False, False
+        return False, False
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _HW:
         _HW[idx] = _probe_hopper(idx)
@@ -142,12 +154,9 @@ def hopper_support(device: torch.device) -> tuple[bool, bool, bool]:
 
 
 def fp8_gemm(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch.dtype,
-             hw: tuple[bool, bool, bool]) -> Tensor:
+             hw: tuple[bool, bool]) -> Tensor:
     """a·bᵀ on the hardware where hopper_support says it works for these scales, else emulated."""
-    if sb.shape[0] == qb.shape[0]:  # b in 1×128 tiles (Wgrad)
-        ok = hw[1]
-    else:
-        ok = hw[0] and (sb.shape[1] % 4 == 0 or hw[2])
+    ok = hw[1] if sb.shape[0] == qb.shape[0] else hw[0]  # b in 1×128 tiles (Wgrad) or 128×128 blocks
     return (gemm_hopper if ok else gemm_emulated)(qa, sa, qb, sb, out_dtype)
 
 
@@ -169,7 +178,7 @@ def _wgrad(dy: Tensor, qxT: Tensor, sxT: Tensor, N: int, K: int, hw: tuple) -> T
 
 class _Fp8LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, out_dtype: torch.dtype, hw: tuple[bool, bool, bool],
+    def forward(ctx, x: Tensor, weight: Tensor, out_dtype: torch.dtype, hw: tuple[bool, bool],
                 pow2: bool, cache_hp: bool) -> Tensor:
         N, K = weight.shape
         x2 = x.reshape(-1, K)  # (M, K)
@@ -238,7 +247,7 @@ class Fp8Linear(nn.Linear):
 class _Fp8SwiGLUFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, out_dtype: torch.dtype,
-                hw: tuple[bool, bool, bool]) -> Tensor:
+                hw: tuple[bool, bool]) -> Tensor:
         F_, D = w1.shape
         x2 = x.reshape(-1, D)  # (M, D)
         qx, sx = _k("quant_1x128", x2)(x2)  # (M, Dp), (M, Dp/128)

@@ -71,23 +71,25 @@ def probe():
     print(f"hopper_support (Fprop/Dgrad, Wgrad): {fp8.hopper_support(dev)}\n")
     rows = []
 
-    def plain_ld(qa, sa, qb, sb, out_dtype):  # 128x128 scales passed as sb.t() with no padding of the K/128 dim
+    def plain_ld(qa, sa, qb, sb, out_dtype):  # the call as documented, without fp8.gemm_hopper's paddings
         return torch._scaled_mm(qa, qb.t(), scale_a=sa.t().contiguous().t(), scale_b=sb.contiguous().t(),
                                 out_dtype=out_dtype)
 
+    cases = [(M, 512, 384, "1x128 x 128x128 (raw torch._scaled_mm)", plain_ld) for M in (1, 8, 16, 32, 64)]
     for M, Kd, N in [(256, 512, 384), (200, 512, 384), (1, 512, 384), (256, 640, 384), (256, 2816, 1024)]:
+        cases += [(M, Kd, N, "1x128 x 128x128 (fp8.gemm_hopper)", fp8.gemm_hopper),
+                  (M, Kd, N, "1x128 x 1x128 (fp8.gemm_hopper)", fp8.gemm_hopper)]
+    for M, Kd, N, combo, fn in cases:
         a, w = torch.randn(M, Kd, device=dev), torch.randn(N, Kd, device=dev) * 0.02
-        qa, sa = K.quant_1x128(a)
-        for combo, (qb, sb), fn in [("1x128 x 128x128 (scale ld padded to 4)", K.quant_128x128(w), fp8.gemm_hopper),
-                                    ("1x128 x 128x128 (plain sw.t())", K.quant_128x128(w), plain_ld),
-                                    ("1x128 x 1x128", K.quant_1x128(w), fp8.gemm_hopper)]:
-            try:
-                hw = fn(qa, sa, qb, sb, torch.float32)
-                em = fp8.gemm_emulated(qa, sa, qb, sb, torch.float32)
-                res = f"ok, rel err vs emulated {rel_err(hw, em):.1e}"
-            except Exception as e:
-                res = f"{type(e).__name__}: {str(e)[:150]}"
-            rows.append((f"{M}x{Kd}x{N}", combo, res))
+        qa, sa = K.quant_1x128_ref(a)
+        qb, sb = K.quant_1x128_ref(w) if "x 1x128" in combo else K.quant_128x128_ref(w)
+        try:
+            hw = fn(qa, sa, qb, sb, torch.float32)
+            em = fp8.gemm_emulated(qa, sa, qb, sb, torch.float32)
+            res = f"ran, rel err vs emulated {rel_err(hw, em):.1e}"
+        except Exception as e:
+            res = f"{type(e).__name__}: {str(e)[:120]}"
+        rows.append((f"{M}x{Kd}x{N}", combo, res))
     table(["M x K x N", "scales (a x b)", "result"], rows)
     # the whole layer, hopper vs emulated, eager and compiled
     torch.manual_seed(0)
@@ -200,6 +202,44 @@ def quant_table(copy_bw):
         gbs = nbytes / tc / 1e6
         rows.append((name, f"{tc:.3f}", f"{gbs:.0f}", f"{gbs / copy_bw:.0%}", f"{te:.3f}"))
     table(["kernel (M=16384, K=7168)", "compiled ms", "GB/s", "% of copy BW", "eager ms"], rows)
+    # experiments: other formulations of the same kernels, to see what limits inductor here
+    cdt = dict(options={"coordinate_descent_tuning": True})
+    variants = [
+        ("1x128, row-major scales", torch.compile(q1x128_rowmajor), (x,), 2 * MK + MK + MK // 32),
+        ("1x128, coordinate-descent tuned", torch.compile(K.quant_1x128_ref, **cdt), (x,), 2 * MK + MK + MK // 32),
+        ("128x1, amax pass + transposed pointwise", torch.compile(q128x1_twopass), (x,), 2 * MK + MK + MK // 32),
+        ("128x1, coordinate-descent tuned", torch.compile(K.quant_128x1_ref, **cdt), (x,), 2 * MK + MK + MK // 32),
+        ("requant, dequant+transpose then 1x128", torch.compile(requant_viaT), (qx, sx), 2 * (MK + MK // 32)),
+        ("requant, coordinate-descent tuned", torch.compile(K.requant_128x1_ref, **cdt), (qx, sx), 2 * (MK + MK // 32)),
+    ]
+    rows = []
+    for name, fn, args, nbytes in variants:
+        out, ref = fn(*args), {"1x128": K.quant_1x128_ref, "128x1": K.quant_128x1_ref,
+                               "requant": K.requant_128x1_ref}[name.split(",")[0]](*args)
+        same = rel_err(out[0].float(), ref[0].float()) < 1e-3 and rel_err(out[1], ref[1]) < 1e-6
+        tc = bench(lambda: fn(*args))
+        gbs = nbytes / tc / 1e6
+        rows.append((name, f"{tc:.3f}", f"{gbs:.0f}", f"{gbs / copy_bw:.0%}", "yes" if same else "NO"))
+    table(["variant", "compiled ms", "GB/s", "% of copy BW", "same result"], rows)
+
+
+def q1x128_rowmajor(x):
+    M, Kd = x.shape
+    t = x.float().view(M, Kd // 128, 128)
+    s = t.abs().amax(-1).clamp(min=K.AMAX_EPS) / 448.0
+    return (t / s[..., None]).clamp(-448, 448).to(torch.float8_e4m3fn).view(M, Kd), s
+
+
+def q128x1_twopass(x):
+    M, N = x.shape
+    s = x.float().view(M // 128, 128, N).abs().amax(1).clamp(min=K.AMAX_EPS) / 448.0  # (M/128, N)
+    q = (x.t().float() / s.t().repeat_interleave(128, dim=1)).clamp(-448, 448).to(torch.float8_e4m3fn)  # (N, M)
+    return q, s.t()
+
+
+def requant_viaT(q, s):
+    xT = K.dequant_1x128_ref(q, s).t()  # (K, M) view
+    return K.quant_1x128_ref(xT)
 
 
 def saved_bytes(fn, rows):

@@ -195,8 +195,12 @@ def test_fp8_swiglu_forward_and_grads():
     y.backward(dy)
     got = [y, x.grad] + [lin.weight.grad for lin in (lins[0], lins[1], lins[2])]
     want = quantized_swiglu_float64(x.detach(), *(lin.weight.detach() for lin in lins), dy)
+    # looser than the Linear's 1e-5: a, b, h, dh, da, db are computed (fp32 here, float64 in the reference) and
+    # then quantized again, so an element sitting on an FP8 rounding boundary may round the other way: one
+    # E4M3 step (≤ 12.5%) on a handful of elements; measured up to 2.2e-3 relative on these small shapes. A
+    # wiring error (wrong operand, scale, transpose or padding) costs ≥ 5%, so 1e-2 still catches it
     for name, g, w in zip(["y", "dx", "dW1", "dW2", "dW3"], got, want):
-        assert rel_err(g, w) < 1e-5, f"{name} differs from the float64 quantized reference"
+        assert rel_err(g, w) < 1e-2, f"{name} differs from the float64 quantized reference"
     # vs the unquantized FFN: up to five roundings stack on a path here (GEMM output, cache, re-quantized
     # SwiGLU output, gradient), measured ≈6-7%; allow 10%
     xd = x.detach().double().requires_grad_()
