@@ -62,7 +62,7 @@ PRESETS = {
         v_head_dim=32, max_seq_len=128, original_seq_len=128, n_mtp_depth=1, init_std=0.02),
     # a few hundred million total parameters on one 80-141 GB GPU, bf16 autocast
     "gpu": dict(
-        out_dir="out-gpu", max_iters=5000, eval_interval=500, eval_iters=40, log_interval=10, vocab_size=8192,
+        out_dir="out-gpu", max_iters=5000, eval_interval=500, eval_iters=40, log_interval=10, compile=True, vocab_size=8192,
         batch_size=32, seq_len=1024, lr=1.5e-3, min_lr=1.5e-4, warmup_iters=200,
         dim=1024, inter_dim=2816, moe_inter_dim=512, n_layers=12, n_dense_layers=1, n_heads=16,
         n_routed_experts=32, n_shared_experts=1, n_activated_experts=4, n_expert_groups=8, n_limited_groups=4,
