@@ -69,7 +69,7 @@ import kernels
 
 TILE = kernels.TILE
 BACKEND = "auto"  # 'auto' (hopper if it works on this device, else emulated) | 'hopper' | 'emulated'
-MIN_ROWS = 64  # fewer rows than this are zero-padded on the hardware path (M=1 has no cuBLAS kernel)
+MIN_ROWS = 16  # fewer rows than this are zero-padded on the hardware path (M=1 has no cuBLAS kernel)
 COMPILE_KERNELS = True  # on CUDA use kernels' torch.compile'd versions (on CPU the eager *_ref: compiling costs more)
 _HW: dict[int, tuple[bool, bool]] = {}  # cuda device index -> what hopper_support returns
 
@@ -105,18 +105,18 @@ def _pad_cols(q: Tensor, n: int) -> Tensor:
 def gemm_hopper(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch.dtype) -> Tensor:
     """The same product on cuBLAS's blockwise FP8 GEMM (sm90). Same arguments as gemm_emulated."""
     M, nk = sa.shape
-    if sb.shape[0] == qb.shape[0]:  # 1×128 tiles of b: (N, Kp/128) -> (Kp/128, N) row-major
-        sb = sb.t().contiguous()
-    else:  # 128×128 blocks: (N/128, Kp/128) -> its transpose (Kp/128, N/128), column-major
-        if nk % 4:  # cuBLAS computes garbage or refuses unless K/128 % 4 == 0: pad K with zeros
-            r = -nk % 4
-            qa, qb = _pad_cols(qa, r * TILE), _pad_cols(qb, r * TILE)
-            sa, sb = F.pad(sa, (0, r), value=1.0), F.pad(sb, (0, r), value=1.0)
-        sb = sb.contiguous().t()
-    if M < MIN_ROWS:  # cuBLAS has no blockwise kernel for very few rows (decoding): pad with zero rows
+    if nk % 4:  # with K/128 = 5 cuBLAS returned garbage (128×128 scales): zero-pad K to a multiple of 512
+        r = -nk % 4
+        qa, qb = _pad_cols(qa, r * TILE), _pad_cols(qb, r * TILE)
+        sa, sb = F.pad(sa, (0, r), value=1.0), F.pad(sb, (0, r), value=1.0)
+    if M < MIN_ROWS:  # M = 1 has no blockwise cuBLAS kernel (8 and up ran): pad with zero rows
         qa = F.pad(qa.view(torch.uint8), (0, 0, 0, MIN_ROWS - M)).view(qa.dtype)
-        sa = F.pad(sa, (0, 0, 0, MIN_ROWS - M))
+        sa = F.pad(sa, (0, 0, 0, MIN_ROWS - M), value=1.0)
     sa = sa.t().contiguous().t()  # (M, K/128) column-major (no copy if the quantizer made it so)
+    if sb.shape[0] == qb.shape[0]:  # 1×128 tiles of b: (N, K/128) -> (K/128, N) row-major
+        sb = sb.t().contiguous()
+    else:  # 128×128 blocks: (N/128, K/128) -> its transpose (K/128, N/128), column-major
+        sb = sb.contiguous().t()
     return torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)[:M]
 
 

@@ -189,7 +189,9 @@ def apply_rope(x: Tensor, freqs_cis: Tensor, compiled: bool = False) -> Tensor:
 # the compiled versions: torch.compile is lazy, so nothing is compiled until a kernel is first called
 # (on a GPU: ~1–2 s per kernel and shape family; on a 2-core CPU ~20 s, so the CPU path uses the *_ref).
 
-quant_1x128 = torch.compile(quant_1x128_ref)
+# coordinate-descent tuning of the generated reduction: 0.193 -> 0.148 ms (44% -> 57% of copy bandwidth) for
+# M=16384, K=7168 on an H200; it did not help quant_128x1, so only the 1×128 quantizer uses it
+quant_1x128 = torch.compile(quant_1x128_ref, options={"coordinate_descent_tuning": True})
 quant_128x1 = torch.compile(quant_128x1_ref)
 quant_128x128 = torch.compile(quant_128x128_ref)
 requant_128x1 = torch.compile(requant_128x1_ref)

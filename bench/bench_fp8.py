@@ -3,8 +3,9 @@ Benchmark of the FP8 framework on one Hopper GPU: per-GEMM TFLOP/s (Fprop/Dgrad/
 compiled quantization kernels' GB/s vs the measured copy bandwidth, Fp8Linear / Fp8SwiGLU forward+backward
 time vs BF16, and the activation memory each keeps for backward. Prints markdown tables.
 
-Run:  PYTHONUNBUFFERED=1 python bench/bench_fp8.py | tee bench_fp8.md       (H200: ~3 min)
+Run:  PYTHONUNBUFFERED=1 python bench/bench_fp8.py | tee bench_fp8.md       (H200: ~2 min)
       python bench/bench_fp8.py --probe     (layouts of blockwise torch._scaled_mm + hopper == emulated checks)
+      python bench/bench_fp8.py --smoke     (convert_to_fp8 + torch.compile on a small model);  --only=gemm,quant,layers
 Timings are medians of CUDA-event-timed runs after warm-up, on random data (never zeros).
 """
 import datetime
@@ -115,6 +116,23 @@ def probe():
             errs = ", ".join(f"{rel_err(a, b):.1e}" for a, b in zip(res[tag], res["emulated"]))
             print(f"{name} {tag} vs emulated (y, dx, dW...; bf16 outputs): {errs}")
     print()
+    smoke()
+
+
+def smoke():
+    """Small-K Wgrad layouts, then the train.py path on a 2-layer model: bf16 vs fp8 eager vs fp8 compiled."""
+    dev = torch.device("cuda")
+    for nk in (1, 2, 3):  # 1x128 x 1x128 with few K blocks: an expert's Wgrad over <= 384 tokens
+        a, b = torch.randn(512, 128 * nk, device=dev), torch.randn(384, 128 * nk, device=dev)
+        (qa, sa), (qb, sb) = K.quant_1x128_ref(a), K.quant_1x128_ref(b)
+        try:
+            out = torch._scaled_mm(qa, qb.t(), scale_a=sa.t().contiguous().t(), scale_b=sb.t().contiguous(),
+                                   out_dtype=torch.float32)
+            res = f"ran, rel err vs emulated {rel_err(out, fp8.gemm_emulated(qa, sa, qb, sb, torch.float32)):.1e}"
+        except Exception as e:
+            res = f"{type(e).__name__}: {str(e)[:100]}"
+        print(f"raw 1x128 x 1x128, K/128 = {nk}: {res}")
+    print()
     # the train.py path: convert_to_fp8 after .to(device), then torch.compile of the whole model, bf16 autocast
     from model import ModelArgs, Transformer
     args = ModelArgs(vocab_size=8192, dim=1024, inter_dim=2816, moe_inter_dim=512, n_layers=2, n_dense_layers=1,
@@ -123,6 +141,17 @@ def probe():
                      v_head_dim=64, max_seq_len=512, original_seq_len=512, n_mtp_depth=1, init_std=0.006)
     tok = torch.randint(0, 8192, (4, 513), device=dev)
     losses = {}
+    hopper = fp8.gemm_hopper
+
+    def loud_hopper(qa, sa, qb, sb, out_dtype):  # name the operands if cuBLAS refuses them
+        try:
+            return hopper(qa, sa, qb, sb, out_dtype)
+        except RuntimeError:
+            print(f"gemm_hopper failed: qa {tuple(qa.shape)}, sa {tuple(sa.shape)} {sa.stride()}, qb {tuple(qb.shape)}"
+                  f", sb {tuple(sb.shape)} {sb.stride()}, {out_dtype}")
+            raise
+
+    fp8.gemm_hopper = loud_hopper
     for tag, use_fp8, compiled in [("bf16", False, False), ("fp8", True, False), ("fp8+compile", True, True)]:
         torch.manual_seed(0)
         model = Transformer(args).to(dev)
@@ -130,12 +159,17 @@ def probe():
             fp8.convert_to_fp8(model)
         step = torch.compile(model) if compiled else model
         t = time.time()
-        with torch.autocast("cuda", torch.bfloat16):
-            _, L = step(tok[:, :-1], tok[:, 1:])
-        L["loss"].backward()
+        try:
+            with torch.autocast("cuda", torch.bfloat16):
+                _, L = step(tok[:, :-1], tok[:, 1:])
+            L["loss"].backward()
+        except Exception as e:
+            print(f"model {tag} failed: {type(e).__name__}: {str(e)[:300]}")
+            continue
         gn = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).norm().item()
         losses[tag] = (L["loss"].item(), gn)
         print(f"model {tag}: loss {L['loss'].item():.5f}, grad norm {gn:.5f}, first step {time.time() - t:.1f} s")
+    fp8.gemm_hopper = hopper
     print()
 
 
@@ -323,11 +357,18 @@ def main():
     if "--probe" in sys.argv:
         section("probe", probe)
         return
+    if "--smoke" in sys.argv:
+        section("smoke", smoke)
+        return
+    only = next((a.split("=", 1)[1].split(",") for a in sys.argv if a.startswith("--only=")), None)
     bw = copy_bandwidth()
     print(f"device copy bandwidth (2 GiB, read + write): {bw:.0f} GB/s\n")
-    section("gemm", lambda: gemm_table(16384, [(7168, 7168), (2048, 7168), (7168, 2048)]))
-    section("quant", lambda: quant_table(bw))
-    section("layers", layer_table)
+    if only is None or "gemm" in only:
+        section("gemm", lambda: gemm_table(16384, [(7168, 7168), (2048, 7168), (7168, 2048)]))
+    if only is None or "quant" in only:
+        section("quant", lambda: quant_table(bw))
+    if only is None or "layers" in only:
+        section("layers", layer_table)
 
 
 if __name__ == "__main__":
