@@ -29,13 +29,17 @@ FP32 accumulator on the CUDA cores. Our emulated GEMM is exactly that loop: per 
 more precise than the hardware: fp32, not ~14 bits). The hardware back end is cuBLAS's blockwise-scaled
 FP8 GEMM behind torch._scaled_mm, which applies the scales per 128-chunk in the same way.
 
-torch._scaled_mm layout rules (blockwise, sm90, CUDA ≥ 12.9): out = (a·s_a)(b·s_b) for
-a (M, K) row-major FP8 and b (K, N) *column-major* FP8 — pass our (N, K) row-major operand as b.t(). K must
-be a multiple of 128. 1×128 scales of a are (M, K/128) fp32 column-major (stride (1, M)); b's scales are
-(K/128, N/128), the transpose of our row-major (N/128, K/128) block scales (128×128 weights), or (K/128, N)
-row-major (1×128 tiles of b's (N, K) rows). The three combinations used here, with the scales in these
-layouts, ran and matched the emulated GEMM on an H200 (torch 2.11+cu130): Fprop and Dgrad are
-1×128 × 128×128, Wgrad is 1×128 × 1×128 with both tiles running along the tokens (the reduction dim).
+torch._scaled_mm layout rules (blockwise scaling: sm90, cuBLAS ≥ 12.9; probed on an H200 with torch
+2.11+cu130 by bench/bench_fp8.py --probe). out = (a·s_a)(b·s_b) for a (M, K) row-major FP8 and b (K, N)
+*column-major* FP8: pass our (N, K) row-major operand as b.t(). The 1×128 scales of a are (M, K/128) fp32
+column-major (stride (1, M)). b's scales are (K/128, N/128) column-major for 128×128 blocks (our row-major
+(N/128, K/128) transposed), or (K/128, N) row-major for 1×128 tiles of b's rows. Fprop and Dgrad use
+1×128 × 128×128; Wgrad uses 1×128 × 1×128, both tiles along the tokens (its reduction dim). All three matched
+the emulated GEMM to 1.3e-4 (fp32 output). Quirks seen, handled by zero padding in gemm_hopper: with
+K/128 = 5 the 128×128 call returned garbage (and refused scales whose leading dim was padded to 4), so K is
+padded to a multiple of 4·128; M = 1 and M = 243 rows were refused (CUBLAS_STATUS_NOT_SUPPORTED) while 8, 16,
+32, 64, 200 and 256 ran, so rows are padded to a multiple of 16 (our reading: the column-major scales' leading
+dim must be 16-byte aligned). The probe that picks the back end runs such awkward shapes first.
 
 What we simplify (vs. the DeepSeek-V3 framework):
 - NOTE: the input of attention's output projection wo is cached in its own dtype (BF16 under autocast)
@@ -44,11 +48,12 @@ What we simplify (vs. the DeepSeek-V3 framework):
   inputs in FP8 and recomputes the SwiGLU output in backward (§3.3.3); MoE experts run one GEMM each
   (no grouped FP8 GEMM), and dispatch/combine stay in BF16 (no FP8 all-to-all).
 - Dimensions that are not multiples of 128 are zero-padded to 128 in the quantizers (exact, but a 64-wide
-  layer does a 128-wide GEMM); the hardware path needs K/128 % 4 == 0 in its weight scales, else the
-  layer falls back to the emulated GEMM on the GPU (correct, slow). See kernels.py.
+  layer does a 128-wide GEMM), and further on the hardware path (above). See kernels.py.
 - Weights are re-quantized every forward (no caching across micro-batches); no delayed scaling (none needed).
-- Activation gradients of the 1×128 FP8 cache are re-tiled to 128×1 for Wgrad by dequantize+requantize,
-  which adds a second rounding (the paper's custom kernels transpose FP8 tiles directly).
+- The cached 1×128 FP8 activations are re-tiled to 128×1 for Wgrad by dequantize + quantize, which adds
+  a second rounding (the paper's custom kernels transpose FP8 tiles directly).
+- The GEMMs are cuBLAS's (not DeepGEMM); the quantizers are torch.compile'd PyTorch, which reached 16-57% of
+  the copy bandwidth on an H200 (bench/bench_fp8.py), so they cost ~20% of an FP8 Linear's time.
 - AdamW moments are BF16 with round-to-nearest; this is fine for β2 = 0.95 (§4.2) but a BF16 second moment
   stops decaying for β2 ≥ ~0.996 (1 − β2 falls below BF16's half-ulp), so keep β2 ≤ 0.99 with AdamWBF16.
 
@@ -69,7 +74,7 @@ import kernels
 
 TILE = kernels.TILE
 BACKEND = "auto"  # 'auto' (hopper if it works on this device, else emulated) | 'hopper' | 'emulated'
-MIN_ROWS = 16  # fewer rows than this are zero-padded on the hardware path (M=1 has no cuBLAS kernel)
+ROW_ALIGN = 16  # the hardware path pads the rows of a to a multiple of this (see gemm_hopper)
 COMPILE_KERNELS = True  # on CUDA use kernels' torch.compile'd versions (on CPU the eager *_ref: compiling costs more)
 _HW: dict[int, tuple[bool, bool]] = {}  # cuda device index -> what hopper_support returns
 
@@ -109,9 +114,10 @@ def gemm_hopper(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch
         r = -nk % 4
         qa, qb = _pad_cols(qa, r * TILE), _pad_cols(qb, r * TILE)
         sa, sb = F.pad(sa, (0, r), value=1.0), F.pad(sb, (0, r), value=1.0)
-    if M < MIN_ROWS:  # M = 1 has no blockwise cuBLAS kernel (8 and up ran): pad with zero rows
-        qa = F.pad(qa.view(torch.uint8), (0, 0, 0, MIN_ROWS - M)).view(qa.dtype)
-        sa = F.pad(sa, (0, 0, 0, MIN_ROWS - M), value=1.0)
+    if M % ROW_ALIGN:  # M = 1 and M = 243 were refused (8, 16, 200, 256 ran): pad with zero rows
+        r = -M % ROW_ALIGN
+        qa = F.pad(qa.view(torch.uint8), (0, 0, 0, r)).view(qa.dtype)
+        sa = F.pad(sa, (0, 0, 0, r), value=1.0)
     sa = sa.t().contiguous().t()  # (M, K/128) column-major (no copy if the quantizer made it so)
     if sb.shape[0] == qb.shape[0]:  # 1×128 tiles of b: (N, K/128) -> (K/128, N) row-major
         sb = sb.t().contiguous()
@@ -122,21 +128,26 @@ def gemm_hopper(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch
 
 @torch.compiler.disable
 def _probe_hopper(idx: int) -> tuple[bool, bool]:
-    """Run both scale combinations once on a small problem and compare them with the emulated GEMM."""
+    """Run both scale combinations once on awkward shapes (rows not a multiple of 4, K/128 = 5) through
+    gemm_hopper's paddings and compare with the emulated GEMM; any refusal or mismatch -> emulated."""
     if torch.cuda.get_device_capability(idx) < (9, 0) or not hasattr(torch, "_scaled_mm"):
         return False, False
     g = torch.Generator(device=f"cuda:{idx}").manual_seed(0)
     ok = []
     for quant_b in (kernels.quant_128x128_ref, kernels.quant_1x128_ref):
-        a, b = (torch.randn(256, 640, device=f"cuda:{idx}", generator=g) for _ in range(2))  # K/128 = 5
-        (qa, sa), (qb, sb) = kernels.quant_1x128_ref(a), quant_b(b)
-        try:
-            hw = gemm_hopper(qa, sa, qb, sb, torch.float32)
-        except (RuntimeError, NotImplementedError):
-            ok.append(False)
-            continue
-        ref = gemm_emulated(qa, sa, qb, sb, torch.float32)
-        ok.append(bool(((hw - ref).norm() / ref.norm()) < 1e-3))  # both fp32: only summation order differs
+        good = True
+        for M in (243, 5):
+            a = torch.randn(M, 640, device=f"cuda:{idx}", generator=g)
+            b = torch.randn(384, 640, device=f"cuda:{idx}", generator=g)
+            (qa, sa), (qb, sb) = kernels.quant_1x128_ref(a), quant_b(b)
+            try:
+                hw = gemm_hopper(qa, sa, qb, sb, torch.float32)
+            except (RuntimeError, NotImplementedError):
+                good = False
+                break
+            ref = gemm_emulated(qa, sa, qb, sb, torch.float32)
+            good = good and bool(((hw - ref).norm() / ref.norm()) < 1e-3)  # fp32: only summation order differs
+        ok.append(good)
     return ok[0], ok[1]
 
 
