@@ -94,11 +94,12 @@ def gemm_emulated(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: tor
     M, Kp = qa.shape
     N = qb.shape[0]
     sb_rows = sb if sb.shape[0] == N else sb.repeat_interleave(TILE, dim=0)  # (N, Kp/128): scale of b's row n
+    a, b = qa.float(), qb.float()  # FP8 values are exact in fp32
     out = torch.zeros(M, N, dtype=torch.float32, device=qa.device)
     for k in range(Kp // TILE):
         c = slice(k * TILE, (k + 1) * TILE)
-        part = qa[:, c].float() @ qb[:, c].float().t()  # (M, N): one 128-chunk, FP8 values exact in fp32
-        out += part * (sa[:, k, None] * sb_rows[None, :, k])  # promote: scale the chunk, add in fp32
+        part = a[:, c] @ b[:, c].t()  # (M, N): the products of one 128-chunk of K, summed in fp32
+        out.addcmul_(part, sa[:, k, None] * sb_rows[None, :, k])  # promote: scale the chunk, add in fp32
     return out.to(out_dtype)
 
 
@@ -366,9 +367,8 @@ class AdamWBF16(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            ps = [p for p in group["params"] if p.grad is not None]
+            for p in ps:
                 st = self.state[p]
                 if not st:
                     st["step"] = 0
@@ -376,18 +376,27 @@ class AdamWBF16(torch.optim.Optimizer):
                     st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.bfloat16)
                     if p.dtype != torch.float32:
                         st["master"] = p.detach().float()
-                st["step"] += 1
-                t = st["step"]
-                w = st.get("master", p)  # the FP32 weight the update is applied to
-                g = p.grad.float()
-                # the moments are updated in fp32 from their BF16 copies, then stored back in BF16
-                m = st["exp_avg"].float().lerp_(g, 1 - b1)  # m = β1 m + (1-β1) g
-                v = st["exp_avg_sq"].float().mul_(b2).addcmul_(g, g, value=1 - b2)  # v = β2 v + (1-β2) g²
-                st["exp_avg"].copy_(m)
-                st["exp_avg_sq"].copy_(v)
-                w.mul_(1 - lr * wd)  # decoupled weight decay
-                denom = (v.sqrt() / math.sqrt(1 - b2 ** t)).add_(eps)
-                w.addcdiv_(m, denom, value=-lr / (1 - b1 ** t))
+                st["step"] += 1  # per parameter: an expert that saw no token has no grad and keeps its count
+            if not ps:
+                continue
+            # one _foreach_ kernel per line for the whole group instead of one kernel per parameter
+            sts = [self.state[p] for p in ps]
+            ws = [st.get("master", p) for st, p in zip(sts, ps)]  # the FP32 weights the update is applied to
+            gs = [p.grad.float() for p in ps]
+            # the moments are updated in fp32 from their BF16 copies, then stored back in BF16
+            ms = [st["exp_avg"].float() for st in sts]
+            vs = [st["exp_avg_sq"].float() for st in sts]
+            torch._foreach_lerp_(ms, gs, 1 - b1)  # m = β1 m + (1-β1) g
+            torch._foreach_mul_(vs, b2)
+            torch._foreach_addcmul_(vs, gs, gs, value=1 - b2)  # v = β2 v + (1-β2) g²
+            torch._foreach_copy_([st["exp_avg"] for st in sts], ms)
+            torch._foreach_copy_([st["exp_avg_sq"] for st in sts], vs)
+            torch._foreach_mul_(ws, 1 - lr * wd)  # decoupled weight decay
+            denom = torch._foreach_sqrt(vs)  # sqrt(v / (1-β2^t)) + eps, with each parameter's own t
+            torch._foreach_div_(denom, [math.sqrt(1 - b2 ** st["step"]) for st in sts])
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(ws, ms, denom, [-lr / (1 - b1 ** st["step"]) for st in sts])
+            for w, p in zip(ws, ps):
                 if w is not p:
                     p.copy_(w)
         return loss
