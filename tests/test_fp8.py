@@ -340,7 +340,7 @@ def test_fp8_training_tracks_fp32():
     mean_rel = abs(statistics.mean(l8) - statistics.mean(l32)) / statistics.mean(l32)
     last_rel = abs(statistics.mean(l8[-10:]) - statistics.mean(l32[-10:])) / statistics.mean(l32[-10:])
     print(f"FP8 vs FP32 loss: mean over the run {mean_rel:.3%} apart, last 10 steps {last_rel:.3%}")
-    # measured: 0.11% over the run, 0.66% over the last 10 steps (single steps differ by up to ~2.5%: FP8
+    # measured: 0.22% over the run, 0.88% over the last 10 steps (single steps differ by up to ~2.5%: FP8
     # noise moves the trajectory and the router). The paper's < 0.25% is for long runs; we bound a 30-step
     # run of a tiny model at 0.5% (whole run) and 2% (last 10 steps)
     assert mean_rel < 0.005 and last_rel < 0.02
