@@ -5,7 +5,7 @@ balancing, and Multi-Token Prediction.
 Paper: DeepSeek-V3 Technical Report (arXiv 2412.19437). Sections implemented here:
   §2.1.1 Multi-head Latent Attention (MLA), eqs. (1)-(11)       -> MLA
   §2.1.2 DeepSeekMoE + auxiliary-loss-free load balancing (12)-(16)  -> Gate, MoE
-         complementary sequence-wise balance loss, eqs. (17)-(20)  -> MoE.balance_loss
+         complementary sequence-wise balance loss, eqs. (17)-(20)  -> MoE.sequence_balance_loss
          node-limited (here: group-limited) routing                -> Gate
   §2.2   Multi-Token Prediction, eqs. (21)-(25)                  -> MTP, Transformer.forward
   §4.2   init std 0.006                                          -> Transformer._init_weights
@@ -17,7 +17,8 @@ wkv_b/wo, ffn.gate/experts/shared_experts, w1/w2/w3.
 Simplifications vs. the real thing:
   - one process holds all experts (expert parallelism is an all-to-all around MoE.forward, not shown here);
   - "node-limited" routing becomes "group-limited" routing on one device (same maths, M groups of experts);
-  - the grouped expert dispatch reads the per-expert token counts on the host (one sync per MoE layer);
+  - each expert keeps its own nn.Linear weights (official names, FP8-convertible), so the grouped GEMM
+    stacks them on the fly every forward, an extra copy that one stored (E, I, D) tensor would avoid;
   - no tensor parallelism, no FP8 here (fp8.py swaps the nn.Linear layers for FP8 ones).
 
 Run: python -m pytest tests/test_model.py   (python train.py --config small trains one)
