@@ -128,3 +128,19 @@ def test_data_parallel_two_ranks_on_cpu(tmp_path):
     assert "2 data-parallel ranks in sync after 4 steps" in p.stdout
     assert "tokens/step: 256" in p.stdout   # 2 ranks x 4 x 32
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 4
+
+
+def test_fp8_training_with_grad_accumulation(tmp_path):
+    # --fp8=True: FP8 Linears (emulated on CPU) and AdamW with BF16 moments (§3.3.3); the checkpoint keeps the
+    # plain model's keys, so the FP8-trained weights load into an ordinary Transformer (sample.py does that)
+    from model import ModelArgs, Transformer
+    out = str(tmp_path / "out")
+    run("--config", "small", *TINY, "--max_iters=3", "--eval_interval=3", "--grad_accum=2", "--fp8=True",
+        f"--out_dir={out}")
+    ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
+    plain = Transformer(ModelArgs(**ckpt["model_args"]))
+    assert set(ckpt["model"]) == set(plain.state_dict())
+    plain.load_state_dict(ckpt["model"])
+    moments = [t for s in ckpt["optimizer"]["state"].values() for t in s.values() if torch.is_tensor(t) and t.dim()]
+    assert moments and all(t.dtype == torch.bfloat16 for t in moments)
+    assert sorted(train_losses(out)) == [1, 2, 3]
