@@ -29,7 +29,8 @@ Simplifications vs. the real thing:
   - on CPU an FB pair runs its F, then its BW; the overlap lives in the two-stream cost model (pair_time), with
     4 pieces per chunk (attention, dispatch, MLP, combine) instead of Figure 4's finer split (PP sends, W);
   - W is deferred for nn.Linear weights (dW = g^T x from the saved input and the output grad caught by a hook);
-    norm weights, the MoE gate and the embedding get their (cheap) gradients inside B;
+    norm weights, the MoE gate and the embedding get their (cheap) gradients inside B; the experts run on
+    model.py's 'sorted' MoE path (nn.Linear calls), as its 'grouped' GEMM would compute their dW inside B;
   - p2p message order comes from the simulated timeline (one global order that both ends of every link follow)
     instead of the official code's hand-paired batched sends; no rank_mapping, no sub-groups; no DualPipeV;
   - the real-rank flag is --ranks, not --run: torchrun's own parser would take --run for its --run-path.
@@ -566,7 +567,8 @@ def tiny_setup(pp: int, nmb: int, seed: int = 0, device: str = "cpu", dtype: tor
                      n_heads=2, n_routed_experts=4, n_shared_experts=1, n_activated_experts=2, n_expert_groups=2,
                      n_limited_groups=1, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
                      v_head_dim=8, max_seq_len=16, original_seq_len=16, n_mtp_depth=0, aux_alpha=0.0,
-                     init_std=0.1, attn_impl="naive")   # naive: wkv_b is used only through its nn.Linear
+                     init_std=0.1, attn_impl="naive",   # naive: wkv_b is used only through its nn.Linear
+                     moe_impl="sorted")   # sorted: each expert is nn.Linear calls, so W defers the experts' dW too
     model = Transformer(args).to(device=device, dtype=dtype)
     tokens = torch.randint(0, args.vocab_size, (nmb, bm, seq), device=device)
     return model, tokens, torch.randint(0, args.vocab_size, (nmb, bm, seq), device=device)
