@@ -116,13 +116,6 @@ def quant_128x128_ref(w: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor]:
     return q, s
 
 
-def requant_128x1_ref(q: Tensor, s: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor]:
-    """Re-tile a cached 1×128 FP8 activation (q (M, Kp), s (M, Kp/128)) as 128×1 along tokens for Wgrad:
-    dequantize and quantize again in one pass -> qT (Kp, Mp), sT (Kp, Mp/128). With pow2 scales on both
-    sides most values survive exactly; with arbitrary scales this adds a second rounding (§3.3.3)."""
-    return quant_128x1_ref(dequant_1x128_ref(q, s), pow2)
-
-
 def dequant_1x128_ref(q: Tensor, s: Tensor) -> Tensor:
     """q (M, Kp) e4m3, s (M, Kp/128) -> fp32 (M, Kp)."""
     M, Kp = q.shape
@@ -134,6 +127,13 @@ def dequant_128x128_ref(q: Tensor, s: Tensor) -> Tensor:
     Np, Kp = q.shape
     t = q.float().view(Np // TILE, TILE, Kp // TILE, TILE)  # (Np/128, 128, Kp/128, 128)
     return (t * s[:, None, :, None]).view(Np, Kp)  # (Np, Kp)
+
+
+def requant_128x1_ref(q: Tensor, s: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor]:
+    """Re-tile a cached 1×128 FP8 activation (q (M, Kp), s (M, Kp/128)) as 128×1 along tokens for Wgrad:
+    dequantize and quantize again in one pass -> qT (Kp, Mp), sT (Kp, Mp/128). With pow2 scales on both
+    sides most values survive exactly; with arbitrary scales this adds a second rounding (§3.3.3)."""
+    return quant_128x1_ref(dequant_1x128_ref(q, s), pow2)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -176,7 +176,7 @@ def rope_ref(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     B, T, H, Dr = x.shape
     xp = x.float().view(B, T, H, Dr // 2, 2)  # (B, T, H, Dr/2, 2)
     x0, x1 = xp[..., 0], xp[..., 1]  # (B, T, H, Dr/2) each
-    c, s = cos.view(1, T, 1, Dr // 2), sin.view(1, T, 1, Dr // 2)
+    c, s = cos.view(1, T, 1, Dr // 2), sin.view(1, T, 1, Dr // 2)  # (1, T, 1, Dr/2) each
     out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)  # (B, T, H, Dr/2, 2)
     return out.view(B, T, H, Dr).to(x.dtype)
 

@@ -109,6 +109,8 @@ def test_rmsnorm_matches_float64():
 
 def test_swiglu_quant_and_backward():
     a, b, dy = torch.randn(64, 200), torch.randn(64, 200), torch.randn(64, 200)
+    ref = F.silu(a.double()) * b.double()
+    assert rel_err(K.swiglu_ref(a, b), ref) < 1e-6 and K.swiglu_ref(a.bfloat16(), b.bfloat16()).dtype == torch.bfloat16
     q, s = K.swiglu_quant_ref(a, b)
     q2, s2 = K.quant_1x128_ref(F.silu(a) * b)  # same values, two separate passes
     assert torch.equal(q.float(), q2.float()) and torch.equal(s, s2)
@@ -161,7 +163,6 @@ def test_compiled_kernels_match_eager_cpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_compiled_kernels_match_eager_cuda():
     args = _inputs("cuda")
-    _assert_same(_all_kernels(*args), _all_kernels(*args))  # sanity: deterministic
     x, w, a, b, dy, xr, cos, sin = args
     out = (K.quant_1x128(x), K.quant_128x1(x, True), K.quant_128x128(w), K.requant_128x1(*K.quant_1x128(x)),
            K.dequant_1x128(*K.quant_1x128(x)), K.rmsnorm(x, w[0, :x.shape[1]]), K.swiglu_quant(a, b),
