@@ -246,7 +246,7 @@ class Fp8Linear(nn.Linear):
         with torch.autocast(x.device.type, enabled=False):  # we choose every dtype ourselves
             y = _Fp8LinearFn.apply(x, self.weight, out_dtype, hopper_support(x.device), self.pow2_scales,
                                    self.cache_input_hp)
-        return y if self.bias is None else y + self.bias.to(y.dtype)  # bias added in high precision
+        return y if self.bias is None else y + self.bias.to(y.dtype)  # in y's dtype, as nn.Linear under autocast
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", fp8=e4m3, pow2_scales={self.pow2_scales}, cache_hp={self.cache_input_hp}"

@@ -21,6 +21,16 @@ import kernels as K
 from model import Gate, ModelArgs, Transformer
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    # small matmuls: a second intra-op thread buys nothing here, and on the shared 2-core machine its spinning
+    # made the training test take 74 s instead of 10 s (measured); restore the setting for other test files
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
