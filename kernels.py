@@ -27,6 +27,9 @@ Simplifications vs. the real thing:
 - Out-of-range values are clamped to ±448 before the cast (CUDA's cast to e4m3fn gives NaN, not saturation).
 - No fused transpose of FP8 data in registers: the 128×1 quantizer writes xᵀ with an ordinary transpose
   that inductor folds into its store.
+- NOTE: only the quantizers and the SwiGLU kernels are used by the training path (fp8.py). model.py writes its
+  RMSNorm and RoPE inline (train.py's torch.compile of the model fuses them there); rmsnorm/rope here are
+  the same maths as standalone kernels, checked against float64 in tests/test_kernels.py.
 - Speed: on an H200 (M=16384, K=7168) the compiled quantizers move 57% (1×128), 36% (128×1), 16% (requant
   128×1), 44% (128×128) and 40% (SwiGLU+1×128) of the measured copy bandwidth; the paper's hand-written
   kernels do better. Inductor's 128-element segmented reductions and transposed stores are the limit.
