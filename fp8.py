@@ -52,8 +52,11 @@ What we simplify (vs. the DeepSeek-V3 framework):
 - Weights are re-quantized every forward (no caching across micro-batches); no delayed scaling (none needed).
 - The cached 1×128 FP8 activations are re-tiled to 128×1 for Wgrad by dequantize + quantize, which adds
   a second rounding (the paper's custom kernels transpose FP8 tiles directly).
-- The GEMMs are cuBLAS's (not DeepGEMM); the quantizers are torch.compile'd PyTorch, which reached 16-57% of
+- The GEMMs are cuBLAS's (not DeepGEMM); the quantizers are torch.compile'd PyTorch, which reached 16-58% of
   the copy bandwidth on an H200 (bench/bench_fp8.py), so they cost ~20% of an FP8 Linear's time.
+- No FP8 grouped GEMM: the routed experts of an FP8 model run one after another (model.MoE's sorted path),
+  one Fp8SwiGLU call per expert, where the BF16 model runs them all in one torch._grouped_mm. On the gpu
+  preset (32 small experts per layer) this makes FP8 training ~5-7× slower than BF16 (see README).
 - AdamW moments are BF16 with round-to-nearest; this is fine for β2 = 0.95 (§4.2) but a BF16 second moment
   stops decaying for β2 ≥ ~0.996 (1 − β2 falls below BF16's half-ulp), so keep β2 ≤ 0.99 with AdamWBF16.
 
@@ -241,6 +244,10 @@ class Fp8Linear(nn.Linear):
         new.weight, new.bias = lin.weight, lin.bias  # the very same Parameters: optimizers and views still hold
         return new
 
+    # Opaque to a torch.compile of the whole model (train.py --compile=True): the graph breaks around the
+    # layer, which runs its own compiled kernels and cuBLAS's FP8 GEMM. Traced into, every module instance
+    # and every expert's token count became a new guard, and the recompiles ran out (see kernels.py).
+    @torch.compiler.disable
     def forward(self, x: Tensor) -> Tensor:
         out_dtype = _out_dtype(x)
         with torch.autocast(x.device.type, enabled=False):  # we choose every dtype ourselves
@@ -306,6 +313,7 @@ class Fp8SwiGLU(nn.Module):
         super().__init__()
         self.w1, self.w2, self.w3 = (Fp8Linear.from_linear(w) for w in (w1, w2, w3))
 
+    @torch.compiler.disable  # opaque to an outer torch.compile, as Fp8Linear.forward
     def forward(self, x: Tensor) -> Tensor:
         out_dtype = _out_dtype(x)
         with torch.autocast(x.device.type, enabled=False):

@@ -30,15 +30,18 @@ Simplifications vs. the real thing:
 - NOTE: only the quantizers and the SwiGLU kernels are used by the training path (fp8.py). model.py writes its
   RMSNorm and RoPE inline (train.py's torch.compile of the model fuses them there); rmsnorm/rope here are
   the same maths as standalone kernels, checked against float64 in tests/test_kernels.py.
-- Speed: on an H200 (M=16384, K=7168) the compiled quantizers move 57% (1×128), 36% (128×1), 16% (requant
-  128×1), 44% (128×128) and 40% (SwiGLU+1×128) of the measured copy bandwidth; the paper's hand-written
-  kernels do better. Inductor's 128-element segmented reductions and transposed stores are the limit.
+- Speed: on an H200 (M=16384, K=7168) the compiled quantizers move 41% (1×128), 28% (128×1), 16% (requant
+  128×1), 58% (128×128) and 33% (SwiGLU+1×128) of the measured copy bandwidth; the paper's hand-written
+  kernels do better. Inductor's 128-element segmented reductions and transposed stores are the limit, and
+  the dynamic number of rows (below) costs 20-25% of the throughput of a kernel compiled for one shape.
 
 Run: python -m pytest tests/test_kernels.py -q
 
 Dimension legend: M rows (tokens, B·T), K input features (the reduction dim of Fprop), N output features,
 Mp/Kp/Np the same rounded up to a multiple of 128; B batch, T time, H heads, Dr RoPE head dim.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -58,7 +61,14 @@ def _pad_dim(x: Tensor, dim: int, mult: int = TILE) -> Tensor:
     r = (-x.shape[dim]) % mult
     if r == 0:
         return x
+    if x.dtype == E4M3:  # F.pad has no FP8 kernel: pad the bytes (0x00 is +0.0 in E4M3)
+        return _pad_dim(x.view(torch.uint8), dim, mult).view(E4M3)
     return F.pad(x, (0, r) if dim == 1 else (0, 0, 0, r))
+
+
+def _tiles_1x128(x: Tensor) -> Tensor:
+    # (M, Kp) -> (M, Kp/128, 128): a view, one row of 128 per tile
+    return x.view(x.shape[0], x.shape[1] // TILE, TILE)
 
 
 def _scale_from_amax(amax: Tensor, pow2: bool) -> Tensor:
@@ -83,60 +93,91 @@ def _col_major(s: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------------------------------------------------
 # quantization: 1×128 (activations, output gradients), 128×1 (Wgrad operands), 128×128 (weights)
+#
+# Each quantizer is two parts. The public `*_ref(x)` pads x to whole tiles and views it as tiles (cheap
+# glue: no copy unless a dimension is ragged); its `core` (`_q_*`) does the real pass over memory on the
+# tiled view and is what gets compiled. Keeping the padding and reshaping out of the compiled part keeps
+# the compiled part's sizes simple: a number of rows (dynamic, see below) times static tile sizes.
 
 
-def quant_1x128_ref(x: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor]:
+def _q_1x128(t: Tensor, pow2: bool) -> tuple[Tensor, Tensor]:
+    # t (M, Kp/128, 128) -> q (M, Kp) e4m3, s (M, Kp/128) fp32 column-major
+    tf = t.float()
+    s = _scale_from_amax(tf.abs().amax(dim=-1), pow2)  # (M, Kp/128)
+    return _to_e4m3(tf / s.unsqueeze(-1)).flatten(1), _col_major(s)
+
+
+def quant_1x128_ref(x: Tensor, pow2: bool = False, core=_q_1x128) -> tuple[Tensor, Tensor]:
     """x (M, K) any float dtype -> q (M, Kp) e4m3, s (M, Kp/128) fp32 column-major; one scale per token
     per 128 channels, so an outlier only coarsens the 127 values that share its tile (§3.3.2)."""
-    x = _pad_dim(x, 1)  # (M, Kp)
-    M, Kp = x.shape
-    t = x.float().view(M, Kp // TILE, TILE)  # (M, Kp/128, 128)
-    s = _scale_from_amax(t.abs().amax(dim=-1), pow2)  # (M, Kp/128)
-    q = _to_e4m3(t / s.unsqueeze(-1)).view(M, Kp)  # (M, Kp)
-    return q, _col_major(s)
+    return core(_tiles_1x128(_pad_dim(x, 1)), pow2)
 
 
-def quant_128x1_ref(x: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor]:
+def _q_128x1(t: Tensor, pow2: bool) -> tuple[Tensor, Tensor]:
+    # t (Mp/128, 128, Np) -> qT (Np, Mp) e4m3, sT (Np, Mp/128) fp32 column-major
+    tf = t.float()
+    s = _scale_from_amax(tf.abs().amax(dim=1), pow2)  # (Mp/128, Np)
+    q = _to_e4m3(tf / s.unsqueeze(1)).flatten(0, 1)  # (Mp, Np)
+    return q.t().contiguous(), s.t()  # (Np, Mp), (Np, Mp/128) with strides (1, Np): column-major for free
+
+
+def quant_128x1_ref(x: Tensor, pow2: bool = False, core=_q_128x1) -> tuple[Tensor, Tensor]:
     """x (M, N) -> the 128×1 (along tokens) quantization of x, returned as xᵀ in 1×128 layout:
     qT (Np, Mp) e4m3, sT (Np, Mp/128) fp32 column-major. Wgrad reduces over tokens, so both of its
     operands need tiles that run along M (§3.3.2, Fig. 6)."""
     x = _pad_dim(_pad_dim(x, 0), 1)  # (Mp, Np)
-    Mp, Np = x.shape
-    t = x.float().view(Mp // TILE, TILE, Np)  # (Mp/128, 128, Np)
-    s = _scale_from_amax(t.abs().amax(dim=1), pow2)  # (Mp/128, Np)
-    q = _to_e4m3(t / s.unsqueeze(1)).view(Mp, Np)  # (Mp, Np)
-    return q.t().contiguous(), s.t()  # (Np, Mp), (Np, Mp/128) with strides (1, Np): column-major for free
+    return core(x.view(x.shape[0] // TILE, TILE, x.shape[1]), pow2)
 
 
-def quant_128x128_ref(w: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor]:
+def _q_128x128(t: Tensor, pow2: bool) -> tuple[Tensor, Tensor]:
+    # t (Np/128, 128, Kp/128, 128) -> q (Np, Kp) e4m3, s (Np/128, Kp/128) fp32
+    tf = t.float()
+    s = _scale_from_amax(tf.abs().amax(dim=(1, 3)), pow2)  # (Np/128, Kp/128)
+    return _to_e4m3(tf / s[:, None, :, None]).flatten(0, 1).flatten(1), s
+
+
+def quant_128x128_ref(w: Tensor, pow2: bool = False, core=_q_128x128) -> tuple[Tensor, Tensor]:
     """w (N, K) -> q (Np, Kp) e4m3, s (Np/128, Kp/128) fp32 row-major; one scale per 128×128 block.
     A block is square, so the quantization of wᵀ is just (q.t(), s.t()) — Dgrad reuses it."""
     w = _pad_dim(_pad_dim(w, 0), 1)  # (Np, Kp)
     Np, Kp = w.shape
-    t = w.float().view(Np // TILE, TILE, Kp // TILE, TILE)  # (Np/128, 128, Kp/128, 128)
-    s = _scale_from_amax(t.abs().amax(dim=(1, 3)), pow2)  # (Np/128, Kp/128)
-    q = _to_e4m3(t / s[:, None, :, None]).view(Np, Kp)  # (Np, Kp)
-    return q, s
+    return core(w.view(Np // TILE, TILE, Kp // TILE, TILE), pow2)
 
 
-def dequant_1x128_ref(q: Tensor, s: Tensor) -> Tensor:
+def _dq_1x128(q: Tensor, s: Tensor) -> Tensor:
+    # q (M, Kp/128, 128), s (M, Kp/128) -> fp32 (M, Kp)
+    return (q.float() * s.unsqueeze(-1)).flatten(1)
+
+
+def dequant_1x128_ref(q: Tensor, s: Tensor, core=_dq_1x128) -> Tensor:
     """q (M, Kp) e4m3, s (M, Kp/128) -> fp32 (M, Kp)."""
-    M, Kp = q.shape
-    return (q.float().view(M, Kp // TILE, TILE) * s.unsqueeze(-1)).view(M, Kp)  # (M, Kp)
+    return core(_tiles_1x128(q), s)
 
 
-def dequant_128x128_ref(q: Tensor, s: Tensor) -> Tensor:
+def _dq_128x128(q: Tensor, s: Tensor) -> Tensor:
+    # q (Np/128, 128, Kp/128, 128), s (Np/128, Kp/128) -> fp32 (Np, Kp)
+    return (q.float() * s[:, None, :, None]).flatten(0, 1).flatten(1)
+
+
+def dequant_128x128_ref(q: Tensor, s: Tensor, core=_dq_128x128) -> Tensor:
     """q (Np, Kp) e4m3, s (Np/128, Kp/128) -> fp32 (Np, Kp)."""
     Np, Kp = q.shape
-    t = q.float().view(Np // TILE, TILE, Kp // TILE, TILE)  # (Np/128, 128, Kp/128, 128)
-    return (t * s[:, None, :, None]).view(Np, Kp)  # (Np, Kp)
+    return core(q.view(Np // TILE, TILE, Kp // TILE, TILE), s)
 
 
-def requant_128x1_ref(q: Tensor, s: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor]:
+def _rq_128x1(q: Tensor, s: Tensor, pow2: bool) -> tuple[Tensor, Tensor]:
+    # q (Mp/128, 128, Kp/128, 128), s (Mp/128, 128, Kp/128) -> qT (Kp, Mp), sT (Kp, Mp/128)
+    x = (q.float() * s.unsqueeze(-1)).flatten(2)  # (Mp/128, 128, Kp): dequantized, tiled along tokens
+    return _q_128x1(x, pow2)
+
+
+def requant_128x1_ref(q: Tensor, s: Tensor, pow2: bool = False, core=_rq_128x1) -> tuple[Tensor, Tensor]:
     """Re-tile a cached 1×128 FP8 activation (q (M, Kp), s (M, Kp/128)) as 128×1 along tokens for Wgrad:
     dequantize and quantize again in one pass -> qT (Kp, Mp), sT (Kp, Mp/128). With pow2 scales on both
     sides most values survive exactly; with arbitrary scales this adds a second rounding (§3.3.3)."""
-    return quant_128x1_ref(dequant_1x128_ref(q, s), pow2)
+    q, s = _pad_dim(q, 0), _pad_dim(s, 0)  # (Mp, Kp), (Mp, Kp/128): padded rows are 0 · 0
+    (Mp, Kp), nk = q.shape, s.shape[1]
+    return core(q.view(Mp // TILE, TILE, nk, TILE), s.view(Mp // TILE, TILE, nk), pow2)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -156,10 +197,16 @@ def swiglu_ref(a: Tensor, b: Tensor) -> Tensor:
     return (F.silu(a.float()) * b.float()).to(a.dtype)
 
 
-def swiglu_quant_ref(a: Tensor, b: Tensor, pow2: bool = False) -> tuple[Tensor, Tensor]:
+def _swiglu_q(a: Tensor, b: Tensor, pow2: bool) -> tuple[Tensor, Tensor]:
+    # a, b (M, Fp/128, 128) -> silu(a)·b quantized 1×128
+    return _q_1x128(F.silu(a.float()) * b.float(), pow2)
+
+
+def swiglu_quant_ref(a: Tensor, b: Tensor, pow2: bool = False, core=_swiglu_q) -> tuple[Tensor, Tensor]:
     """silu(a) * b quantized 1×128 in the same pass: the SwiGLU output only ever feeds W2's FP8 GEMM, so it
     never needs to exist in BF16. a, b (M, F) -> q (M, Fp) e4m3, s (M, Fp/128)."""
-    return quant_1x128_ref(F.silu(a.float()) * b.float(), pow2)
+    a, b = _pad_dim(a, 1), _pad_dim(b, 1)  # (M, Fp) each; padding is zero and silu(0)·0 = 0
+    return core(_tiles_1x128(a), _tiles_1x128(b), pow2)
 
 
 def swiglu_bwd_ref(a: Tensor, b: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:
@@ -193,18 +240,53 @@ def apply_rope(x: Tensor, freqs_cis: Tensor, compiled: bool = False) -> Tensor:
 
 # ----------------------------------------------------------------------------------------------------------
 # the compiled versions: torch.compile is lazy, so nothing is compiled until a kernel is first called
-# (on a GPU: ~1–2 s per kernel and shape family; on a 2-core CPU ~20 s, so the CPU path uses the *_ref).
+# (on a GPU: ~1–2 s per kernel and variant; on a 2-core CPU ~20 s, so the CPU path uses the *_ref).
+#
+# One model calls each kernel with many shapes: every weight has its own (N, K), every expert its own token
+# count each step. Compiled for fixed shapes, each new token count would be a recompile, and dynamo gives up
+# after recompile_limit (8) of them and runs the eager code (what first happened to
+# `train.py --config gpu --fp8=True`). Fully dynamic shapes (dynamic=True) are no better: on an H200 the
+# quantizers ran 2-4× slower (every size, strides included, unknown when the kernel is generated), and
+# torch 2.11's inductor failed an assertion on the symbolic size M + (-M mod 128) when the padding was
+# compiled in. So the split DeepGEMM makes too (N and K fixed when a kernel is compiled, M a runtime value):
+# the number of rows (tokens, or tiles of 128 tokens) is dynamic, every other size is static. `_compile` marks dim 0 of every input dynamic and the rest static (weights: all
+# static), detaches the inputs (requires_grad is part of a compiled graph's guard), and the limit is raised
+# for the variants that remain different kernels: each feature width, the input dtype (BF16 activations,
+# FP32 weights), pow2 on or off, a contiguous input or a column slice of a wider one.
+torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
-# coordinate-descent tuning of the generated reduction: 0.193 -> 0.148 ms (44% -> 57% of copy bandwidth) for
-# M=16384, K=7168 on an H200; it did not help quant_128x1, so only the 1×128 quantizer uses it
-quant_1x128 = torch.compile(quant_1x128_ref, options={"coordinate_descent_tuning": True})
-quant_128x1 = torch.compile(quant_128x1_ref)
-quant_128x128 = torch.compile(quant_128x128_ref)
-requant_128x1 = torch.compile(requant_128x1_ref)
-dequant_1x128 = torch.compile(dequant_1x128_ref)
-dequant_128x128 = torch.compile(dequant_128x128_ref)
-rmsnorm = torch.compile(rmsnorm_ref)
-swiglu = torch.compile(swiglu_ref)
-swiglu_quant = torch.compile(swiglu_quant_ref)
-swiglu_bwd = torch.compile(swiglu_bwd_ref)
-rope = torch.compile(rope_ref)
+
+def _compile(fn, dynamic_rows: bool = True, **options):
+    compiled = torch.compile(fn, options=options or None)
+
+    @functools.wraps(fn)
+    def run(*args):
+        args = [a.detach() if isinstance(a, Tensor) else a for a in args]
+        for a in args:
+            if isinstance(a, Tensor):
+                if dynamic_rows:
+                    torch._dynamo.maybe_mark_dynamic(a, 0)
+                for d in range(1 if dynamic_rows else 0, a.dim()):
+                    torch._dynamo.mark_static(a, d)
+        return compiled(*args)
+    return run
+
+
+def _with_core(ref, core):
+    """ref's glue around a compiled core: same signature and results as ref."""
+    return functools.update_wrapper(functools.partial(ref, core=core), ref)
+
+
+# coordinate-descent tuning of the generated reduction: 0.193 -> 0.148 ms for M=16384, K=7168 on an H200
+# (compiled for that one shape); it did not help quant_128x1, so only the 1×128 quantizer uses it
+quant_1x128 = _with_core(quant_1x128_ref, _compile(_q_1x128, coordinate_descent_tuning=True))
+quant_128x1 = _with_core(quant_128x1_ref, _compile(_q_128x1))
+quant_128x128 = _with_core(quant_128x128_ref, _compile(_q_128x128, dynamic_rows=False))  # weights
+requant_128x1 = _with_core(requant_128x1_ref, _compile(_rq_128x1))
+dequant_1x128 = _with_core(dequant_1x128_ref, _compile(_dq_1x128))
+dequant_128x128 = _with_core(dequant_128x128_ref, _compile(_dq_128x128, dynamic_rows=False))
+swiglu_quant = _with_core(swiglu_quant_ref, _compile(_swiglu_q))
+swiglu = _compile(swiglu_ref)  # element-wise only: no tiles, no padding
+swiglu_bwd = _compile(swiglu_bwd_ref)
+rmsnorm = _compile(rmsnorm_ref)
+rope = torch.compile(rope_ref)  # its Dr // 2 would be symbolic arithmetic again; standalone, shapes fixed

@@ -168,3 +168,16 @@ def test_compiled_kernels_match_eager_cuda():
            K.dequant_1x128(*K.quant_1x128(x)), K.rmsnorm(x, w[0, :x.shape[1]]), K.swiglu_quant(a, b),
            K.swiglu_bwd(a, b, dy), K.rope(xr, cos, sin))
     _assert_same(out, _all_kernels(*args))
+
+
+def test_compiled_quantizer_serves_every_token_count_with_one_kernel():
+    # the training path calls the quantizers with a new number of rows for every expert at every step;
+    # kernels._compile makes the rows dynamic, so new token counts reuse one compiled graph (a recompile per
+    # count would exhaust dynamo's recompile_limit and fall back to eager code)
+    from torch._dynamo.utils import counters
+    g = torch.Generator().manual_seed(4)
+    before = counters["stats"]["unique_graphs"]
+    for M in (300, 517, 1000, 129):  # ragged and not multiples of 128
+        x = torch.randn(M, 256, generator=g).bfloat16()
+        _assert_same(K.quant_1x128(x), K.quant_1x128_ref(x))
+    assert counters["stats"]["unique_graphs"] - before == 1
