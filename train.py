@@ -114,7 +114,28 @@ def parse_config(argv: list[str]) -> dict:
         if type(value) is not want:
             raise ConfigError(f"--{key} must be {want.__name__}, got {raw!r}")
         cfg[key] = value
+    check_ranges(cfg)
     return cfg
+
+
+POSITIVE = ("batch_size", "seq_len", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval",
+            "lr", "grad_clip")
+NON_NEGATIVE = ("sample_tokens", "warmup_iters", "min_lr", "weight_decay")
+
+
+def check_ranges(cfg: dict) -> None:
+    """A value of the right type can still be meaningless (a zero batch, a negative learning rate)."""
+    for key in POSITIVE:
+        if not cfg[key] > 0:
+            raise ConfigError(f"--{key} must be > 0, got {cfg[key]}")
+    for key in NON_NEGATIVE:
+        if not cfg[key] >= 0:
+            raise ConfigError(f"--{key} must be >= 0, got {cfg[key]}")
+    if not 0 <= cfg["decay_frac"] <= 1:
+        raise ConfigError(f"--decay_frac must be in [0, 1], got {cfg['decay_frac']}")
+    for key in ("beta1", "beta2"):
+        if not 0 <= cfg[key] < 1:
+            raise ConfigError(f"--{key} must be in [0, 1), got {cfg[key]}")
 
 
 def fail(msg: str, code: int = 2):
@@ -375,7 +396,8 @@ while step < cfg["max_iters"] and not interrupted:
         if master:
             tqdm.write(f"step {step}: val loss {ev['val_loss']:.4f} | val bpb {ev['val_bpb']:.4f} | "
                        f"maxvio {ev['maxvio']:.2f}")
-            tqdm.write("--- sample ---\n" + sample_text(cfg["sample_tokens"]) + "\n--------------")
+            if cfg["sample_tokens"]:   # --sample_tokens=0: no sample
+                tqdm.write("--- sample ---\n" + sample_text(cfg["sample_tokens"]) + "\n--------------")
         save_checkpoint()
         last_good = step
         t_window = time.time()   # keep eval time out of tokens/s

@@ -82,6 +82,9 @@ def test_interrupt_and_resume_gives_the_same_losses(tmp_path):
     (["--data={empty}"], "empty"),
     (["--data={short}"], "fewer than one batch"),
     (["--seq_len=256"], "exceeds max_seq_len"),
+    (["--batch_size=0"], "--batch_size must be > 0"),
+    (["--log_interval=0"], "--log_interval must be > 0"),
+    (["--beta2=1.0"], "--beta2 must be in [0, 1)"),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, args, message):
     (tmp_path / "empty.txt").write_text("")
@@ -122,11 +125,12 @@ def test_data_parallel_two_ranks_on_cpu(tmp_path):
     out = str(tmp_path / "out")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "train.py", "--config", "small", *TINY, "--max_iters=4", "--eval_interval=4",
-                        "--device=cpu", f"--out_dir={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                        "--device=cpu", "--sample_tokens=0", f"--out_dir={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-2000:]
     assert "2 data-parallel ranks in sync after 4 steps" in p.stdout
     assert "tokens/step: 256" in p.stdout   # 2 ranks x 4 x 32
+    assert "val loss" in p.stdout and "--- sample ---" not in p.stdout   # --sample_tokens=0: evaluation, no sample
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 4
 
 
