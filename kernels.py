@@ -249,10 +249,11 @@ def apply_rope(x: Tensor, freqs_cis: Tensor, compiled: bool = False) -> Tensor:
 # quantizers ran 2-4× slower (every size, strides included, unknown when the kernel is generated), and
 # torch 2.11's inductor failed an assertion on the symbolic size M + (-M mod 128) when the padding was
 # compiled in. So the split DeepGEMM makes too (N and K fixed when a kernel is compiled, M a runtime value):
-# the number of rows (tokens, or tiles of 128 tokens) is dynamic, every other size is static. `_compile` marks dim 0 of every input dynamic and the rest static (weights: all
-# static), detaches the inputs (requires_grad is part of a compiled graph's guard), and the limit is raised
-# for the variants that remain different kernels: each feature width, the input dtype (BF16 activations,
-# FP32 weights), pow2 on or off, a contiguous input or a column slice of a wider one.
+# the number of rows (tokens, or tiles of 128 tokens) is dynamic, every other size is static. `_compile`
+# marks dim 0 of every input dynamic and the rest static (weights: all static), detaches the inputs
+# (requires_grad is part of a compiled graph's guard), and the limit is raised for the variants that remain
+# different kernels: each feature width, the input dtype (BF16 activations, FP32 weights), pow2 on or off,
+# a contiguous input or a column slice of a wider one.
 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
 

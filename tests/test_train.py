@@ -125,8 +125,8 @@ def test_data_parallel_two_ranks_on_cpu(tmp_path):
     out = str(tmp_path / "out")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         "train.py", "--config", "small", *TINY, "--max_iters=4", "--eval_interval=4",
-                        "--device=cpu", "--sample_tokens=0", f"--out_dir={out}"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+                        "--device=cpu", "--sample_tokens=0", f"--out_dir={out}"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-2000:]
     assert "2 data-parallel ranks in sync after 4 steps" in p.stdout
     assert "tokens/step: 256" in p.stdout   # 2 ranks x 4 x 32
