@@ -2,7 +2,8 @@
 The fused element-wise kernels of nanoDeepSeek, written as plain PyTorch and fused by torch.compile.
 
 Each kernel is a small eager function `*_ref` (the readable reference, what runs on CPU) and, next to it,
-the same function wrapped in `torch.compile` (one fused Triton kernel per function on a GPU). There is no
+its `torch.compile`d version (one fused Triton kernel per function on a GPU; for the quantizers, the part
+after padding to whole tiles is what gets compiled, see the bottom of the file). There is no
 hand-written Triton: inductor turns "read a tile, reduce its max, scale, cast" into a single pass over
 memory, which is all a memory-bound kernel needs.
 
