@@ -10,7 +10,9 @@ Simplifications vs. the real thing:
   - a few MB of text instead of 14.8T tokens; no Fill-in-Middle, no random splitting of punctuation+newline
     tokens (the paper's fix for token-boundary bias).
   - the BPE trainer is plain Python. It counts the unique pre-split chunks once and then updates pair counts
-    incrementally, which is fast enough for a few MB and a vocabulary of a few thousand.
+    incrementally, which is fast enough for a few MB and a vocabulary of a few thousand. Chunks longer than
+    MAX_CHUNK characters (text without spaces: Chinese, minified code, base64) are cut into MAX_CHUNK pieces
+    for counting, so training stays linear in the text; encoding still sees the whole chunk.
   - one special token, <|endoftext|>, whose id is the last one (vocab_size - 1). Each play starts with it, so a
     window that crosses two plays shows the boundary, and sample.py can start a new play from it.
 The layout on disk follows nanoGPT: flat uint16 (uint32 if the vocabulary is larger than 2^16) token-id files
@@ -19,13 +21,14 @@ format, one "base64(token bytes) rank" per line, and the files are served throug
 
 Run: python data.py [--data=PATH.txt] [--vocab_size=4096] [--cache_dir=DIR]   (prepares the data, prints stats)
 """
-import base64, hashlib, heapq, importlib.metadata, json, math, os, re, shutil, sys, tempfile, time
+import base64, hashlib, heapq, importlib.metadata, json, math, os, re, shutil, signal, socket, sys, tempfile, time
 from collections import Counter, defaultdict
 
 import numpy as np
 import regex  # tiktoken depends on it and uses it for the same pattern; the stdlib `re` has no \p{L}
 import tiktoken
 import torch
+from tqdm import tqdm
 
 # GPT-4's cl100k pre-split: contractions, letter runs with an optional leading non-letter, 1-3 digit groups,
 # punctuation runs with trailing newlines, and whitespace. BPE merges never cross a chunk boundary.
@@ -36,7 +39,8 @@ EOT = "<|endoftext|>"
 VAL_PLAYS = ("comedies/twelfth-night.md", "histories/richard-ii.md", "tragedies/othello.md")
 VAL_FRACTION = 0.1  # for a user's text file: the last 10% of its characters
 CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_cache")
-VERSION = "1"  # bump when the text cleaning or the tokenizer changes; it is part of the cache key
+MAX_CHUNK = 32  # longest pre-split chunk the BPE trainer counts whole (the plays' longest is 27 characters)
+VERSION = "2"  # bump when the text cleaning or the tokenizer changes; it is part of the cache key
 
 
 class DataError(ValueError):
@@ -126,13 +130,21 @@ def _merge(ids: list[int], pair: tuple[int, int], new: int) -> list[int]:
     return out
 
 
+def pre_split(text: str) -> list[str]:
+    """The chunks the BPE trainer counts: the regex pre-split, with chunks longer than MAX_CHUNK characters cut
+    into MAX_CHUNK pieces. Merging costs time proportional to the length of every chunk that holds the pair, and
+    one 300 KB chunk (a line without spaces) holds nearly every pair: without the cut, training is
+    (text length) x (vocabulary) Python steps on one list."""
+    return [c[i:i + MAX_CHUNK] for c in regex.findall(PAT_STR, text) for i in range(0, len(c), MAX_CHUNK)]
+
+
 def train_bpe(docs: list[str], vocab_size: int) -> list[tuple[int, int]]:
     """Learn vocab_size - 257 merges (256 byte tokens + 1 special token) on the documents. Returns the merges
     in order; merge r creates token id 256 + r. Ties go to the smaller (left id, right id) pair, so the result
-    is deterministic. It stops early if no pair occurs twice."""
+    is deterministic. It stops early if no pair occurs twice. A progress bar (stderr) appears after 2 s."""
     counts = Counter()
     for doc in docs:  # pre-split each document once; BPE only ever looks inside one chunk
-        counts.update(regex.findall(PAT_STR, doc))
+        counts.update(pre_split(doc))
     words = [list(w.encode("utf-8")) for w in counts]  # unique chunks as token-id lists
     freq = list(counts.values())
     pair_count, where = defaultdict(int), defaultdict(set)  # pair -> occurrences, pair -> ids of the chunks
@@ -147,6 +159,8 @@ def train_bpe(docs: list[str], vocab_size: int) -> list[tuple[int, int]]:
     heapq.heapify(heap)
     merges, token_bytes = [], [bytes([i]) for i in range(256)]
     seen = set(token_bytes)
+    bar = tqdm(total=vocab_size - 257, desc="training the tokenizer", unit="merge", delay=2, mininterval=1,
+               file=sys.stderr, leave=False)
     while len(merges) < vocab_size - 257 and heap:
         negc, p = heapq.heappop(heap)
         c = pair_count.get(p, 0)
@@ -161,6 +175,7 @@ def train_bpe(docs: list[str], vocab_size: int) -> list[tuple[int, int]]:
         # tiktoken ranks tokens by their bytes, so two merges that make the same bytes could not be told apart.
         assert b not in seen, f"BPE produced a duplicate token {b!r}"
         merges.append(p); token_bytes.append(b); seen.add(b)
+        bar.update()
         created = set()
         for i in sorted(where.pop(p)):  # only the chunks that contain the pair are touched
             old = words[i]
@@ -179,6 +194,7 @@ def train_bpe(docs: list[str], vocab_size: int) -> list[tuple[int, int]]:
         del pair_count[p]
         for q in sorted(created):
             heapq.heappush(heap, (-pair_count[q], q))
+    bar.close()
     return merges
 
 
@@ -260,24 +276,46 @@ def prepare(data: str | None, vocab_size: int, cache_dir: str = CACHE_DIR) -> di
     digest = hashlib.sha256(f"{VERSION} {sep}".encode())  # key = code version + the exact text of both splits
     for doc in train_docs + ["\0"] + val_docs:
         digest.update(doc.encode("utf-8") + b"\0")
-    out_dir = os.path.join(cache_dir, f"{name}-v{vocab_size}-{digest.hexdigest()[:12]}")
+    key = f"{name}-v{vocab_size}-{digest.hexdigest()[:12]}"  # the folder name; a checkpoint records it
+    out_dir = os.path.join(cache_dir, key)
     meta_path = os.path.join(out_dir, "meta.json")
     if not os.path.exists(meta_path):
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp_dir = tempfile.mkdtemp(prefix=".tmp-", dir=cache_dir)  # build everything, then rename at once
-        os.chmod(tmp_dir, 0o755)  # mkdtemp makes it private; the cache is an ordinary folder
+        tmp_dir = None
         try:
+            os.makedirs(cache_dir, exist_ok=True)
+            remove_dead_temp_dirs(cache_dir)
+            # build everything in a temp folder named after this process, then rename it at once
+            tmp_dir = tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-{socket.gethostname()}-", dir=cache_dir)
+            os.chmod(tmp_dir, 0o755)  # mkdtemp makes it private; the cache is an ordinary folder
             _build(tmp_dir, name, train_docs, val_docs, sep, vocab_size)
             os.rename(tmp_dir, out_dir)
-        except OSError:
+        except OSError as e:
             if not os.path.exists(meta_path):  # not a lost race with another process preparing the same data
-                raise
-        finally:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
+                raise DataError(f"cannot write the data cache {cache_dir}: {e.strerror or e} (choose another "
+                                f"folder: train.py --data_cache=DIR, data.py --cache_dir=DIR)") from None
+        finally:  # also on Ctrl-C (KeyboardInterrupt); a kill -9 leaves the folder to remove_dead_temp_dirs
+            if tmp_dir:
+                shutil.rmtree(tmp_dir, ignore_errors=True)
     meta = json.load(open(meta_path))
     for k in ("train_bin", "val_bin", "tokenizer"):
         meta[k] = os.path.join(out_dir, meta[k])
+    meta["key"] = key
     return meta
+
+
+def remove_dead_temp_dirs(cache_dir: str) -> None:
+    """Remove .tmp-PID-HOST-* build folders whose process is gone (killed while preparing). Folders of live
+    processes, or of other machines sharing the folder, are left alone."""
+    for d in os.listdir(cache_dir):
+        pid, _, rest = d.removeprefix(".tmp-").partition("-")
+        if not d.startswith(".tmp-") or not pid.isdigit() or rest.rpartition("-")[0] != socket.gethostname():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(cache_dir, d), ignore_errors=True)
+        except PermissionError:  # it exists, owned by another user
+            pass
 
 
 def _build(out_dir, name, train_docs, val_docs, sep, vocab_size):
@@ -361,11 +399,15 @@ if __name__ == "__main__":
             sys.exit(2)
         args[k] = int(v) if k == "vocab_size" else v
     t0 = time.time()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill: clean up as on Ctrl-C
     try:
         m = prepare(**args)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written to the cache", file=sys.stderr)
+        sys.exit(130)
     print(f"{m['name']}: vocab {m['vocab_size']} ({m['dtype']}), tokenizer trained in {m['tokenizer_seconds']:.1f} s, "
           f"encoded in {m['encode_seconds']:.1f} s (this call: {time.time() - t0:.1f} s)")
     for s in ("train", "val"):

@@ -566,7 +566,10 @@ class Transformer(nn.Module):
     def expert_load(self):
         """(n_moe_layers, E) tokens per expert in the last forward, and MaxVio per layer:
         max_load / mean_load − 1 (Wang et al. 2024; 0 = perfectly balanced)."""
-        counts = torch.stack([m.last_counts for m in self.moe_layers() if m.last_counts is not None]).float()
+        counts = [m.last_counts for m in self.moe_layers() if m.last_counts is not None]
+        if not counts:   # an all-dense model (or no forward yet): no layer to report
+            return torch.zeros(0, self.args.n_routed_experts), torch.zeros(0)
+        counts = torch.stack(counts).float()                                    # (n_moe_layers, E)
         return counts, counts.max(dim=1).values / counts.mean(dim=1) - 1
 
     # --- accounting -----------------------------------------------------------

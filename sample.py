@@ -298,7 +298,10 @@ def run(cfg: dict) -> int:
             text = open(text[5:], encoding="utf-8").read()
         except OSError as e:
             raise SampleError(f"cannot read prompt file {text[5:]}: {e.strerror}") from None
+        except UnicodeDecodeError as e:
+            raise SampleError(f"prompt file {text[5:]} is not UTF-8 text (invalid byte at offset {e.start})") from None
     prompt = enc.encode(text, allowed_special={"<|endoftext|>"})
+    check_length(model, len(prompt), c["max_new_tokens"])   # before anything is printed: no echo of a bad prompt
     a, n, cb = model.args, model.num_params(), cache_report(model)
     print(f"checkpoint {c['out_dir']}/ckpt.pt (step {ckpt.get('step', '?')}): {n['total'] / 1e6:.2f}M params "
           f"({n['activated'] / 1e6:.2f}M activated), {len(model.mtp)} MTP module(s); {device}, {dtype}, attn={c['attn']}")

@@ -17,10 +17,8 @@ Run:  python train.py --config small                     (2-core CPU, ~5 minutes
       any field can be overridden: python train.py --config small --max_iters=100 --dim=64 --out_dir=out-x
 """
 import ast
-import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -31,6 +29,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import checkpoint as C
 import data as D
 from model import ModelArgs, Transformer
 from sample import generate
@@ -146,9 +145,16 @@ def fail(msg: str, code: int = 2):
 try:
     cfg = parse_config(sys.argv[1:])
     model_args = ModelArgs(**{k: cfg[k] for k in MODEL_KEYS})
-except ValueError as e:   # ConfigError, or a violated model invariant
+    cfg["out_dir"] = C.check_out_dir(cfg["out_dir"])   # '~' expanded; a writable folder or a path to one
+except ValueError as e:   # ConfigError, CheckpointError, or a violated model invariant
     fail(str(e))
+signal.signal(signal.SIGTERM, signal.default_int_handler)   # a kill is a Ctrl-C: clean up the same way
 ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+if int(os.environ.get("RANK", "0")) == 0:   # one run per out_dir; data-parallel rank 0 holds the lock
+    try:
+        C.lock_out_dir(cfg["out_dir"])
+    except C.CheckpointError as e:
+        fail(str(e))
 if cfg["resume"]:
     if not os.path.exists(ckpt_path):
         fail(f"--resume=True but there is no checkpoint at {ckpt_path}")
@@ -197,6 +203,9 @@ try:
     D.check_enough(meta["val_tokens"], B, T, "val")
 except D.DataError as e:
     fail(str(e))
+except KeyboardInterrupt:
+    fail("interrupted while preparing the data; nothing was written", code=130)
+fingerprint = C.data_fingerprint(meta, meta["tokenizer"])   # saved in every checkpoint, checked on resume
 if meta["vocab_size"] != model_args.vocab_size:
     model_args.vocab_size = meta["vocab_size"]   # the tokenizer may stop early on a tiny text
 if T > model_args.max_seq_len:
@@ -213,6 +222,7 @@ if cfg["fp8"]:
     from fp8 import convert_to_fp8
     convert_to_fp8(model)   # Fprop/Dgrad/Wgrad of every Linear in the blocks in FP8 (§3.3); same state dict
 n = model.num_params()
+has_moe = bool(model.moe_layers())   # False for an all-dense model: no router, no MaxVio to report
 flops_per_token = model.flops_per_token(T)
 # decay only matrices (weights, embeddings, gate centroids); norms' gains are never decayed
 decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -224,16 +234,24 @@ if cfg["fp8"]:   # §3.3.3: BF16 moments, FP32 master weights
     optimizer = AdamWBF16(groups, lr=cfg["lr"], betas=betas)
 else:
     optimizer = torch.optim.AdamW(groups, lr=cfg["lr"], betas=betas, fused=device_type == "cuda")
-step, best_val = 0, float("inf")
+step, best_val, last_loss, ckpt = 0, float("inf"), None, {}
 if cfg["resume"]:
-    ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+    try:
+        ckpt = C.load(ckpt_path, device)
+        C.check_resumable(ckpt, ckpt_path)
+        C.check_same_data(ckpt, fingerprint, ckpt_path)
+    except C.CheckpointError as e:
+        fail(str(e))
     saved = ckpt["model_args"]
     if saved != asdict(model_args):
         diff = {k: (saved.get(k), v) for k, v in asdict(model_args).items() if saved.get(k) != v}
         fail(f"model config differs from the checkpoint's: {diff}")
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    step, best_val = ckpt["step"], ckpt["best_val"]
+    try:   # optimizer_state_for: a BF16/FP32 run may be resumed with --fp8=True and back
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(C.optimizer_state_for(ckpt["optimizer"], cfg["fp8"]))
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        fail(f"cannot resume from {ckpt_path}: {C._one_line(e)}")
+    step, best_val, last_loss = ckpt["step"], ckpt["best_val"], ckpt.get("loss")
     torch.set_rng_state(ckpt["rng"]["torch"])
     train_gen.set_state(ckpt["rng"]["data"])
     if device_type == "cuda" and "cuda" in ckpt["rng"]:
@@ -274,7 +292,7 @@ def evaluate() -> dict:
         loads = loads + model.expert_load()[0]
     model.train()
     ce = torch.stack(losses).mean().item()
-    maxvio = (loads.max(dim=1).values / loads.mean(dim=1) - 1).mean().item()
+    maxvio = (loads.max(dim=1).values / loads.mean(dim=1) - 1).mean().item() if has_moe else None
     return dict(val_loss=ce, val_bpb=D.bits_per_byte(ce, meta["val_tokens"], meta["val_bytes"]), maxvio=maxvio)
 
 
@@ -290,34 +308,25 @@ def sample_text(n_tokens: int) -> str:
     return enc.decode([t for t in ids if t != meta["eot_token"]])
 
 
-def save_checkpoint():
-    """Atomic: write a temp file, then rename over the old one, so a crash never leaves half a checkpoint."""
+def save_checkpoint(loss: float | None):
+    """checkpoint.py writes it atomically, and refuses (CheckpointError) if the weights or the loss are not finite."""
     if not master:
         return
     rng = dict(torch=torch.get_rng_state(), data=train_gen.get_state())
     if device_type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state()
-    ckpt = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), model_args=asdict(model_args),
-                config=cfg, step=step, best_val=best_val, rng=rng)
-    tmp = ckpt_path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, ckpt_path)
-
-
-def log_metrics(record: dict):
-    if master:
-        with open(os.path.join(cfg["out_dir"], "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+    files.save(dict(model=model.state_dict(), optimizer=optimizer.state_dict(), model_args=asdict(model_args),
+                    config=cfg, step=step, best_val=best_val, rng=rng, loss=loss, data=fingerprint))
 
 
 # -----------------------------------------------------------------------------
 # the training loop
 
+# metrics and checkpoints; an --overwrite run leaves the old files alone until its first checkpoint
+files = C.RunFiles(cfg["out_dir"], fingerprint["tokenizer"], run_id=ckpt.get("run_id"),
+                   resume_step=step if cfg["resume"] else None, enabled=master)
+log_metrics = files.log
 if master:
-    os.makedirs(cfg["out_dir"], exist_ok=True)
-    if not cfg["resume"] and os.path.exists(os.path.join(cfg["out_dir"], "metrics.jsonl")):
-        os.remove(os.path.join(cfg["out_dir"], "metrics.jsonl"))   # --overwrite=True: a fresh log
-    shutil.copy(meta["tokenizer"], os.path.join(cfg["out_dir"], "tokenizer.tiktoken"))   # sample.py needs it
     print("config: " + " ".join(f"{k}={v}" for k, v in cfg.items()))
     print(f"data: {meta['name']}, {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, "
           f"vocab {meta['vocab_size']}, {meta['val_bytes'] / meta['val_tokens']:.2f} val bytes/token")
@@ -363,8 +372,9 @@ def on_sigint(signum, frame):   # Ctrl-C: finish the current step, then save and
 
 
 signal.signal(signal.SIGINT, on_sigint)
+signal.signal(signal.SIGTERM, on_sigint)   # kill (a scheduler's preemption) saves like Ctrl-C
 bar = tqdm(total=cfg["max_iters"], initial=step, disable=not master, dynamic_ncols=True, mininterval=1.0)
-window, t_window, last_good = [], time.time(), step
+window, t_window = [], time.time()
 while step < cfg["max_iters"] and not interrupted:
     loss = train_step(step)
     window.append(loss)
@@ -374,36 +384,42 @@ while step < cfg["max_iters"] and not interrupted:
         bad = (~torch.isfinite(losses)).nonzero()
         if len(bad):
             bar.close()
-            fail(f"non-finite loss at step {step - len(window) + int(bad[0]) + 1}; stopping, the last good "
-                 f"checkpoint (step {last_good}) is kept in {cfg['out_dir']}", code=1)
+            fail(f"non-finite loss at step {step - len(window) + int(bad[0]) + 1}; stopping, {files.kept()}", code=1)
         dt = (time.time() - t_window) / len(window)
         tok_s = B * T * cfg["grad_accum"] * world / dt
-        maxvio = model.expert_load()[1].mean().item()
+        maxvio = model.expert_load()[1].mean().item() if has_moe else None
         mfu = f" | mfu {100 * flops_per_token * tok_s / world / peak:.1f}%" if peak else ""
-        bar.set_postfix_str(f"loss {losses[-1]:.4f} | {dt * 1000:.0f} ms | {tok_s:,.0f} tok/s{mfu} | maxvio {maxvio:.2f}")
+        bar.set_postfix_str(f"loss {losses[-1]:.4f} | {dt * 1000:.0f} ms | {tok_s:,.0f} tok/s{mfu}"
+                             + (f" | maxvio {maxvio:.2f}" if has_moe else ""))
         bar.update(len(window))
         log_metrics(dict(step=step, loss=losses[-1].item(), lr=lr_at(step - 1), ms=dt * 1000, tok_s=tok_s,
                          maxvio=maxvio))
-        window, t_window = [], time.time()
+        window, t_window, last_loss = [], time.time(), losses[-1].item()
     if step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]:
         ev = evaluate()
         if not math.isfinite(ev["val_loss"]):   # the last update broke the weights: do not save them
             bar.close()
-            fail(f"non-finite loss at step {step} (validation); stopping, the last good checkpoint "
-                 f"(step {last_good}) is kept in {cfg['out_dir']}", code=1)
+            fail(f"non-finite loss at step {step} (validation); stopping, {files.kept()}", code=1)
         best_val = min(best_val, ev["val_loss"])
         log_metrics(dict(step=step, **ev))
         if master:
-            tqdm.write(f"step {step}: val loss {ev['val_loss']:.4f} | val bpb {ev['val_bpb']:.4f} | "
-                       f"maxvio {ev['maxvio']:.2f}")
+            tqdm.write(f"step {step}: val loss {ev['val_loss']:.4f} | val bpb {ev['val_bpb']:.4f}"
+                       + (f" | maxvio {ev['maxvio']:.2f}" if has_moe else ""))
             if cfg["sample_tokens"]:   # --sample_tokens=0: no sample
                 tqdm.write("--- sample ---\n" + sample_text(cfg["sample_tokens"]) + "\n--------------")
-        save_checkpoint()
-        last_good = step
+        try:
+            save_checkpoint(last_loss)
+        except C.CheckpointError as e:   # non-finite weights, disk full
+            bar.close()
+            fail(f"step {step}: {e}; stopping, {files.kept()}", code=1)
         t_window = time.time()   # keep eval time out of tokens/s
 bar.close()
 if interrupted:
-    save_checkpoint()
+    recent = torch.stack(window).cpu().tolist() if window else [last_loss]
+    try:   # never save weights that went non-finite since the last check
+        save_checkpoint(recent[-1] if all(x is None or math.isfinite(x) for x in recent) else math.nan)
+    except C.CheckpointError as e:
+        fail(f"interrupted at step {step} but not saved ({e}); {files.kept()}", code=1)
     if master:
         print(f"interrupted: saved step {step} to {ckpt_path}; continue with --resume=True", file=sys.stderr)
     sys.exit(130)
