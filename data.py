@@ -232,13 +232,17 @@ def load_tokenizer(path: str) -> tiktoken.Encoding:
     """The tokenizer as a tiktoken.Encoding; <|endoftext|> has the id after the last rank. We parse the file
     ourselves: tiktoken.load.load_tiktoken_bpe would cache a local file by its *path*, so an edited file could
     come back stale."""
+    return tokenizer_from_text(open(path).read(), name=os.path.basename(os.path.dirname(os.path.abspath(path))))
+
+
+def tokenizer_from_text(text: str, name: str = "tokenizer") -> tiktoken.Encoding:
+    """The same from the file's text (a checkpoint carries it)."""
     ranks = {}
-    for line in open(path, "rb").read().splitlines():
+    for line in text.splitlines():
         if line:
             tok, rank = line.split()
             ranks[base64.b64decode(tok)] = int(rank)
-    return tiktoken.Encoding(name=os.path.basename(os.path.dirname(os.path.abspath(path))), pat_str=PAT_STR,
-                             mergeable_ranks=ranks, special_tokens={EOT: len(ranks)},
+    return tiktoken.Encoding(name=name, pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens={EOT: len(ranks)},
                              explicit_n_vocab=len(ranks) + 1)
 
 

@@ -95,6 +95,17 @@ class ModelArgs:
         check(0 <= self.n_dense_layers <= self.n_layers, "n_dense_layers must be in [0, n_layers]")
         check(self.q_lora_rank >= 0 and self.n_mtp_depth >= 0, "q_lora_rank and n_mtp_depth must be >= 0")
         check(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim must be even (RoPE rotates pairs)")
+        for f in fields(self):   # a NaN or inf setting only shows up later, as a NaN loss
+            v = getattr(self, f.name)
+            check(not isinstance(v, float) or math.isfinite(v), f"{f.name} must be finite, got {v}")
+        check(self.rope_theta > 1, f"rope_theta must be > 1 (the RoPE base), got {self.rope_theta}")
+        check(self.rope_factor >= 1 and self.mscale >= 0, f"need rope_factor >= 1 (YaRN s) and mscale >= 0, got "
+              f"{self.rope_factor} and {self.mscale}")
+        check(0 < self.beta_slow < self.beta_fast, f"need 0 < beta_slow < beta_fast (YaRN's ramp), got "
+              f"{self.beta_slow} and {self.beta_fast}")
+        check(self.init_std > 0, f"init_std must be > 0, got {self.init_std}")
+        for name in ("mtp_lambda", "aux_alpha", "bias_update_speed"):
+            check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         check(self.attn_impl in ("naive", "absorb"), f"attn_impl must be 'naive' or 'absorb', got {self.attn_impl!r}")
         check(self.moe_impl in ("grouped", "sorted", "loop"),
               f"moe_impl must be 'grouped', 'sorted' or 'loop', got {self.moe_impl!r}")

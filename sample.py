@@ -217,13 +217,18 @@ def generate_speculative(model, prompt: list[int], max_new_tokens: int, gen, tem
 # checkpoint, tokenizer, command line
 
 def load_checkpoint(out_dir: str, device: str, dtype: torch.dtype):
-    """out_dir/ckpt.pt (train.py's dict: 'model' state_dict, 'model_args') and out_dir/tokenizer.tiktoken."""
-    from data import load_tokenizer   # here, not at the top: tests and the bench need no tokenizer
+    """out_dir/ckpt.pt (train.py's dict: 'model' state_dict, 'model_args', and the tokenizer it was trained with;
+    a checkpoint from before train.py stored it uses out_dir/tokenizer.tiktoken)."""
+    import checkpoint as C
+    from data import load_tokenizer, tokenizer_from_text   # here, not at the top: tests and the bench need none
     path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.isfile(path):
         raise SampleError(f"no checkpoint at {path} (train one: python train.py --out_dir={out_dir})")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = C.load(path, device)
+    except C.CheckpointError as e:
+        raise SampleError(str(e)) from None
+    try:
         model = Transformer(ModelArgs(**ckpt["model_args"]))
         # a torch.compile'd model's state_dict prefixes every key with _orig_mod.; an FP8 model has the same keys
         model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
@@ -235,9 +240,12 @@ def load_checkpoint(out_dir: str, device: str, dtype: torch.dtype):
         prm.data = prm.data.to(device=device, dtype=dtype)
     model.to(device).eval()
     tok_path = os.path.join(out_dir, "tokenizer.tiktoken")
-    if not os.path.isfile(tok_path):
-        raise SampleError(f"no tokenizer at {tok_path} (train.py copies it next to ckpt.pt)")
-    enc = load_tokenizer(tok_path)
+    if C.tokenizer_text(ckpt) is not None:   # the checkpoint's own: a copy beside it could be another run's
+        enc = tokenizer_from_text(C.tokenizer_text(ckpt), name=os.path.basename(os.path.abspath(out_dir)))
+    elif os.path.isfile(tok_path):
+        enc = load_tokenizer(tok_path)
+    else:
+        raise SampleError(f"no tokenizer in {path} and none at {tok_path}")
     if enc.n_vocab > model.args.vocab_size:
         raise SampleError(f"tokenizer has {enc.n_vocab} tokens but the model only {model.args.vocab_size}")
     return model, enc, ckpt

@@ -1,6 +1,6 @@
 """Tests for data.py: text cleaning, the BPE trainer against a naive reference and against tiktoken, exact
 round trips, the cached preparation of the real corpus, batches, and every bad-input error."""
-import math, os, random, re, subprocess, sys, time
+import math, os, random, re, signal, subprocess, sys, time
 from collections import Counter
 
 import numpy as np
@@ -61,7 +61,7 @@ def test_markdown_to_play():
 
 def naive_bpe(text: str, n_merges: int) -> list[tuple[int, int]]:
     """Reference: recount every pair of every chunk from scratch at each step; max count, then smallest pair."""
-    words = [list(c.encode()) for c in regex.findall(data.PAT_STR, text)]
+    words = [list(c.encode()) for c in data.pre_split(text)]
     merges = []
     for r in range(n_merges):
         counts = Counter(p for w in words for p in zip(w, w[1:]))
@@ -74,8 +74,20 @@ def naive_bpe(text: str, n_merges: int) -> list[tuple[int, int]]:
 
 
 def test_incremental_bpe_matches_naive(sample_text):
-    text = sample_text[:8000]
+    text = sample_text[:8000] + "\n" + "xyzzy" * 30 + "\n"   # one chunk longer than MAX_CHUNK, cut for counting
     assert data.train_bpe([text], 257 + 150) == naive_bpe(text, 150)
+
+
+def test_long_chunks_are_cut_for_training():
+    # a line without spaces is one regex chunk; counting it whole made training (length x vocabulary) steps on
+    # one list (a 300 KB line did not finish in 90 s). Pieces of MAX_CHUNK characters bound every token's length.
+    line = "ab" * 1000
+    assert [len(c) for c in data.pre_split(line)] == [data.MAX_CHUNK] * (2000 // data.MAX_CHUNK) + [2000 % data.MAX_CHUNK]
+    assert "".join(data.pre_split(line + " cd")) == line + " cd"
+    merges = data.train_bpe([line], 400)
+    assert max(len(b) for b in data.merges_to_ranks(merges)) == data.MAX_CHUNK
+    enc = tiktoken.Encoding("t", pat_str=data.PAT_STR, mergeable_ranks=data.merges_to_ranks(merges), special_tokens={})
+    assert enc.decode(enc.encode_ordinary(line)) == line and len(enc.encode_ordinary(line)) == 2000 // data.MAX_CHUNK + 1
 
 
 def test_bpe_stops_when_no_pair_repeats():
@@ -231,3 +243,41 @@ def test_cli_errors_exit_2(tmp_path):
     for args in (["--data=" + str(tmp_path / "missing.txt")], ["--vocab_size=big"], ["oops"]):
         r = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), *args], capture_output=True, text=True)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+
+
+def test_cache_folder_errors_are_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "t.txt").write_text("some words to tokenize, " * 50)
+    _error(data.prepare, str(tmp_path / "t.txt"), 300, str(tmp_path / "file" / "cache"), match="cannot write the data cache")
+
+
+def test_dead_temp_dirs_are_removed(tmp_path):
+    # a kill -9 during preparation leaves .tmp-PID-HOST-xxxx; the next preparation removes it if PID is gone
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = data.socket.gethostname()
+    cache = tmp_path / "c"
+    for name in (f".tmp-{dead.pid}-{host}-abc", f".tmp-{os.getpid()}-{host}-abc", f".tmp-{dead.pid}-elsewhere-abc"):
+        (cache / name).mkdir(parents=True)
+    (tmp_path / "t.txt").write_text("some words to tokenize, " * 50)
+    data.prepare(str(tmp_path / "t.txt"), 300, str(cache))
+    left = sorted(d for d in os.listdir(cache) if d.startswith(".tmp"))
+    assert left == sorted([f".tmp-{os.getpid()}-{host}-abc", f".tmp-{dead.pid}-elsewhere-abc"])
+
+
+def test_kill_during_tokenizer_training_shows_progress_and_cleans_up(tmp_path):
+    # text without spaces trains slowly (one chunk per MAX_CHUNK letters): a progress bar appears after 2 s; a
+    # SIGTERM then stops with one line and exit 130 and removes the half-built cache folder
+    rng = random.Random(0)
+    (tmp_path / "t.txt").write_text("".join(rng.choice("abcdefghij") for _ in range(200_000)) + "\n")
+    err = open(tmp_path / "err", "w+")
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "data.py"), f"--data={tmp_path / 't.txt'}",
+                          "--vocab_size=4096", f"--cache_dir={tmp_path / 'c'}"], stdout=subprocess.DEVNULL, stderr=err)
+    t0 = time.time()
+    while "training the tokenizer" not in open(tmp_path / "err").read() and time.time() - t0 < 120:
+        assert p.poll() is None, open(tmp_path / "err").read()
+        time.sleep(0.1)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=60) == 130
+    assert open(tmp_path / "err").read().strip().splitlines()[-1].endswith("interrupted; nothing was written to the cache")
+    assert os.listdir(tmp_path / "c") == []

@@ -45,10 +45,28 @@ def tokens(B, T, V=97, seed=1):
     (dict(attn_impl="flash"), "attn_impl"),
     (dict(qk_rope_head_dim=5), "even"),
     (dict(dim=32.0), "dim must be an int"),
+    # values of the right type that used to fail later (a traceback in nn.init, or a NaN loss)
+    (dict(rope_theta=0.0), "rope_theta must be > 1"),
+    (dict(init_std=-1.0), "init_std must be > 0"),
+    (dict(init_std=0.0), "init_std must be > 0"),
+    (dict(route_scale=float("nan")), "route_scale must be finite"),
+    (dict(mtp_lambda=float("inf")), "mtp_lambda must be finite"),
+    (dict(rope_factor=0.5), "rope_factor >= 1"),
+    (dict(beta_slow=40), "beta_slow < beta_fast"),
+    (dict(aux_alpha=-1e-4), "aux_alpha must be >= 0"),
 ])
 def test_invalid_args_raise_clear_errors(kw, msg):
     with pytest.raises(ValueError, match=msg):
         tiny_args(**kw)
+
+
+def test_all_dense_model_reports_no_expert_load():
+    # n_dense_layers = n_layers and no MTP: no MoE layer at all; train.py's progress line used to crash here
+    model = Transformer(tiny_args(n_dense_layers=3, n_mtp_depth=0))
+    _, losses = model(tokens(2, 8), tokens(2, 8, seed=2))
+    counts, maxvio = model.expert_load()
+    assert not model.moe_layers() and counts.shape[0] == 0 and maxvio.numel() == 0
+    assert torch.isfinite(losses["loss"])
 
 
 def test_v3_accounting_on_meta():

@@ -243,13 +243,31 @@ def test_cli_generates_and_reports(ckpt_dir, capsys):
     (["--bogus=1"], "unknown option --bogus"),
     (["--prompt=FILE:/nonexistent.txt"], "cannot read prompt file"),
     (["--max_new_tokens=500"], "exceeds the model's max_seq_len=96"),
-    (["--speculative=True", "--draft_depth=3"], "draft depth"),
+    (["--speculative=True", "--draft_depth=3", "--max_new_tokens=20"], "draft depth"),
+    (["--prompt=FILE:{latin1}"], "is not UTF-8 text (invalid byte at offset 3)"),
+    (["--prompt=" + "To be, or not to be. " * 10], "prompt (210 tokens) + max_new_tokens (200) exceeds"),
 ])
-def test_cli_bad_input_is_one_line_exit_2(ckpt_dir, capsys, args, msg):
-    argv = [f"--out_dir={ckpt_dir}", "--device=cpu"] + args
+def test_cli_bad_input_is_one_line_exit_2(ckpt_dir, capsys, tmp_path, args, msg):
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9".encode("latin-1"))
+    argv = [f"--out_dir={ckpt_dir}", "--device=cpu"] + [a.format(latin1=tmp_path / "latin1.txt") for a in args]
     assert sample.main(argv) == 2
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert msg in err and err.count("\n") == 1, err
+    assert "To be" not in out   # a rejected prompt is not echoed first
+
+
+def test_cli_uses_the_checkpoints_own_tokenizer(tmp_path, capsys):
+    # train.py stores the tokenizer in the checkpoint; a tokenizer.tiktoken beside it may belong to another run
+    from data import save_tokenizer
+    torch.manual_seed(0)
+    args = tiny_args(vocab_size=257, max_seq_len=96, original_seq_len=96, init_std=0.1)
+    save_tokenizer({bytes([i]): i for i in range(256)}, str(tmp_path / "own.tiktoken"))
+    own = open(tmp_path / "own.tiktoken").read()
+    torch.save(dict(model=Transformer(args).state_dict(), model_args=vars(args), config={}, step=7,
+                    data=dict(tokenizer=own)), tmp_path / "ckpt.pt")
+    save_tokenizer({bytes([(i + 1) % 256]): i for i in range(256)}, str(tmp_path / "tokenizer.tiktoken"))  # another's
+    rc = sample.main([f"--out_dir={tmp_path}", "--prompt=ROMEO:", "--max_new_tokens=3", "--device=cpu"])
+    assert rc == 0 and "ROMEO:" in capsys.readouterr().out   # the file's shifted bytes would print "QNLDN9"
 
 
 def test_cli_corrupt_checkpoint_exit_code(tmp_path):
