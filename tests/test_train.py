@@ -85,6 +85,8 @@ def test_interrupt_and_resume_gives_the_same_losses(tmp_path):
     (["--batch_size=0"], "--batch_size must be > 0"),
     (["--log_interval=0"], "--log_interval must be > 0"),
     (["--beta2=1.0"], "--beta2 must be in [0, 1)"),
+    (["--init_std=-1"], "init_std must be > 0"),
+    (["--rope_theta=0"], "rope_theta must be > 1"),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, args, message):
     (tmp_path / "empty.txt").write_text("")
@@ -148,3 +150,120 @@ def test_fp8_training_with_grad_accumulation(tmp_path):
     moments = [t for s in ckpt["optimizer"]["state"].values() for t in s.values() if torch.is_tensor(t) and t.dim()]
     assert moments and all(t.dtype == torch.bfloat16 for t in moments)
     assert sorted(train_losses(out)) == [1, 2, 3]
+
+
+# ----------------------------------------------------------------------------- nothing a user does loses a checkpoint
+
+QUICK = ["--config", "small", *TINY, "--sample_tokens=0"]
+
+
+def start(*args):
+    """train.py in the background, returned once it has printed its start-up lines (the loop begins next)."""
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        if line.startswith("FLOPs/token"):
+            return proc
+    raise AssertionError(f"train.py exited early: {proc.wait()} {proc.stderr.read()}")
+
+
+def snapshot(out):
+    return {f: open(os.path.join(out, f), "rb").read() for f in ("ckpt.pt", "tokenizer.tiktoken", "metrics.jsonl")}
+
+
+def test_interrupt_after_divergence_keeps_the_good_checkpoint(tmp_path):
+    # issue #11 case 1: Ctrl-C used to save whatever the weights were, NaN included, over the good checkpoint
+    out = str(tmp_path / "out")
+    run(*QUICK, "--max_iters=2", "--eval_interval=2", f"--out_dir={out}")
+    before = snapshot(out)
+    # lr 1e30: weights ~1e31 after one update, NaN after the second; log_interval 1000: no loss check before Ctrl-C
+    proc = start(*QUICK, "--max_iters=2000", "--eval_interval=1000", "--log_interval=1000", "--lr=1e30",
+                 "--warmup_iters=0", "--resume=True", f"--out_dir={out}")
+    time.sleep(3.0)   # a tiny step takes 20-300 ms: many steps run before the Ctrl-C
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 1, err
+    assert "not saved" in err and "is not finite" in err and "the last good checkpoint (step 2) is kept" in err, err
+    assert snapshot(out) == before
+
+
+def test_resume_with_other_data_is_refused_and_overwrite_waits_for_its_first_checkpoint(tmp_path):
+    # issue #11 case 2: a different --data (same vocabulary size) used to resume silently with another tokenizer,
+    # and an --overwrite run killed before its first checkpoint left the old ckpt.pt beside the new tokenizer
+    plays = __import__("data").shakespeare_plays()
+    for name, play in (("a", "tragedies/macbeth.md"), ("b", "comedies/as-you-like-it.md")):
+        (tmp_path / f"{name}.txt").write_text(plays[play][:20_000])
+    out = str(tmp_path / "out")
+    run(*QUICK, "--max_iters=2", "--eval_interval=2", f"--data={tmp_path / 'a.txt'}", f"--out_dir={out}")
+    before = snapshot(out)
+    p = run(*QUICK, "--max_iters=4", f"--data={tmp_path / 'b.txt'}", "--resume=True", f"--out_dir={out}", check=False)
+    assert p.returncode == 2 and "was trained on data a-v512-" in p.stderr and len(p.stderr.splitlines()) == 1, p.stderr
+    proc = start(*QUICK, "--max_iters=2000", "--eval_interval=1000", f"--data={tmp_path / 'b.txt'}",
+                 "--overwrite=True", f"--out_dir={out}")
+    time.sleep(1.0)
+    proc.kill()   # kill -9 before the new run's first checkpoint
+    proc.wait()
+    assert snapshot(out) == before
+
+
+def test_one_run_per_out_dir_a_killed_run_does_not_block_and_sigterm_saves(tmp_path):
+    # issue #11 case 3: two runs on one out_dir used to race (one crashed on ckpt.pt.tmp, one overwrote)
+    out = str(tmp_path / "out")
+    first = start(*QUICK, "--max_iters=2000", "--eval_interval=1000", f"--out_dir={out}")
+    p = run(*QUICK, "--max_iters=2", "--eval_interval=2", "--overwrite=True", f"--out_dir={out}", check=False)
+    assert p.returncode == 2 and f"is in use by another train.py (pid {first.pid} " in p.stderr, p.stderr
+    assert len(p.stderr.splitlines()) == 1
+    first.kill()   # kill -9: the lock file stays, the lock itself dies with the process
+    first.wait()
+    second = start(*QUICK, "--max_iters=2000", "--eval_interval=1000", f"--out_dir={out}")
+    time.sleep(1.0)
+    second.send_signal(signal.SIGTERM)   # a scheduler's kill saves like Ctrl-C
+    err = second.communicate(timeout=120)[1]
+    assert second.returncode == 130 and "interrupted: saved step" in err, err
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] >= 1
+    assert sorted(os.listdir(out)) == ["ckpt.pt", "metrics.jsonl", "tokenizer.tiktoken"]   # lock released
+
+
+def test_resume_errors_are_one_line_and_fp32_resumes_with_fp8(tmp_path):
+    out = tmp_path / "out"
+    run(*QUICK, "--max_iters=2", "--eval_interval=2", f"--out_dir={out}")
+    good = (out / "ckpt.pt").read_bytes()
+    for bad, msg in ((good[:len(good) // 2], "cannot load checkpoint"), (os.urandom(4096), "cannot load checkpoint"),
+                     (None, "is not a train.py checkpoint")):
+        if bad is None:
+            torch.save({"a": 1}, out / "ckpt.pt")
+        else:
+            (out / "ckpt.pt").write_bytes(bad)
+        p = run(*QUICK, "--max_iters=3", "--resume=True", f"--out_dir={out}", check=False)
+        assert p.returncode == 2 and msg in p.stderr and len(p.stderr.splitlines()) == 1, p.stderr
+    (out / "ckpt.pt").write_bytes(good)
+    (out / "ckpt.pt.tmp").write_bytes(b"half a checkpoint: a disk filled up or a kill -9 while saving")
+    run(*QUICK, "--max_iters=3", "--eval_interval=3", "--fp8=True", "--resume=True", f"--out_dir={out}")
+    assert torch.load(out / "ckpt.pt", weights_only=True)["step"] == 3 and not (out / "ckpt.pt.tmp").exists()
+
+
+def test_all_dense_model_trains_and_diverging_fresh_run_claims_no_checkpoint(tmp_path):
+    out = str(tmp_path / "out")
+    p = run(*QUICK, "--n_dense_layers=2", "--n_mtp_depth=0", "--max_iters=2", "--eval_interval=2",
+            f"--out_dir={out}")
+    assert "val loss" in p.stdout and "maxvio" not in p.stdout + p.stderr
+    p = run(*QUICK, "--max_iters=6", "--eval_interval=6", "--lr=1e30", "--warmup_iters=0",
+            f"--out_dir={tmp_path / 'fresh'}", check=False)
+    assert p.returncode == 1 and "non-finite loss at step" in p.stderr and "no checkpoint was written" in p.stderr
+
+
+@pytest.mark.parametrize("out_dir, message", [
+    ("{file}", "is a file, not a folder"),
+    ("{file}/sub", "is a file, not a folder"),
+    ("", "--out_dir is empty"),
+    ("~/x", "no checkpoint at {home}/x/ckpt.pt"),   # '~' is expanded, not a folder named '~'
+])
+def test_bad_out_dir_one_line_exit_2(tmp_path, out_dir, message):
+    (tmp_path / "file").write_text("x")
+    home = tmp_path / "home"
+    home.mkdir()
+    p = subprocess.run([sys.executable, "train.py", *QUICK, "--resume=True", "--out_dir=" + out_dir.format(
+        file=tmp_path / "file")], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HOME": str(home)})
+    assert p.returncode == 2 and message.format(home=home) in p.stderr and len(p.stderr.splitlines()) == 1, p.stderr
+    assert os.listdir(home) == [] and not os.path.exists(os.path.join(ROOT, "~"))
