@@ -74,7 +74,8 @@ def test_causality_main_and_mtp():
     x2[:, t] = (x2[:, t] + 1) % 97
 
     def outputs(inp):
-        logits, h = model(inp, return_hidden=True)
+        h = model.trunk(inp)
+        logits = model.logits(h)
         per_depth, h_k = [], h
         for k in range(1, 3):
             lk, h_k = model.mtp_forward(k, h_k[:, :T - k], inp[:, k:])
@@ -97,9 +98,9 @@ def test_naive_equals_absorb():
     model = tiny_model().eval()
     x = tokens(2, 20)
     with torch.no_grad():
-        naive = model(x)
+        naive = model(x).logits
         model.set_impl(attn="absorb")
-        absorb = model(x)
+        absorb = model(x).logits
     assert rel_err(absorb, naive) < 1e-9
 
 
@@ -108,12 +109,12 @@ def test_cached_decoding_equals_full_forward(impl):
     model = tiny_model(attn_impl=impl).eval()
     x = tokens(2, 20)
     with torch.no_grad():
-        full = model(x)
+        full = model(x).logits
         model.setup_cache(batch_size=2)
-        pieces = [model(x[:, :8], start_pos=0)]                 # prompt
-        pieces.append(model(x[:, 8:12], start_pos=8))           # a chunk against a cached prefix (mask path)
+        pieces = [model(x[:, :8], start_pos=0).logits]          # prompt
+        pieces.append(model(x[:, 8:12], start_pos=8).logits)    # a chunk against a cached prefix (mask path)
         for t in range(12, 20):                                  # then one token at a time
-            pieces.append(model(x[:, t:t + 1], start_pos=t))
+            pieces.append(model(x[:, t:t + 1], start_pos=t).logits)
         model.clear_cache()
     assert rel_err(torch.cat(pieces, dim=1), full) < 1e-9
     # the cache holds only c_kv and k_R
@@ -128,7 +129,7 @@ def test_yarn_factor_one_changes_nothing_within_original_context():
     long.load_state_dict(short.state_dict())
     x = tokens(1, 32)
     with torch.no_grad():
-        assert rel_err(long.eval()(x), short.eval()(x)) < 1e-12
+        assert rel_err(long.eval()(x).logits, short.eval()(x).logits) < 1e-12
 
 
 def test_yarn_ramp_interpolates_low_frequencies_only():
@@ -237,8 +238,8 @@ def test_mtp_target_alignment():
     model = tiny_model().train()
     x = torch.arange(20)[None]                   # (1, 20)
     y = torch.arange(1, 21)[None]; y[0, -1] = -1  # targets, last one unknown (ignored)
-    _, losses, h = model(x, y, return_hidden=True)
-    h_k = h
+    _, losses = model(x, y)
+    h_k = model.trunk(x)
     for k in (1, 2):
         logits_k, h_k = model.mtp_forward(k, h_k[:, :20 - k], x[:, k:])
         want = torch.arange(k + 1, 21)[None].clone()   # position i predicts token i+k+1

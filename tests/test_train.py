@@ -73,7 +73,7 @@ def test_interrupt_and_resume_gives_the_same_losses(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--config", "tiny"], "unknown preset"),
-    (["--foo=1"], "unknown config key 'foo'"),
+    (["--foo=1"], "unknown option --foo"),
     (["--dim=1.5"], "--dim must be int"),
     (["--lr=fast"], "--lr must be float"),
     (["max_iters=3"], "--key=value"),
