@@ -9,17 +9,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import conftest
 from model import V3_ARGS, Gate, ModelArgs, MoE, Transformer, precompute_freqs_cis
 
 
 def tiny_args(**kw):
-    base = dict(vocab_size=97, dim=48, inter_dim=96, moe_inter_dim=24, n_layers=3, n_dense_layers=1, n_heads=3,
-                n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, n_expert_groups=4,
-                n_limited_groups=2, route_scale=2.5, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8,
-                qk_rope_head_dim=4, v_head_dim=8, max_seq_len=64, original_seq_len=64, n_mtp_depth=2,
-                init_std=0.05)   # larger than 0.006 so that tiny models have non-trivial routing/attention
-    base.update(kw)
-    return ModelArgs(**base)
+    # conftest's tiny model, widened where these tests look: 3 heads, 8 experts in 4 groups (2 of them allowed)
+    # with V3's route_scale, 2 MoE blocks, 2 MTP depths, and init_std 0.05 (larger than 0.006 so that tiny
+    # models have non-trivial routing/attention)
+    base = dict(vocab_size=97, dim=48, inter_dim=96, moe_inter_dim=24, n_layers=3, n_heads=3, n_routed_experts=8,
+                n_expert_groups=4, n_limited_groups=2, route_scale=2.5, q_lora_rank=32, qk_rope_head_dim=4,
+                n_mtp_depth=2, init_std=0.05)
+    return conftest.tiny_args(**{**base, **kw})
 
 
 def tiny_model(seed=0, dtype=torch.float64, **kw):
@@ -52,7 +53,7 @@ def test_invalid_args_raise_clear_errors(kw, msg):
 
 
 def test_v3_accounting_on_meta():
-    # SPEC.md: 671.03B main, 37.55B activated, one MTP module adds 11.61B of its own
+    # the real V3: 671.03B main, 37.55B activated, one MTP module adds 11.61B of its own
     with torch.device("meta"):
         model = Transformer(ModelArgs(**V3_ARGS))
     n = model.num_params()
@@ -237,7 +238,8 @@ def test_mtp_target_alignment():
     # hand-made sequence 0,1,2,...: the main head at position i must predict i+1, MTP depth k predicts i+k+1
     model = tiny_model().train()
     x = torch.arange(20)[None]                   # (1, 20)
-    y = torch.arange(1, 21)[None]; y[0, -1] = -1  # targets, last one unknown (ignored)
+    y = torch.arange(1, 21)[None]
+    y[0, -1] = -1                                # targets, last one unknown (ignored)
     _, losses = model(x, y)
     h_k = model.trunk(x)
     for k in (1, 2):

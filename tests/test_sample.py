@@ -5,7 +5,9 @@ that never saw the rejected tokens.
 Generation tests run in float64: "same maths, different chunking" then differs by ~1e-15, far below any gap
 between the two best logits, so greedy token sequences must match exactly.
 """
-import os, subprocess, sys
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
