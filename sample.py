@@ -4,7 +4,7 @@ the draft model of speculative decoding.
 
 Paper: DeepSeek-V3 Technical Report (arXiv 2412.19437), sections used here:
   §2.1.1 MLA at inference: only c_kv (Ckv) and the shared RoPE key k_R (Dr) are cached per token and layer,
-         and W^UK / W^UV are absorbed into the query / output ("absorb", the default)  -> generate, cache_report
+         and W^UK / W^UV are absorbed into the query / output ("absorb", the default)  -> generate
   §2.2 + §5.4.3 the MTP modules, otherwise dropped at inference, draft the next tokens; the main model checks
          them in one forward (85-90% acceptance of the 2nd token, 1.8x tokens/s in V3)   -> generate_speculative
   Speculative sampling (Leviathan et al. 2023; Chen et al. 2023): keep a draft d ~ q with prob. min(1, p(d)/q(d)),
@@ -79,19 +79,6 @@ def accept_or_resample(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, ge
     # p == q leaves no residual mass, but then every draft is accepted; p keeps multinomial well-defined
     residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), p)
     return accepted, torch.where(accepted, draft, draw(residual, gen))
-
-
-# -----------------------------------------------------------------------------
-# the cache: what it costs (model.py owns it: setup_cache, rollback_cache, clear_cache)
-
-def cache_report(model: Transformer) -> dict:
-    """Bytes per token of the latent cache that model.setup_cache allocates, and of the MHA cache that naive
-    MLA would need (per head: a (Dn+Dr)-dim key and a Dv-dim value), at the parameters' dtype."""
-    a, nbytes = model.args, model.embed.weight.element_size()
-    per_layer = model.cache_numels()   # measured on the real buffers, not a formula
-    mla = sum(per_layer[:a.n_layers]) * nbytes                               # n_layers x (Ckv + Dr)
-    mha = a.n_layers * a.n_heads * (a.qk_nope_head_dim + a.qk_rope_head_dim + a.v_head_dim) * nbytes
-    return dict(mla=mla, mha=mha, mtp=sum(per_layer[a.n_layers:]) * nbytes, dtype_bytes=nbytes)
 
 
 def check_length(model: Transformer, n_prompt: int, max_new_tokens: int):
@@ -272,7 +259,7 @@ def run(cfg: dict) -> int:
         except OSError as e:
             raise SampleError(f"cannot read prompt file {text[5:]}: {e.strerror}") from None
     prompt = enc.encode(text, allowed_special={"<|endoftext|>"})
-    a, n, cb = model.args, model.num_params(), cache_report(model)
+    a, n, cb = model.args, model.num_params(), model.cache_report()
     print(f"checkpoint {c['out_dir']}/ckpt.pt (step {ckpt.get('step', '?')}): {n['total'] / 1e6:.2f}M params "
           f"({n['activated'] / 1e6:.2f}M activated), {len(model.mtp)} MTP module(s); {device}, {dtype}, attn={c['attn']}")
     print(f"KV cache per token: {cb['mla']:,} bytes (MLA latent: {a.n_layers} layers x (Ckv {a.kv_lora_rank} + "

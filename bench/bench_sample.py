@@ -77,7 +77,7 @@ def main(argv):
         model.to(device).eval()
         prompt = torch.randint(0, model.args.vocab_size, (c["prompt_len"],)).tolist()
         what = f"random init, preset {c['config']}" + (f" + {' '.join(model_opts)}" if model_opts else "")
-    a, n, cb = model.args, model.num_params(), sample.cache_report(model)
+    a, n, cb = model.args, model.num_params(), model.cache_report()
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{what}: {n['total'] / 1e6:.1f}M params ({n['activated'] / 1e6:.1f}M activated), {a.n_layers} layers, "
           f"dim {a.dim}, {len(model.mtp)} MTP; {name}, {str(dtype).removeprefix('torch.')}, torch {torch.__version__}")

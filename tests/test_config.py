@@ -1,12 +1,13 @@
 """Tests for config.py: the one command-line parser of every entry point, the presets, the LR schedule."""
 import math
+import os
 import subprocess
 import sys
 
 import pytest
 
 import config
-from config import PRESETS, TRAIN_DEFAULTS, MODEL_DEFAULTS, ConfigError, lr_at, parse
+from config import MODEL_DEFAULTS, PRESETS, TRAIN_DEFAULTS, ConfigError, lr_at, parse
 
 DEFAULTS = dict(n=3, lr=0.5, name="x", path=None, flag=False, sizes=(1, 2))
 TRAIN = {**TRAIN_DEFAULTS, **MODEL_DEFAULTS}
@@ -64,15 +65,18 @@ def test_every_preset_is_a_valid_config():
 
 def test_meaningless_values_are_rejected():
     cfg = parse([], TRAIN, PRESETS, default_preset="small")
-    for key, bad, message in (("batch_size", 0, "--batch_size must be > 0"), ("min_lr", -1e-3, "--min_lr must be >= 0"),
-                              ("decay_frac", 1.5, "--decay_frac must be in [0, 1]"), ("beta2", 1.0, "--beta2 must be in [0, 1)")):
+    for key, bad, message in (("batch_size", 0, "--batch_size must be > 0"),
+                              ("min_lr", -1e-3, "--min_lr must be >= 0"),
+                              ("decay_frac", 1.5, "--decay_frac must be in [0, 1]"),
+                              ("beta2", 1.0, "--beta2 must be in [0, 1)")):
         with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(")", r"\)")):
             config.check_train({**cfg, key: bad})
 
 
 def test_parse_or_exit_prints_one_line_and_exits_2():
     code = "import config; config.parse_or_exit('prog.py', ['--nope=1'], dict(yes=1))"
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=config.__file__.rsplit("/", 1)[0])
+    root = os.path.dirname(os.path.abspath(config.__file__))
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
     assert p.returncode == 2 and p.stderr == "prog.py: error: unknown option --nope\n" and p.stdout == ""
 
 

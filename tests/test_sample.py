@@ -198,7 +198,7 @@ def test_rollback_restores_cache_bitwise():
 
 def test_cache_report_counts_latent_only():
     model = Transformer(tiny_args())
-    r = sample.cache_report(model)
+    r = model.cache_report()
     assert r["mla"] == 2 * (16 + 8) * 4                 # n_layers x (Ckv + Dr) x fp32
     assert r["mha"] == 2 * 2 * (8 + 8 + 8) * 4          # n_layers x H x (Dn + Dr + Dv) x fp32
     assert r["mtp"] == 2 * (16 + 8) * 4                 # one MLA per MTP depth
