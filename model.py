@@ -7,7 +7,8 @@ Paper: DeepSeek-V3 Technical Report (arXiv 2412.19437). Sections implemented her
   §2.1.2 DeepSeekMoE + auxiliary-loss-free load balancing (12)-(16)  -> Gate, MoE
          complementary sequence-wise balance loss, eqs. (17)-(20)  -> MoE.sequence_balance_loss
          node-limited (here: group-limited) routing                -> Gate
-  §2.2   Multi-Token Prediction, eqs. (21)-(25)                  -> MTP, Transformer.forward
+  §2.2   Multi-Token Prediction, eqs. (21)-(25)                  -> MTP, Transformer.forward / mtp_forward
+  §3.2.1 a pipeline stage (a slice of the model, for dualpipe.py) -> Transformer.pipeline_stage
   §4.2   init std 0.006                                          -> Transformer._init_weights
   §4.3   YaRN long-context extension                             -> precompute_freqs_cis, MLA.softmax_scale
 Names follow the official inference code (github.com/deepseek-ai/DeepSeek-V3, inference/model.py) so a
@@ -20,6 +21,10 @@ Simplifications vs. the real thing:
   - each expert keeps its own nn.Linear weights (official names, FP8-convertible), so the grouped GEMM
     stacks them on the fly every forward, an extra copy that one stored (E, I, D) tensor would avoid;
   - no tensor parallelism, no FP8 here (fp8.py swaps the nn.Linear layers for FP8 ones).
+
+The API callers use: forward(tokens, targets) -> Output(logits, losses); trunk / logits (hidden states and
+their logits, for speculative decoding); setup_cache / rollback_cache / clear_cache (the generation cache);
+update_router_biases (after every optimizer step); set_impl (naive/absorb, grouped/sorted/loop).
 
 Run: python -m pytest tests/test_model.py   (python train.py --config small trains one)
 

@@ -195,6 +195,29 @@ def test_bias_update_direction_and_only_in_training():
     assert moe.load.sum() == 2 * 16 * 2   # N tokens × K experts
 
 
+def test_router_bias_update_uses_the_loads_summed_over_ranks():
+    # data parallel: each rank counts its own tokens; update_router_biases(all_reduce) must move every rank's bias
+    # by the rule applied to the GLOBAL load, in one collective over all layers (here: the other rank's loads
+    # are added by hand, as torch.distributed.all_reduce would on two ranks)
+    model = tiny_model(dtype=torch.float32)
+    mine = torch.tensor([[10, 0, 5, 5, 5, 5, 5, 1], [1, 2, 3, 4, 5, 6, 7, 8]])        # (layers, E), mean 4.5
+    other = torch.tensor([[0, 10, 5, 5, 5, 5, 1, 5], [8, 7, 6, 5, 4, 3, 2, 1]])
+    for moe, load in zip(model.moe_layers(), mine):
+        moe.load[:] = load
+    calls = []
+
+    def all_reduce(t):   # an in-place sum over "ranks", like dist.all_reduce
+        calls.append(tuple(t.shape))
+        t[:2] += other
+    model.update_router_biases(all_reduce=all_reduce)
+    total = mine + other
+    for moe, load in zip(model.moe_layers()[:2], total):
+        assert torch.allclose(moe.gate.bias, 1e-3 * torch.sign(load.float().mean() - load.float()))
+    assert model.moe_layers()[1].gate.bias.abs().sum() == 0   # 9 everywhere: balanced, no move
+    assert calls == [(len(model.moe_layers()), 8)]              # one collective for every layer
+    assert all(m.load.sum() == 0 for m in model.moe_layers())
+
+
 def test_balance_loss_hand_computed_and_has_gradient():
     args = tiny_args(n_routed_experts=4, n_expert_groups=1, n_limited_groups=1, n_activated_experts=2,
                      aux_alpha=0.5)
