@@ -445,10 +445,15 @@ class MTP(nn.Module):
         self.norm = RMSNorm(args.dim)
 
     def forward(self, h_prev, emb_next, freqs_cis, start_pos: int = 0):
-        """h_prev: (B, T, D) final-normed states of depth k-1; emb_next: (B, T, D) = Emb(t_{i+k}).
-        Returns the final-normed (B, T, D) states of depth k (fed to the head and to depth k+1)."""
+        """h_prev: (B, T, D) state of depth k-1 (depth 1: the main model's final-normed h); emb_next: (B, T, D)
+        = Emb(t_{i+k}). Returns h^k = TRM_k(h'^k) (B, T, D), the block's output, NOT normed: eq. (22)'s h^k is
+        what depth k+1 receives (its own hnorm is eq. (21)'s RMSNorm), and self.norm belongs to the head side
+        (eq. 23; the checkpoint's shared_head.norm) -- apply it with head_input() only where logits are made."""
         h = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))  # eq. (21): (B, T, D)
-        return self.norm(self.block(h, freqs_cis, start_pos))                           # eq. (22)
+        return self.block(h, freqs_cis, start_pos)                                      # eq. (22): (B, T, D)
+
+    def head_input(self, h_k: torch.Tensor) -> torch.Tensor:
+        return self.norm(h_k)                                                           # eq. (23): Head(RMSNorm(h^k))
 
 
 class Transformer(nn.Module):
@@ -503,8 +508,8 @@ class Transformer(nn.Module):
             if T - k <= 0:
                 break
             emb_next = self.embed(tokens[:, k:])                               # Emb(t_{i+k}), (B, T-k, D)
-            h_k = module(h_k[:, :T - k], emb_next, freqs[:T - k])              # (B, T-k, D)
-            logits_k = at_least_fp32(self.head(h_k))                           # shared head, (B, T-k, V)
+            h_k = module(h_k[:, :T - k], emb_next, freqs[:T - k])              # (B, T-k, D), chained un-normed
+            logits_k = at_least_fp32(self.head(module.head_input(h_k)))        # shared head, (B, T-k, V)
             mtp_k.append(F.cross_entropy(logits_k.flatten(0, 1), targets[:, k:].flatten(), ignore_index=-1))
         mtp = self.args.mtp_lambda / len(self.mtp) * sum(mtp_k) if mtp_k else ce.new_zeros(())
         moes = [m for m in self.moe_layers() if m.balance_loss is not None]
@@ -518,8 +523,9 @@ class Transformer(nn.Module):
         """One MTP depth k (1-based) for generation: h_prev (B, T, D) from depth k-1 at positions
         start_pos.., next_tokens (B, T) the tokens one step further. Returns logits (B, T, V) and h_k."""
         freqs = self.freqs_cis[start_pos:start_pos + next_tokens.size(1)]
-        h_k = self.mtp[k - 1](h_prev, self.embed(next_tokens), freqs, start_pos)
-        return at_least_fp32(self.head(h_k)), h_k
+        module = self.mtp[k - 1]
+        h_k = module(h_prev, self.embed(next_tokens), freqs, start_pos)          # (B, T, D), the state depth k+1 reads
+        return at_least_fp32(self.head(module.head_input(h_k))), h_k
 
     # --- generation cache -----------------------------------------------------
 
