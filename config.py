@@ -22,6 +22,8 @@ import math
 import sys
 from dataclasses import fields
 
+import torch
+
 from model import ModelArgs
 
 # -----------------------------------------------------------------------------
@@ -38,6 +40,7 @@ TRAIN_DEFAULTS = dict(
     beta1=0.9, beta2=0.95, grad_clip=1.0,
     # system
     device="auto", dtype="auto", compile=False, fp8=False, seed=1337,
+    data_cache=None,   # folder of the prepared data (None: data_cache/ beside data.py; set it for a read-only checkout)
 )
 MODEL_DEFAULTS = {f.name: f.default for f in fields(ModelArgs)}
 PRESETS = {
@@ -148,8 +151,31 @@ POSITIVE = ("batch_size", "seq_len", "grad_accum", "max_iters", "eval_interval",
 NON_NEGATIVE = ("sample_tokens", "warmup_iters", "min_lr", "weight_decay")
 
 
+def check_device(device: str) -> None:
+    """--device of train.py and sample.py: auto, cpu, cuda or cuda:N, and only a CUDA device that exists."""
+    if device == "auto":
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device={device} but CUDA is not available here (use --device=cpu)")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device={device} but there are only {torch.cuda.device_count()} CUDA devices")
+
+
 def check_train(cfg: dict) -> None:
-    """A value of the right type can still be meaningless (a zero batch, a negative learning rate)."""
+    """A value of the right type can still be meaningless (a zero batch, a negative or infinite learning rate,
+    a device that does not exist). Model fields are ModelArgs' own business (ModelArgs.__post_init__)."""
+    for key in TRAIN_DEFAULTS:
+        if isinstance(cfg[key], float) and not math.isfinite(cfg[key]):
+            raise ConfigError(f"--{key} must be finite, got {cfg[key]}")
+    check_device(cfg["device"])
+    if cfg["seq_len"] > cfg["max_seq_len"]:   # checked here, before minutes of data preparation
+        raise ConfigError(f"seq_len={cfg['seq_len']} exceeds max_seq_len={cfg['max_seq_len']}")
     for key in POSITIVE:
         if not cfg[key] > 0:
             raise ConfigError(f"--{key} must be > 0, got {cfg[key]}")

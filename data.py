@@ -289,7 +289,7 @@ def prepare(data: str | None, vocab_size: int, cache_dir: str = CACHE_DIR) -> di
         val_docs = [markdown_to_play(plays[p]) for p in VAL_PLAYS]
         sep = True  # each play is preceded by <|endoftext|>
     else:
-        data = os.fspath(data)
+        data = os.path.expanduser(os.fspath(data))
         text = read_text_file(data)
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.splitext(os.path.basename(data))[0])[:40]
         cut = int(len(text) * (1 - VAL_FRACTION))  # cut on characters, so a UTF-8 sequence is never split

@@ -8,6 +8,7 @@ Run: python dualpipe_demo.py [--pp=4 --nmb=12 --B=1.5 --a2a=0.5 --svg=out.svg --
      torchrun --nproc_per_node=4 dualpipe_demo.py --ranks [--nmb=8]
   (--ranks, not --run: torchrun's own parser would take --run for its --run-path; --exec is --exec=True)
 """
+import math
 import os
 import sys
 
@@ -141,7 +142,29 @@ def run_ranks(names: list[str], nmb: int, seed: int) -> int:
 # Command line: the Table 2 comparison, the overlap, the picture, the executors
 
 DEFAULTS = dict(pp=8, nmb=20, F=1.0, B=2.0, W=1.0, FB=3.0, p2p=0.0, a2a=0.5, svg="auto", schedule="all", seed=0,
-                exec=False, ranks=False)   # svg: auto = assets/dualpipe_pp{pp}.svg, empty = none
+                exec=False, ranks=False)
+# svg: auto = assets/dualpipe_pp8.svg (README's picture) when every size and cost is the default, else
+# dualpipe.svg in the current folder; a path = that file; empty = none
+
+
+def check_costs(cfg: dict) -> None:
+    """Costs are durations: finite, F, B and F&B > 0, the weight part W of B in [0, B], latencies >= 0."""
+    for k in ("F", "B", "W", "FB", "p2p", "a2a"):
+        if not math.isfinite(cfg[k]):
+            die(PROG, f"--{k} must be finite, got {cfg[k]}")
+    if not (cfg["F"] > 0 and cfg["B"] > 0 and cfg["FB"] > 0):
+        die(PROG, f"--F, --B and --FB must be > 0, got {cfg['F']:g}, {cfg['B']:g}, {cfg['FB']:g}")
+    if not 0 <= cfg["W"] <= cfg["B"]:
+        die(PROG, f"--W (the weight-gradient part of B) must be in [0, B={cfg['B']:g}], got {cfg['W']:g}")
+    if cfg["p2p"] < 0 or cfg["a2a"] < 0:
+        die(PROG, f"--p2p and --a2a must be >= 0, got {cfg['p2p']:g}, {cfg['a2a']:g}")
+
+
+def svg_path(cfg: dict) -> str:
+    if cfg["svg"] != "auto":
+        return cfg["svg"]
+    same = all(cfg[k] == DEFAULTS[k] for k in ("pp", "nmb", "F", "B", "W", "FB", "p2p", "a2a"))
+    return "assets/dualpipe_pp8.svg" if same else "dualpipe.svg"   # never replace README's picture with another
 
 
 def report(sizes: list[tuple[int, int]], c: Costs) -> None:
@@ -161,6 +184,7 @@ def report(sizes: list[tuple[int, int]], c: Costs) -> None:
 
 def main(argv: list[str]) -> int:
     cfg = parse_or_exit(PROG, argv, DEFAULTS)
+    check_costs(cfg)
     if cfg["schedule"] not in ("all", *SCHEDULES):
         die(PROG, f"--schedule must be all, {', '.join(SCHEDULES)}; got {cfg['schedule']!r}")
     pp, nmb, names = cfg["pp"], cfg["nmb"], list(SCHEDULES) if cfg["schedule"] == "all" else [cfg["schedule"]]
@@ -188,14 +212,17 @@ def main(argv: list[str]) -> int:
     print(f"PP={pp} N={nmb} makespan with all-to-all: " + ", ".join(f"{NAMES[n]} {t.makespan:g}" for n, t in
           tls.items()) + f" (DualPipe without the overlap: {no_overlap.makespan:g})")
     if cfg["svg"]:
-        path = f"assets/dualpipe_pp{pp}.svg" if cfg["svg"] == "auto" else cfg["svg"]
+        path = svg_path(cfg)
         panels = [(f"{NAMES[n]} PP={pp} N={nmb} (F={user.F:g} B={user.B:g} W={user.W:g} F&amp;B={user.FB:g})",
                    simulate(SCHEDULES[n](pp, nmb), user)) for n in SCHEDULES]
         panels += [(f"DualPipe with all-to-all {comm.a2a:g}, F&amp;B serialized", no_overlap),
                    (f"DualPipe with all-to-all {comm.a2a:g}, F&amp;B overlapped", tls["dualpipe"])]
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "w") as fh:
-            fh.write(svg_figure(panels, comm))
+        try:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            with open(path, "w") as fh:
+                fh.write(svg_figure(panels, comm))
+        except OSError as e:
+            die(PROG, f"cannot write --svg={path}: {e.strerror or e}")
         print(f"wrote {path}")
     for n in names if cfg["exec"] else []:             # the single-process executor, tiny model, these sizes
         model, tokens, targets = tiny_setup(pp, nmb, cfg["seed"])

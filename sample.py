@@ -23,13 +23,14 @@ Run: python sample.py --out_dir=out-small --prompt="ROMEO:" --max_new_tokens=300
 Dimension legend: B batch (always 1 here), T tokens in one call, S cache positions, V vocab, D model dim (dim).
 """
 import codecs
+import math
 import os
 import sys
 import time
 
 import torch
 
-from config import ConfigError, parse
+from config import ConfigError, check_device, parse
 from model import ModelArgs, Transformer
 
 
@@ -247,15 +248,16 @@ def main(argv: list[str]) -> int:
 def run(c: dict) -> int:
     if c["temperature"] < 0 or c["top_k"] < 0 or not 0 < c["top_p"] <= 1 or c["num_samples"] < 1:
         raise SampleError("need temperature >= 0, top_k >= 0 (0 = off), 0 < top_p <= 1, num_samples >= 1")
+    if not all(math.isfinite(c[k]) for k in ("temperature", "top_p")):
+        raise SampleError("--temperature and --top_p must be finite")
+    check_device(c["device"])
     device = ("cuda" if torch.cuda.is_available() else "cpu") if c["device"] == "auto" else c["device"]
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SampleError(f"--device={device} but CUDA is not available here (use --device=cpu)")
     dtype = c["dtype"] if c["dtype"] != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise SampleError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
     if c["attn"] not in ("naive", "absorb"):
         raise SampleError(f"--attn must be naive or absorb, got {c['attn']!r}")
-    model, enc, ckpt = load_checkpoint(c["out_dir"], device, getattr(torch, dtype))
+    model, enc, ckpt = load_checkpoint(os.path.expanduser(c["out_dir"]), device, getattr(torch, dtype))
     model.set_impl(attn=c["attn"])
     text = c["prompt"]
     if text.startswith("FILE:"):

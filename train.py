@@ -95,7 +95,8 @@ if device_type == "cuda":
 # data
 
 try:
-    meta = data.prepare(cfg["data"], cfg["vocab_size"]) if master else None
+    cache = os.path.expanduser(cfg["data_cache"]) if cfg["data_cache"] else data.CACHE_DIR
+    meta = data.prepare(cfg["data"], cfg["vocab_size"], cache) if master else None
     if ddp:   # rank 0 prepares (and caches); the others read the cache
         obj = [meta]
         dist.broadcast_object_list(obj, src=0)
@@ -110,8 +111,6 @@ except KeyboardInterrupt:
 fingerprint = C.data_fingerprint(meta, meta["tokenizer"])   # saved in every checkpoint, checked on resume
 if meta["vocab_size"] != model_args.vocab_size:
     model_args.vocab_size = meta["vocab_size"]   # the tokenizer may stop early on a tiny text
-if T > model_args.max_seq_len:
-    fail(f"seq_len={T} exceeds max_seq_len={model_args.max_seq_len}")
 enc = data.load_tokenizer(meta["tokenizer"])
 train_gen = torch.Generator().manual_seed(cfg["seed"] + 1000 * rank)   # the data position is this state
 train_data, val_data = data.load_tokens(meta["train_bin"]), data.load_tokens(meta["val_bin"])

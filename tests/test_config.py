@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import config
 from config import MODEL_DEFAULTS, PRESETS, TRAIN_DEFAULTS, ConfigError, lr_at, parse
@@ -68,9 +69,20 @@ def test_meaningless_values_are_rejected():
     for key, bad, message in (("batch_size", 0, "--batch_size must be > 0"),
                               ("min_lr", -1e-3, "--min_lr must be >= 0"),
                               ("decay_frac", 1.5, "--decay_frac must be in [0, 1]"),
-                              ("beta2", 1.0, "--beta2 must be in [0, 1)")):
+                              ("beta2", 1.0, "--beta2 must be in [0, 1)"),
+                              # these passed the checks, then crashed (device) or trained into NaN (lr)
+                              ("lr", float("inf"), "--lr must be finite"),
+                              ("grad_clip", float("nan"), "--grad_clip must be finite"),
+                              ("device", "foo", "--device must be auto, cpu, cuda or cuda:N, got 'foo'"),
+                              ("device", "meta", "--device must be auto, cpu, cuda or cuda:N")):
         with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace(")", r"\)")):
             config.check_train({**cfg, key: bad})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_device_without_cuda_is_rejected():
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        config.check_device("cuda:0")
 
 
 def test_parse_or_exit_prints_one_line_and_exits_2():

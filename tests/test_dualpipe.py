@@ -215,10 +215,19 @@ def test_cli_table_and_svg(tmp_path, capsys):
     assert len(rects) > n_ops
 
 
-@pytest.mark.parametrize("argv", [["--pp=3"], ["--nmb=7"], ["--bogus=1"], ["--pp=x"], ["--ranks"], ["--pp"]])
+@pytest.mark.parametrize("argv", [["--pp=3"], ["--nmb=7"], ["--bogus=1"], ["--pp=x"], ["--ranks"], ["--pp"],
+                                  ["--F=-1"], ["--W=3.0"], ["--a2a=-0.5"], ["--FB=1e999"], ["--svg=/proc/x/y.svg"]])
 def test_cli_misuse_exits_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         demo.main(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("dualpipe_demo.py: error: ") and err.count("\n") == 1
+
+
+def test_auto_svg_never_replaces_the_readme_picture_with_other_costs(tmp_path, monkeypatch):
+    # the tracked assets/dualpipe_pp8.svg is the default settings' picture; other costs go to ./dualpipe.svg
+    assert demo.svg_path(dict(demo.DEFAULTS)) == "assets/dualpipe_pp8.svg"
+    monkeypatch.chdir(tmp_path)
+    assert demo.main(["--F=2.0", "--schedule=dualpipe"]) == 0
+    assert os.listdir(tmp_path) == ["dualpipe.svg"]

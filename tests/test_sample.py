@@ -237,6 +237,8 @@ def test_cli_generates_and_reports(ckpt_dir, capsys):
     (["--max_new_tokens=500"], "exceeds the model's max_seq_len=96"),
     (["--speculative=True", "--draft_depth=3", "--max_new_tokens=20"], "draft depth"),
     (["--prompt=FILE:{latin1}"], "is not UTF-8 text (invalid byte at offset 3)"),
+    (["--device=foo"], "--device must be auto, cpu, cuda or cuda:N, got 'foo'"),
+    (["--temperature=1e999"], "--temperature and --top_p must be finite"),
     (["--prompt=" + "To be, or not to be. " * 10], "prompt (210 tokens) + max_new_tokens (200) exceeds"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(ckpt_dir, capsys, tmp_path, args, msg):

@@ -86,6 +86,9 @@ def test_interrupt_and_resume_gives_the_same_losses(tmp_path):
     (["--batch_size=0"], "--batch_size must be > 0"),
     (["--log_interval=0"], "--log_interval must be > 0"),
     (["--beta2=1.0"], "--beta2 must be in [0, 1)"),
+    (["--device=foo"], "--device must be auto, cpu, cuda or cuda:N"),   # used to be a traceback at .to(device)
+    (["--lr=1e999"], "--lr must be finite"),                           # used to train straight into NaN
+    (["--data={short}", "--data_cache={short}/cache"], "cannot write the data cache"),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, args, message):
     (tmp_path / "empty.txt").write_text("")
@@ -260,3 +263,22 @@ def test_bad_out_dir_one_line_exit_2(tmp_path, QUICK, out_dir, message):
         env={**os.environ, "HOME": str(home)})
     assert p.returncode == 2 and message.format(home=home) in p.stderr and len(p.stderr.splitlines()) == 1, p.stderr
     assert os.listdir(home) == [] and not os.path.exists(os.path.join(ROOT, "~"))
+
+
+def test_ctrl_c_while_preparing_data_is_one_line_and_leaves_nothing(tmp_path, QUICK):
+    # text without spaces trains its tokenizer slowly enough to interrupt; --data_cache moves the cache
+    rng = __import__("random").Random(0)
+    (tmp_path / "t.txt").write_text("".join(rng.choice("abcdefghij") for _ in range(200_000)) + "\n")
+    err = open(tmp_path / "err", "w+")
+    proc = subprocess.Popen([sys.executable, "train.py", *QUICK, f"--data={tmp_path / 't.txt'}", "--vocab_size=4096",
+                             f"--data_cache={tmp_path / 'cache'}", f"--out_dir={tmp_path / 'out'}"], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=err)
+    t0 = time.time()
+    while "training the tokenizer" not in (tmp_path / "err").read_text() and time.time() - t0 < 120:
+        assert proc.poll() is None, (tmp_path / "err").read_text()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    last = (tmp_path / "err").read_text().strip().splitlines()[-1]
+    assert last.endswith("train.py: error: interrupted while preparing the data; nothing was written"), last
+    assert os.listdir(tmp_path / "cache") == [] and not (tmp_path / "out").exists()
