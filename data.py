@@ -12,7 +12,7 @@ Simplifications vs. the real thing:
   - the BPE trainer is plain Python. It counts the unique pre-split chunks once and then updates pair counts
     incrementally, which is fast enough for a few MB and a vocabulary of a few thousand. Chunks longer than
     MAX_CHUNK characters (text without spaces: Chinese, minified code, base64) are cut into MAX_CHUNK pieces
-    for counting, so training stays linear in the text; encoding still sees the whole chunk.
+    for counting, so a merge touches short pieces, not a whole line; encoding still sees the whole chunk.
   - one special token, <|endoftext|>, whose id is the last one (vocab_size - 1). Each play starts with it, so a
     window that crosses two plays shows the boundary, and sample.py can start a new play from it.
 The layout on disk follows nanoGPT: flat uint16 (uint32 if the vocabulary is larger than 2^16) token-id files
