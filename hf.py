@@ -335,10 +335,11 @@ def export(out_dir: str, hf_dir: str, dtype: str = "float32", overwrite: bool = 
     if enc.n_vocab > args.vocab_size:
         raise HFError(f"the tokenizer has {enc.n_vocab} tokens but the model only {args.vocab_size}")
 
+    def router(key):   # the gate's centroids and bias stay fp32 (§3.3 keeps the gate in high precision)
+        return key.endswith("ffn.gate.weight") or key.endswith("ffn.gate.bias")
     tensors = {}
     for key, t in sd.items():
-        keep_fp32 = key.endswith("gate.weight") or key.endswith("gate.bias")   # the router stays fp32 (§3.3)
-        t = t.float() if keep_fp32 else t.to(getattr(torch, dtype))
+        t = t.float() if router(key) else t.to(getattr(torch, dtype))
         tensors[hf_name(key, args.n_layers)] = t.contiguous()
     for name, key in mtp_copies(args).items():
         tensors[name] = tensors[hf_name(key, args.n_layers)].clone()   # own storage: safetensors refuses aliases
@@ -359,9 +360,13 @@ def export(out_dir: str, hf_dir: str, dtype: str = "float32", overwrite: bool = 
             model = Transformer(args)
             model.load_state_dict(sd)
             if dtype == "bfloat16":   # compare against what was written
-                for p in model.parameters():
-                    p.data = p.data.bfloat16().float()
+                for key, p in model.named_parameters():
+                    if not router(key):
+                        p.data = p.data.bfloat16().float()
             report += f"; transformers reproduces our logits to max abs diff {compare_with_transformers(model, tmp):.2e}"
+        os.chmod(tmp, 0o755)   # mkdtemp made it private; the export is an ordinary folder
+        for f in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, f), 0o644)
         _replace_dir(tmp, hf_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

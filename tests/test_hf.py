@@ -299,3 +299,19 @@ def test_trained_model_exports_imports_samples_and_fine_tunes(tmp_path, capsys):
                        capture_output=True, text=True, env=env)
     assert p.returncode == 0, p.stderr[-2000:]
     assert torch.load(back / "ckpt.pt", weights_only=True)["step"] == 1   # imported at step 0, fine-tuned one step
+    data.save_tokenizer({bytes([i]): i for i in range(256)}, str(back / "tokenizer.tiktoken"))
+    p = subprocess.run([*train, "--max_iters=2", f"--out_dir={back}", "--resume=True"], cwd=ROOT,
+                       capture_output=True, text=True, env=env)   # token ids that would mean other text
+    assert p.returncode == 2 and "differs from the tokenizer built for this data" in p.stderr, p.stderr[-2000:]
+    assert torch.load(back / "ckpt.pt", weights_only=True)["step"] == 1
+
+
+def test_bfloat16_export_keeps_the_router_in_fp32(tmp_path, capsys):
+    make_ckpt(str(tmp_path / "out"), tiny_args())
+    assert hf.main(["export", f"--out_dir={tmp_path / 'out'}", f"--hf_dir={tmp_path / 'hf'}", "--dtype=bfloat16"]) == 0
+    printed = capsys.readouterr().out   # the verification compares transformers with our bf16-rounded weights
+    assert float(printed.split()[-1]) < TOL, printed
+    t = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    router = {k for k in t if k.endswith("mlp.gate.weight") or k.endswith("e_score_correction_bias")}
+    assert router and all(t[k].dtype == torch.float32 for k in router)
+    assert all(t[k].dtype == torch.bfloat16 for k in set(t) - router)
