@@ -158,62 +158,33 @@ BLOCK_NAMES = [   # (ours, checkpoint) prefixes inside one block; the first matc
     ("attn_norm.", "input_layernorm."), ("ffn_norm.", "post_attention_layernorm."),
     ("ffn.gate.bias", "mlp.gate.e_score_correction_bias"), ("ffn.", "mlp."),
 ]
-MLP_NAMES = [("w1.", "gate_proj."), ("w3.", "up_proj."), ("w2.", "down_proj.")]
-MTP_NAMES = [("enorm.", "enorm."), ("hnorm.", "hnorm."), ("eh_proj.", "eh_proj."), ("norm.", "shared_head.norm.")]
+SWIGLU = {"1": "gate_proj", "3": "up_proj", "2": "down_proj"}   # w2(silu(w1 x) * w3 x)
 
 
-def _swap(name: str, table, to_hf: bool) -> str:
-    for ours, theirs in table:
-        src, dst = (ours, theirs) if to_hf else (theirs, ours)
-        if name.startswith(src):
-            return dst + name[len(src):]
-    raise KeyError(name)
-
-
-def _block_name(rest: str, to_hf: bool) -> str:
-    rest = _swap(rest, BLOCK_NAMES, to_hf)
-    head, sep, last = rest.rpartition(".")              # '...w1' + '.weight': rename the Linear's own name
-    parent, dot, linear = head.rpartition(".")
-    if last == "weight" and (head.startswith("mlp.") if to_hf else head.startswith("ffn.")):
-        try:
-            return f"{parent}{dot}{_swap(linear + '.', MLP_NAMES, to_hf)}{last}"
-        except KeyError:
-            pass                                          # the router's weight
-    return rest
+def _block_name(rest: str) -> str:
+    for ours, theirs in BLOCK_NAMES:
+        if rest.startswith(ours):
+            rest = theirs + rest[len(ours):]
+            break
+    # then the SwiGLU's own Linears, in the dense FFN, each expert and the shared experts: ...w1.weight -> ...gate_proj.weight
+    return re.sub(r"\.w([123])\.weight$", lambda m: f".{SWIGLU[m[1]]}.weight", "." + rest)[1:]
 
 
 def hf_name(key: str, n_layers: int) -> str:
-    """Our state_dict key -> the checkpoint's tensor name."""
+    """Our state_dict key -> the checkpoint's tensor name (import inverts it over the keys of a meta model)."""
     top = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight", "head.weight": "lm_head.weight"}
     if key in top:
         return top[key]
     m = re.match(r"layers\.(\d+)\.(.*)", key)
     if m:
-        return f"model.layers.{m[1]}.{_block_name(m[2], True)}"
+        return f"model.layers.{m[1]}.{_block_name(m[2])}"
     m = re.match(r"mtp\.(\d+)\.(.*)", key)
-    if m:
-        layer = f"model.layers.{n_layers + int(m[1])}."
-        if m[2].startswith("block."):
-            return layer + _block_name(m[2][len("block."):], True)
-        return layer + _swap(m[2], MTP_NAMES, True)
+    if m:   # MTP module k is the layer after the main ones: its block's names are a main layer's
+        layer, rest = f"model.layers.{n_layers + int(m[1])}.", m[2]
+        if rest.startswith("block."):
+            return layer + _block_name(rest[len("block."):])
+        return layer + ("shared_head." + rest if rest.startswith("norm.") else rest)   # enorm, hnorm, eh_proj, norm
     raise KeyError(key)
-
-
-def our_name(name: str, n_layers: int) -> str:
-    """The checkpoint's tensor name -> our state_dict key (KeyError for a name we have no place for)."""
-    top = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight", "lm_head.weight": "head.weight"}
-    if name in top:
-        return top[name]
-    m = re.match(r"model\.layers\.(\d+)\.(.*)", name)
-    if not m:
-        raise KeyError(name)
-    i, rest = int(m[1]), m[2]
-    if i < n_layers:
-        return f"layers.{i}.{_block_name(rest, False)}"
-    try:
-        return f"mtp.{i - n_layers}.{_swap(rest, MTP_NAMES, False)}"
-    except KeyError:
-        return f"mtp.{i - n_layers}.block.{_block_name(rest, False)}"
 
 
 def mtp_copies(args: ModelArgs) -> dict[str, str]:

@@ -315,3 +315,23 @@ def test_bfloat16_export_keeps_the_router_in_fp32(tmp_path, capsys):
     router = {k for k in t if k.endswith("mlp.gate.weight") or k.endswith("e_score_correction_bias")}
     assert router and all(t[k].dtype == torch.float32 for k in router)
     assert all(t[k].dtype == torch.bfloat16 for k in set(t) - router)
+
+
+def test_v3_config_maps_to_the_released_fields_and_back():
+    from model import V3_ARGS
+    args = ModelArgs(**V3_ARGS)
+    c = hf.to_hf_config(args, 1)
+    assert (c.hidden_size, c.num_hidden_layers, c.first_k_dense_replace, c.n_routed_experts, c.num_experts_per_tok,
+            c.n_group, c.topk_group, c.routed_scaling_factor, c.q_lora_rank, c.kv_lora_rank,
+            c.num_nextn_predict_layers) == (7168, 61, 3, 256, 8, 8, 4, 2.5, 1536, 512, 1)
+    rope = c.rope_parameters
+    assert (rope["rope_type"], rope["factor"], rope["original_max_position_embeddings"], rope["mscale"],
+            rope["mscale_all_dim"], rope["beta_fast"], rope["beta_slow"]) == ("yarn", 40, 4096, 1.0, 1.0, 32, 1)
+    assert hf.from_hf_config(c) == args
+    assert hf.hf_name("mtp.0.norm.weight", 61) == "model.layers.61.shared_head.norm.weight"
+    assert hf.hf_name("layers.3.ffn.experts.255.w2.weight", 61) == "model.layers.3.mlp.experts.255.down_proj.weight"
+
+
+def test_core_path_does_not_import_transformers():
+    code = "import sys, model, sample, data; assert 'transformers' not in sys.modules and 'hf' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
