@@ -289,13 +289,17 @@ def export(out_dir: str, hf_dir: str, dtype: str = "float32", overwrite: bool = 
     import huggingface_hub
     from transformers import GenerationConfig
     ckpt_path, tok_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "tokenizer.tiktoken")
+    if os.path.exists(hf_dir) and not os.path.isdir(hf_dir):
+        raise HFError(f"--hf_dir={hf_dir} is a file, not a folder")
+    if os.path.exists(os.path.join(hf_dir, "ckpt.pt")):   # --overwrite replaces the whole folder: never a checkpoint
+        raise HFError(f"{hf_dir} holds a ckpt.pt; export into another folder")
+    if os.path.exists(hf_dir) and os.listdir(hf_dir) and not overwrite:
+        raise HFError(f"{hf_dir} exists and is not empty; pass --overwrite=True to replace it")
     for p in (ckpt_path, tok_path):
         if not os.path.isfile(p):
             raise HFError(f"no {os.path.basename(p)} in {out_dir} (train one: python train.py --out_dir={out_dir})")
     if dtype not in ("float32", "bfloat16"):
         raise HFError(f"--dtype must be float32 or bfloat16, got {dtype!r}")
-    if os.path.exists(hf_dir) and os.listdir(hf_dir) and not overwrite:
-        raise HFError(f"{hf_dir} exists and is not empty; pass --overwrite=True to replace it")
     try:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         args = ModelArgs(**ckpt["model_args"])

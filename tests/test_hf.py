@@ -269,8 +269,11 @@ def test_cli_refuses_to_overwrite_and_bad_options(hf_folder, tmp_path, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "ckpt.pt").write_bytes(b"precious")
     cases = [(["import", f"--hf_dir={hf_folder}", f"--out_dir={tmp_path / 'out'}"], "exists; pass --overwrite=True"),
-             (["export", f"--out_dir={tmp_path / 'out'}", f"--hf_dir={hf_folder}"], "no tokenizer.tiktoken"),
+             (["export", f"--out_dir={tmp_path / 'out'}", f"--hf_dir={tmp_path / 'new'}"], "no tokenizer.tiktoken"),
+             (["export", f"--out_dir={tmp_path / 'out'}", f"--hf_dir={hf_folder}"], "exists and is not empty"),
              (["export", f"--out_dir={tmp_path}", f"--hf_dir={tmp_path / 'x'}"], "no ckpt.pt"),
+             (["export", f"--out_dir={tmp_path / 'out'}", f"--hf_dir={tmp_path / 'out'}", "--overwrite=True"],
+              "holds a ckpt.pt"),
              (["import", f"--hf_dir={hf_folder}"], "import needs --out_dir=DIR"),
              (["import", "--hf_dir=/nonexistent", "--out_dir=x"], "no config.json in /nonexistent"),
              (["import", f"--hf_dir={hf_folder}", "--out_dir=x", "--verify=maybe"], "--verify must be bool"),
