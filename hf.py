@@ -43,13 +43,12 @@ Run: python hf.py export --out_dir=out-small --hf_dir=hf-small
 import ast
 import glob
 import json
-import math
 import os
 import re
 import shutil
 import sys
 import tempfile
-from dataclasses import asdict, fields
+from dataclasses import asdict
 
 import torch
 
@@ -365,14 +364,21 @@ def _replace_dir(tmp: str, dst: str):
 def read_tensors(hf_dir: str) -> dict:
     """Every tensor of the folder's safetensors files (one file or shards), by name."""
     from safetensors import safe_open
-    files = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
+    index = os.path.join(hf_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):   # shards: the index names the files (a stray .safetensors is not read)
+        files = sorted({os.path.join(hf_dir, f) for f in json.load(open(index))["weight_map"].values()})
+    else:
+        files = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
     if not files:
         raise HFError(f"no .safetensors files in {hf_dir}")
     out = {}
     for f in files:
-        with safe_open(f, framework="pt") as st:
-            for name in st.keys():
-                out[name] = st.get_tensor(name)
+        try:
+            with safe_open(f, framework="pt") as st:
+                for name in st.keys():
+                    out[name] = st.get_tensor(name)
+        except Exception as e:   # a missing shard, a truncated file
+            raise HFError(f"cannot read {f}: {type(e).__name__}: {str(e).strip()[:200]}") from None
     # a checkpoint saved with the experts fused (transformers' in-memory layout): split them per expert
     for name in [n for n in out if n.endswith("mlp.experts.gate_up_proj")]:
         gate_up, down, prefix = out.pop(name), out.pop(name.replace("gate_up_proj", "down_proj")), name[:-len("gate_up_proj")]

@@ -177,7 +177,7 @@ def test_tokenizer_encodes_the_corpus_like_ours(tmp_path):
 
 # --- import: transformers -> ours -------------------------------------------------------------
 
-def random_hf(path, seed=0, **kw):
+def random_hf(path, seed=0, shard_size="5GB", **kw):
     base = dict(vocab_size=300, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
                 num_attention_heads=2, num_key_value_heads=2, n_routed_experts=8, n_shared_experts=1,
                 num_experts_per_tok=2, n_group=4, topk_group=2, first_k_dense_replace=1, kv_lora_rank=16,
@@ -193,12 +193,12 @@ def random_hf(path, seed=0, **kw):
         for mod in m.modules():
             if hasattr(mod, "e_score_correction_bias"):
                 mod.e_score_correction_bias.normal_(0, 0.05)
-    m.save_pretrained(path)
+    m.save_pretrained(path, max_shard_size=shard_size)
     return m
 
 
 HF_VARIANTS = {
-    "v3": dict(),
+    "v3-sharded": dict(shard_size="40KB"),   # several files + model.safetensors.index.json
     "no-q-lora": dict(q_lora_rank=None),
     "yarn": dict(rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16,
                                       beta_fast=32, beta_slow=1, mscale=0.707, mscale_all_dim=0.707)),
@@ -210,6 +210,7 @@ HF_VARIANTS = {
 @torch.no_grad()
 def test_imported_random_transformers_model_gives_its_logits(variant, tmp_path, capsys):
     theirs = random_hf(str(tmp_path / "hf"), **HF_VARIANTS[variant])
+    assert (len(list((tmp_path / "hf").glob("*.safetensors"))) > 1) == (variant == "v3-sharded")
     run_hf("import", f"--hf_dir={tmp_path / 'hf'}", f"--out_dir={tmp_path / 'out'}")
     assert "imported without MTP" in capsys.readouterr().out   # save_pretrained writes no MTP weights
     ckpt = torch.load(tmp_path / "out" / "ckpt.pt", weights_only=True)
@@ -224,7 +225,7 @@ def test_imported_random_transformers_model_gives_its_logits(variant, tmp_path, 
     if variant != "rotate-half":   # export(import(x)) writes every tensor of x again, bit for bit
         data.save_tokenizer({bytes([i]): i for i in range(256)}, str(tmp_path / "out" / "tokenizer.tiktoken"))
         run_hf("export", f"--out_dir={tmp_path / 'out'}", f"--hf_dir={tmp_path / 'again'}")
-        a, b = load_file(str(tmp_path / "hf" / "model.safetensors")), load_file(str(tmp_path / "again" / "model.safetensors"))
+        a, b = hf.read_tensors(str(tmp_path / "hf")), hf.read_tensors(str(tmp_path / "again"))
         assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -238,11 +239,14 @@ def hf_folder(tmp_path_factory):
 
 
 def corrupt(src, dst, config=None, tensors=None):
-    """A copy of the folder with config.json fields changed and tensors edited by a function."""
+    """A copy of the folder with config.json fields changed and tensors edited by a function (or truncated)."""
     os.makedirs(dst, exist_ok=True)
     cfg = json.load(open(src / "config.json"))
     cfg.update(config or {})
     json.dump(cfg, open(dst / "config.json", "w"))
+    if tensors == "truncate":
+        (dst / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes()[:5000])
+        return dst
     t = load_file(str(src / "model.safetensors"))
     save_file(tensors(t) if tensors else t, str(dst / "model.safetensors"))
     return dst
@@ -256,6 +260,7 @@ def corrupt(src, dst, config=None, tensors=None):
     (None, lambda t: {**t, "model.layers.0.mlp.extra.weight": torch.zeros(2)}, "unexpected tensor(s)"),
     ({"intermediate_size": 48}, None, "shape mismatch: model.layers.0.mlp."),
     (None, lambda t: {**t, "model.layers.0.self_attn.o_proj.weight_scale_inv": torch.ones(1)}, "FP8"),
+    (None, "truncate", "cannot read"),
 ])
 def test_import_bad_checkpoint_is_one_line_exit_2(hf_folder, tmp_path, capsys, config, tensors, msg):
     src = corrupt(hf_folder, tmp_path / "hf", config, tensors)
