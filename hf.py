@@ -40,7 +40,6 @@ Transformers is imported here only: model.py, train.py and sample.py never need 
 Run: python hf.py export --out_dir=out-small --hf_dir=hf-small
      python hf.py import --hf_dir=hf-small --out_dir=out-hf        (then: python sample.py --out_dir=out-hf)
 """
-import ast
 import glob
 import json
 import os
@@ -52,6 +51,7 @@ from dataclasses import asdict
 
 import torch
 
+from config import MODEL_DEFAULTS, PRESETS, TRAIN_DEFAULTS, ConfigError, parse
 from model import ModelArgs, Transformer
 
 TRAINING_FIELDS = ("mtp_lambda", "aux_alpha", "bias_update_speed", "init_std", "attn_impl", "moe_impl")
@@ -210,9 +210,9 @@ def interleave_rope_rows(w: torch.Tensor, n_heads: int, dn: int, dr: int) -> tor
 def our_logits(model: Transformer, tokens: torch.Tensor):
     """Main-model logits (B, T, V) and, with an MTP module, depth-1 logits (B, T-1, V): position i predicts
     token i+2 from the main model's final-normed h_i and the embedding of token i+1."""
-    logits, h = model(tokens, return_hidden=True)
+    h = model.trunk(tokens)                               # (B, T, D) final-normed
     mtp = model.mtp_forward(1, h[:, :-1], tokens[:, 1:])[0] if len(model.mtp) else None
-    return logits, mtp
+    return model.logits(h), mtp
 
 
 @torch.no_grad()
@@ -465,8 +465,12 @@ def import_(hf_dir: str, out_dir: str, overwrite: bool = False, verify: bool = T
                 config=dict(source=os.path.abspath(hf_dir)))
     torch.save(ckpt, ckpt_path + ".tmp")
     os.replace(ckpt_path + ".tmp", ckpt_path)   # atomic: never half a checkpoint
+    small = {**TRAIN_DEFAULTS, **MODEL_DEFAULTS, **PRESETS["small"]}   # train.py's default preset
+    flags = [f"--{k}={v}" for k, v in asdict(args).items() if small[k] != v]
+    if small["seq_len"] > args.max_seq_len:
+        flags.append(f"--seq_len={args.max_seq_len}")
     report.append(f"wrote {ckpt_path}; fine-tune with: python train.py --out_dir={out_dir} --resume=True " +
-                  " ".join(f"--{k}={v}" for k, v in asdict(args).items()))
+                  " ".join(flags))
     return "\n".join(report)
 
 
@@ -480,23 +484,10 @@ OPTIONS = {
 
 
 def parse_args(argv: list[str]) -> tuple[str, dict]:
+    """`export|import` then config.py's --key=value grammar (the same as train.py's and sample.py's)."""
     if not argv or argv[0] not in OPTIONS:
         raise HFError("usage: python hf.py export --out_dir=DIR --hf_dir=DIR | import --hf_dir=DIR --out_dir=DIR")
-    cmd, cfg = argv[0], dict(OPTIONS[argv[0]])
-    for arg in argv[1:]:
-        key, eq, raw = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not eq:
-            raise HFError(f"arguments look like --key=value, got {arg!r}")
-        if key not in cfg:
-            raise HFError(f"unknown option --{key} for {cmd}; options: {', '.join(cfg)}")
-        want = str if OPTIONS[cmd][key] is None else type(OPTIONS[cmd][key])
-        try:
-            val = raw if want is str else ast.literal_eval(raw)   # a path stays a string, whatever it looks like
-        except (ValueError, SyntaxError):
-            val = raw
-        if type(val) is not want:
-            raise HFError(f"--{key} must be {want.__name__}, got {raw!r}")
-        cfg[key] = val
+    cmd, cfg = argv[0], parse(argv[1:], OPTIONS[argv[0]])
     for key in ("out_dir", "hf_dir"):
         if not cfg[key]:
             raise HFError(f"{cmd} needs --{key}=DIR")
@@ -511,7 +502,7 @@ def main(argv: list[str]) -> int:
         logging.disable_progress_bar()
         print(export(**cfg) if cmd == "export" else import_(**cfg))
         return 0
-    except HFError as e:
+    except (HFError, ConfigError) as e:
         print(f"hf.py: error: {e}", file=sys.stderr)
         return 2
 

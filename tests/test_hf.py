@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, DeepseekV3Config, DeepseekV3ForCausalLM, pipeline
 from transformers.modeling_layers import MtpModel
 
+import conftest
 import data
 import hf
 import sample
@@ -28,21 +29,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()   # tiny models: one thread is faster on a shared 2-core machine
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny models: thread hand-offs cost more than the maths
 
 
-def tiny_args(**kw):
-    base = dict(vocab_size=257, dim=32, inter_dim=64, moe_inter_dim=16, n_layers=3, n_dense_layers=1, n_heads=2,
-                n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, n_expert_groups=4, n_limited_groups=2,
-                route_scale=2.5, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-                v_head_dim=8, max_seq_len=64, original_seq_len=64, n_mtp_depth=1, init_std=0.1)
-    base.update(kw)
-    return ModelArgs(**base)
+def tiny_args(**kw):   # conftest's tiny model with 3 layers, 8 experts in 4 groups, a byte vocabulary, confident logits
+    return conftest.tiny_args(**{**dict(vocab_size=257, n_layers=3, n_routed_experts=8, n_expert_groups=4,
+                                        n_limited_groups=2, route_scale=2.5, init_std=0.1), **kw})
 
 
 def make_ckpt(d, args, seed=0):
@@ -302,9 +294,10 @@ def test_trained_model_exports_imports_samples_and_fine_tunes(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "transformers reproduces our logits to max abs diff" in printed and float(printed.split()[-1]) < TOL
     assert hf.main(["import", f"--hf_dir={hf_dir}", f"--out_dir={back}", "--verify=False"]) == 0
+    hint = capsys.readouterr().out.split("fine-tune with: python train.py ")[1].split()   # the printed command
     assert sample.main([f"--out_dir={back}", "--prompt=ROMEO:", "--max_new_tokens=5", "--device=cpu"]) == 0
-    p = subprocess.run([*train, "--max_iters=1", f"--out_dir={back}", "--resume=True"], cwd=ROOT,
-                       capture_output=True, text=True, env=env)
+    fast = ["--max_iters=1", "--batch_size=4", "--eval_iters=2", "--sample_tokens=0", "--eval_interval=1000"]
+    p = subprocess.run([sys.executable, "train.py", *hint, *fast], cwd=ROOT, capture_output=True, text=True, env=env)
     assert p.returncode == 0, p.stderr[-2000:]
     assert torch.load(back / "ckpt.pt", weights_only=True)["step"] == 1   # imported at step 0, fine-tuned one step
     data.save_tokenizer({bytes([i]): i for i in range(256)}, str(back / "tokenizer.tiktoken"))
