@@ -28,7 +28,7 @@ import atexit, errno, fcntl, hashlib, json, os, secrets, shutil, socket, time
 import torch
 
 LOCK, CKPT, TOKENIZER, METRICS = "train.lock", "ckpt.pt", "tokenizer.tiktoken", "metrics.jsonl"
-KEYS = ("model", "optimizer", "model_args", "config", "step", "best_val", "rng")   # what train.py writes
+KEYS = ("model", "model_args", "step", "best_val")   # what --resume needs (hf.py's import has no optimizer, rng)
 
 
 class CheckpointError(ValueError):
@@ -199,8 +199,8 @@ def load(path: str, device="cpu") -> dict:
 
 def check_resumable(ckpt: dict, path: str) -> None:
     missing = [k for k in KEYS if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path} cannot be resumed: it has no {', '.join(missing)} (weights only?)")
+    if missing or ("optimizer" in ckpt) != ("rng" in ckpt):
+        raise CheckpointError(f"{path} cannot be resumed: it has no {', '.join(missing or ['optimizer', 'rng'])}")
 
 
 def optimizer_state_for(state: dict, fp8: bool) -> dict:
@@ -228,9 +228,14 @@ def data_fingerprint(meta: dict, tokenizer_path: str) -> dict:
                 tokenizer_sha256=hashlib.sha256(text.encode()).hexdigest())
 
 
-def check_same_data(ckpt: dict, fp: dict, path: str) -> None:
+def check_same_data(ckpt: dict, fp: dict, path: str, tokenizer_copy: str | None = None) -> None:
+    """Refuse to resume on other data. A checkpoint without a fingerprint (hf.py's import, or from before
+    fingerprints) is checked against the tokenizer.tiktoken beside it, its only record of its token ids."""
     saved = ckpt.get("data")
-    if saved is None:   # a checkpoint from before fingerprints: nothing to compare
+    if saved is None:
+        if tokenizer_copy and os.path.exists(tokenizer_copy) and open(tokenizer_copy).read() != fp["tokenizer"]:
+            raise CheckpointError(f"{tokenizer_copy} differs from the tokenizer built for this data (--data, "
+                                  f"--vocab_size): the checkpoint's token ids would mean other text")
         return
     if saved["tokenizer_sha256"] != fp["tokenizer_sha256"] or saved.get("key") != fp["key"]:
         raise CheckpointError(f"{path} was trained on data {saved.get('key')} but this run's data is {fp['key']} "

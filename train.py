@@ -140,7 +140,7 @@ if cfg["resume"]:
     try:
         ckpt = C.load(ckpt_path, device)
         C.check_resumable(ckpt, ckpt_path)
-        C.check_same_data(ckpt, fingerprint, ckpt_path)
+        C.check_same_data(ckpt, fingerprint, ckpt_path, os.path.join(cfg["out_dir"], "tokenizer.tiktoken"))
     except C.CheckpointError as e:
         fail(str(e))
     saved = ckpt["model_args"]
@@ -149,14 +149,16 @@ if cfg["resume"]:
         fail(f"model config differs from the checkpoint's: {diff}")
     try:   # optimizer_state_for: a BF16/FP32 run may be resumed with --fp8=True and back
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(C.optimizer_state_for(ckpt["optimizer"], cfg["fp8"]))
+        if "optimizer" in ckpt:   # weights only (hf.py import): fine-tuning starts with a fresh optimizer
+            optimizer.load_state_dict(C.optimizer_state_for(ckpt["optimizer"], cfg["fp8"]))
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
         fail(f"cannot resume from {ckpt_path}: {C._one_line(e)}")
     step, best_val, last_loss = ckpt["step"], ckpt["best_val"], ckpt.get("loss")
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    train_gen.set_state(ckpt["rng"]["data"])
-    if device_type == "cuda" and "cuda" in ckpt["rng"]:
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
+    if "rng" in ckpt:
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        train_gen.set_state(ckpt["rng"]["data"])
+        if device_type == "cuda" and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
 step_model = torch.compile(model) if cfg["compile"] else model   # same parameters, compiled forward
 
 

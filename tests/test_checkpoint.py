@@ -110,7 +110,8 @@ def test_load_errors_are_one_line(tmp_path):
     torch.save({"a": 1}, path)
     one_line_error(C.load, path, match="not a train.py checkpoint")      # someone else's file
     torch.save(dict(model={}, model_args={}), path)
-    one_line_error(C.check_resumable, C.load(path), path, match="cannot be resumed: it has no optimizer")
+    one_line_error(C.check_resumable, C.load(path), path, match="cannot be resumed: it has no step, best_val")
+    C.check_resumable(dict(model={}, model_args={}, step=0, best_val=1.0), path)   # weights only: hf.py's import
 
 
 def test_fp32_optimizer_state_resumes_under_fp8_adamw():
@@ -133,7 +134,9 @@ def test_data_fingerprint_mismatch_is_refused(tmp_path):
     fa = C.data_fingerprint(dict(name="a", key="a-v300-123", vocab_size=300), str(tmp_path / "a.tiktoken"))
     fb = C.data_fingerprint(dict(name="b", key="b-v300-456", vocab_size=300), str(tmp_path / "b.tiktoken"))
     C.check_same_data(dict(data=fa), fa, "ckpt.pt")
-    C.check_same_data({}, fb, "ckpt.pt")   # a checkpoint from before fingerprints: nothing to compare
+    C.check_same_data({}, fb, "ckpt.pt")   # no fingerprint and no tokenizer copy: nothing to compare
+    C.check_same_data({}, fa, "ckpt.pt", str(tmp_path / "a.tiktoken"))   # no fingerprint: the copy beside it
+    one_line_error(C.check_same_data, {}, fb, "ckpt.pt", str(tmp_path / "a.tiktoken"), match="differs from the tokenizer")
     one_line_error(C.check_same_data, dict(data=fa), fb, "ckpt.pt", match="trained on data a-v300-123")
     assert C.tokenizer_text(dict(data=fa)) == "YQ== 0\n"
 
