@@ -81,6 +81,7 @@ class ModelArgs:
     # implementation switches (same maths, different speed)
     attn_impl: str = "naive"        # 'naive' materializes per-head K/V; 'absorb' attends in the latent space
     moe_impl: str = "grouped"       # 'grouped' one grouped GEMM; 'sorted' one matmul per expert; 'loop' reference
+    gate_impl: str = "topk"         # router selection: 'topk' reference; 'rank' compares all pairs (fast compiled, few E)
 
     def __post_init__(self):
         def check(ok, msg):
@@ -96,6 +97,7 @@ class ModelArgs:
         check(self.q_lora_rank >= 0 and self.n_mtp_depth >= 0, "q_lora_rank and n_mtp_depth must be >= 0")
         check(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim must be even (RoPE rotates pairs)")
         check(self.attn_impl in ("naive", "absorb"), f"attn_impl must be 'naive' or 'absorb', got {self.attn_impl!r}")
+        check(self.gate_impl in ("topk", "rank"), f"gate_impl must be 'topk' or 'rank', got {self.gate_impl!r}")
         check(self.moe_impl in ("grouped", "sorted", "loop"),
               f"moe_impl must be 'grouped', 'sorted' or 'loop', got {self.moe_impl!r}")
         if self.n_dense_layers < self.n_layers or self.n_mtp_depth > 0:  # some block is an MoE block
@@ -276,6 +278,14 @@ class MLP(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+def rank_desc(x: torch.Tensor) -> torch.Tensor:
+    """Rank of each entry along the last dim in descending order (0 = largest), ties to the lower index:
+    rank_i = #{j : x_j > x_i} + #{j < i : x_j = x_i}. x (..., n) -> (..., n) long, from (..., n, n) compares."""
+    xi, xj = x.unsqueeze(-1), x.unsqueeze(-2)                                # (..., n, 1), (..., 1, n)
+    j_before_i = torch.ones(x.size(-1), x.size(-1), dtype=torch.bool, device=x.device).tril(-1)  # (n, n): j < i
+    return ((xj > xi) | ((xj == xi) & j_before_i)).sum(dim=-1)             # (..., n)
+
+
 class Gate(nn.Module):
     """Sigmoid router with a selection-only bias (aux-loss-free balancing) and group-limited top-k.
 
@@ -287,6 +297,7 @@ class Gate(nn.Module):
         super().__init__()
         self.topk, self.n_groups, self.topk_groups = args.n_activated_experts, args.n_expert_groups, args.n_limited_groups
         self.route_scale, self.gamma = args.route_scale, args.bias_update_speed
+        self.impl = args.gate_impl
         self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim))   # centroids e_i, (E, D)
         # b_i of eq. (16): a buffer, not a parameter: it is moved by the load rule below, never by gradients
         self.register_buffer("bias", torch.zeros(args.n_routed_experts, dtype=torch.float32))
@@ -294,25 +305,63 @@ class Gate(nn.Module):
     def forward(self, x: torch.Tensor):
         """x: (N, D) -> gates (N, K) fp32, expert ids (N, K) long, unbiased affinities s (N, E) fp32."""
         s = at_least_fp32(F.linear(x, self.weight)).sigmoid()     # eq. (15): s_i = sigmoid(u·e_i), (N, E)
-        biased = s + self.bias                              # eq. (16): bias used for *selection* only
+        # eq. (16): the bias is used for *selection* only, and selection passes no gradient (indices)
+        select = self.select_rank if self.impl == "rank" else self.select_topk
+        idx = select(s.detach() + self.bias)                # (N, K)
+        g = s.gather(1, idx)                                # eq. (13): gates from the *unbiased* affinities
+        g = g / g.sum(dim=-1, keepdim=True) * self.route_scale  # normalized over the selected, times 2.5 in V3
+        return g, idx, s
+
+    def select_topk(self, biased: torch.Tensor) -> torch.Tensor:
+        """Reference: group-limited top-K with torch.topk. biased (N, E) -> expert ids (N, K), best first."""
         if self.n_groups > 1:
-            N = x.size(0)
+            N = biased.size(0)
             grouped = biased.view(N, self.n_groups, -1)                     # (N, G, E/G)
             group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)        # sum of top-2 per group, (N, G)
             keep = group_score.topk(self.topk_groups, dim=-1).indices       # (N, M)
             drop = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, keep, False)  # (N, G)
             # -inf, so an expert of a dropped group can never be chosen, however few experts remain
             biased = grouped.masked_fill(drop[:, :, None], float("-inf")).flatten(1)  # (N, E)
-        idx = biased.topk(self.topk, dim=-1).indices       # (N, K)
-        g = s.gather(1, idx)                                # eq. (13): gates from the *unbiased* affinities
-        g = g / g.sum(dim=-1, keepdim=True) * self.route_scale  # normalized over the selected, times 2.5 in V3
-        return g, idx, s
+        return biased.topk(self.topk, dim=-1).indices      # (N, K)
+
+    def select_rank(self, biased: torch.Tensor) -> torch.Tensor:
+        """The same choice as select_topk without torch.topk, for few experts (32 here): rank each score by
+        counting the scores above it, keep ranks < K. Only comparisons and sums over (N, E, E), which
+        torch.compile fuses into a couple of kernels, where topk is 3 library calls of ~250 µs each on
+        (32768, 32) scores (issue #13's profile). Ties go to the lower index (topk leaves them unspecified)."""
+        N, E = biased.shape
+        if self.n_groups > 1:
+            grouped = biased.view(N, self.n_groups, -1)                     # (N, G, E/G)
+            top2 = torch.where(rank_desc(grouped) < 2, grouped, 0.0).sum(dim=-1)  # sum of top-2 per group, (N, G)
+            drop = rank_desc(top2) >= self.topk_groups                      # (N, G)
+            biased = grouped.masked_fill(drop[:, :, None], float("-inf")).flatten(1)  # (N, E)
+        rank = rank_desc(biased)                                            # (N, E): 0 = best
+        k = torch.arange(self.topk, device=biased.device)                   # (K,)
+        e = torch.arange(E, device=biased.device)                           # (E,)
+        # the expert whose rank is k, for k < K: exactly one per k, so a sum picks it out
+        return ((rank[:, :, None] == k) * e[:, None]).sum(dim=1)           # (N, K), best first, as topk
 
     @torch.no_grad()
     def update_bias(self, counts: torch.Tensor):
         """Aux-loss-free balancing: b_i += γ·sign(mean_load − load_i), with counts (E,) this step's tokens."""
         load = counts.float()
         self.bias += self.gamma * torch.sign(load.mean() - load)
+
+
+class Permute(torch.autograd.Function):
+    """y = x[perm] for a permutation perm with inverse inv. Autograd would differentiate x[perm] as a
+    scatter-add into zeros (index_put with accumulate: atomics); a permutation's gradient is the inverse
+    permutation, a plain gather."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inv):
+        ctx.save_for_backward(inv)
+        return x[perm]
+
+    @staticmethod
+    def backward(ctx, grad):
+        inv, = ctx.saved_tensors
+        return grad[inv], None, None
 
 
 class MoE(nn.Module):
@@ -367,6 +416,8 @@ class MoE(nn.Module):
     def routed_grouped(self, u, g, idx, counts):
         """The fast path: all experts in ONE grouped GEMM per weight (torch._grouped_mm), with the expert
         boundaries given as device-side offsets: no host sync, static shapes (torch.compile captures it).
+        Tokens move by ONE permutation each way (permute_by_expert / unpermute_and_combine), whose backward
+        is the inverse permutation: gathers only, no scatter-add (atomics) as index_add_ would need.
         The per-expert weights are stacked on the fly: (E, I, D), one extra read of the expert weights."""
         dt = torch.get_autocast_dtype(u.device.type) if torch.is_autocast_enabled(u.device.type) else u.dtype
         # fall back for FP8 experts, float64 (tests), old torch, and fp32 under torch.compile (the eager CPU
@@ -374,16 +425,30 @@ class MoE(nn.Module):
         if type(self.experts[0].w1) is not nn.Linear or dt not in (torch.float32, torch.bfloat16) or \
                 not hasattr(torch, "_grouped_mm") or (dt == torch.float32 and torch.compiler.is_compiling()):
             return self.routed_sorted(u, g, idx, counts)
-        order, tok, xs = self.sort_by_expert(u, idx)
+        xs, order, inv = self.permute_by_expert(u.to(dt), idx)   # (N*K, D) expert-contiguous
         offs = counts.cumsum(0).to(torch.int32)              # (E,) end row of each expert's slice
-        xs = xs.to(dt)
 
         def gmm(x, name):   # x (N*K, in) @ W_e.T for each expert's rows -> (N*K, out)
             w = torch.stack([getattr(e, name).weight for e in self.experts]).to(dt)  # (E, out, in)
             return torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
         h = F.silu(gmm(xs, "w1")) * gmm(xs, "w3")            # (N*K, I) SwiGLU
-        ys = at_least_fp32(gmm(h, "w2")) * g.flatten()[order, None]  # (N*K, D) gated
-        return torch.zeros_like(u).index_add_(0, tok, ys.to(u.dtype))
+        return self.unpermute_and_combine(gmm(h, "w2"), order, inv, g).to(u.dtype)   # (N, D)
+
+    def permute_by_expert(self, u, idx):
+        """Copy each token once per chosen expert, in expert order: xs[r] = u[order[r] // K]. Returns xs
+        (N*K, D), order (N*K,) and its inverse inv (order[inv[p]] = p)."""
+        N, K = idx.shape
+        order = idx.flatten().argsort(stable=True)                           # (N*K,) pairs grouped by expert
+        inv = torch.empty_like(order).scatter_(0, order, torch.arange(N * K, device=idx.device))  # (N*K,)
+        copies = u.unsqueeze(1).expand(N, K, u.size(1)).reshape(N * K, -1)   # (N*K, D) row n*K+k = u[n]
+        return Permute.apply(copies, order, inv), order, inv
+
+    def unpermute_and_combine(self, ys, order, inv, g):
+        """ys (N*K, D) in expert order -> (N, D) = Σ_k g[n, k] ys of (n, k): the permutation back, then a
+        weighted sum over each token's K rows (a reduction, no scatter). Sums in fp32."""
+        N, K = g.shape
+        yk = Permute.apply(ys, inv, order).view(N, K, -1)                    # (N, K, D) token order
+        return (at_least_fp32(yk) * g[:, :, None]).sum(dim=1)                # (N, D) fp32
 
     def routed_loop(self, u, g, idx, counts):
         """Reference: for each expert, gather its tokens, run it, scatter-add the gated output."""
@@ -556,10 +621,10 @@ class Transformer(nn.Module):
     def update_router_biases(self):
         """Call after every optimizer step: each MoE layer moves its bias by ±γ from the tokens it routed
         since the last call (all micro-steps of the step), then starts counting afresh. In data-parallel
-        training all-reduce each `moe.load` first so every rank applies the same update."""
+        training all-reduce each `moe.load` first so every rank applies the same update. No host sync: a
+        layer that routed nothing has load == mean == 0, so sign(0) leaves its bias alone without an `if`."""
         for moe in self.moe_layers():
-            if moe.load.sum() > 0:
-                moe.gate.update_bias(moe.load)
+            moe.gate.update_bias(moe.load)
             moe.load.zero_()
 
     @torch.no_grad()
