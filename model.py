@@ -78,6 +78,7 @@ class ModelArgs:
     aux_alpha: float = 1e-4         # α, sequence-wise balance loss weight (eq. 17)
     bias_update_speed: float = 1e-3 # γ, router bias step of aux-loss-free balancing
     init_std: float = 0.006         # std of every weight's normal init (§4.2)
+    dropout: float = 0.0            # residual dropout on each attention/FFN output (NOTE: not in V3; small data)
     # implementation switches (same maths, different speed)
     attn_impl: str = "naive"        # 'naive' materializes per-head K/V; 'absorb' attends in the latent space
     moe_impl: str = "grouped"       # 'grouped' one grouped GEMM; 'sorted' one matmul per expert; 'loop' reference
@@ -94,6 +95,7 @@ class ModelArgs:
                      "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_seq_len", "original_seq_len"):
             check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         check(0 <= self.n_dense_layers <= self.n_layers, "n_dense_layers must be in [0, n_layers]")
+        check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
         check(self.q_lora_rank >= 0 and self.n_mtp_depth >= 0, "q_lora_rank and n_mtp_depth must be >= 0")
         check(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim must be even (RoPE rotates pairs)")
         check(self.attn_impl in ("naive", "absorb"), f"attn_impl must be 'naive' or 'absorb', got {self.attn_impl!r}")
@@ -486,10 +488,13 @@ class Block(nn.Module):
         self.ffn = MLP(args.dim, args.inter_dim) if layer_id < args.n_dense_layers else MoE(args)
         self.attn_norm = RMSNorm(args.dim)
         self.ffn_norm = RMSNorm(args.dim)
+        # NOTE: V3 trains on 14.8T tokens and needs no dropout; a few MB of text, seen many times, does
+        # (nanoGPT's regularizer, on the branch outputs before they join the residual). Off in eval().
+        self.drop = nn.Dropout(args.dropout)
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), freqs_cis, start_pos)
-        return x + self.ffn(self.ffn_norm(x))
+        x = x + self.drop(self.attn(self.attn_norm(x), freqs_cis, start_pos))
+        return x + self.drop(self.ffn(self.ffn_norm(x)))
 
 
 class MTP(nn.Module):
@@ -595,6 +600,14 @@ class Transformer(nn.Module):
         for attn in self.attn_modules():
             attn.kv_cache = torch.zeros(batch_size, max_len, attn.kv_lora_rank, dtype=p.dtype, device=p.device)
             attn.pe_cache = torch.zeros(batch_size, max_len, attn.dr, dtype=p.dtype, device=p.device)
+
+    def compile_blocks(self, **kwargs):
+        """Regional compilation: torch.compile each Block (main and MTP) in place rather than the whole model.
+        Blocks of one kind share one compiled graph (their parameters are inputs of the graph, not constants),
+        so a 12-layer model compiles about as fast as one dense and one MoE block; the embedding, the head and
+        the losses run eagerly between them."""
+        for block in [*self.layers, *(m.block for m in self.mtp)]:
+            block.compile(**kwargs)
 
     def clear_cache(self):
         for attn in self.attn_modules():
