@@ -16,6 +16,8 @@ Run:  python train.py --config small                     (2-core CPU, ~5 minutes
       torchrun --nproc_per_node=8 train.py --config multi-gpu
       any field can be overridden: python train.py --config small --max_iters=100 --dim=64 --out_dir=out-x
 """
+import time
+T_LAUNCH = time.time()   # for the "first step" line: launch -> first step done, imports and compilation included
 import ast
 import json
 import math
@@ -23,7 +25,6 @@ import os
 import shutil
 import signal
 import sys
-import time
 from contextlib import nullcontext
 from dataclasses import asdict, fields
 
@@ -41,7 +42,7 @@ from sample import generate
 DEFAULTS = dict(
     # I/O
     out_dir="out", data=None, eval_interval=100, eval_iters=20, log_interval=1, sample_tokens=200,
-    resume=False, overwrite=False,
+    resume=False, overwrite=False, save=True,
     # data and batch: tokens per optimizer step = batch_size * seq_len * grad_accum * world size
     vocab_size=2048, batch_size=16, seq_len=128, grad_accum=1,
     # optimizer and schedule (§4.2): warm-up, constant, then cosine decay over the last decay_frac of steps
@@ -238,7 +239,9 @@ if cfg["resume"]:
     train_gen.set_state(ckpt["rng"]["data"])
     if device_type == "cuda" and "cuda" in ckpt["rng"]:
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
-step_model = torch.compile(model) if cfg["compile"] else model   # same parameters, compiled forward
+if cfg["compile"]:   # regional: each Block compiled once and reused by every layer of its kind (model.py)
+    model.compile_blocks()
+step_model = model
 
 
 def lr_at(it: int) -> float:
@@ -369,6 +372,11 @@ while step < cfg["max_iters"] and not interrupted:
     loss = train_step(step)
     window.append(loss)
     step += 1
+    if len(window) == 1 and step == last_good + 1 and master:   # the first step of this process: compilation
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        tqdm.write(f"first step: {time.time() - t_window:.1f} s (compilation included), "
+                   f"{time.time() - T_LAUNCH:.1f} s after launch")
     if step % cfg["log_interval"] == 0 or step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]:
         losses = torch.stack(window).cpu()   # one host sync per log interval, not per step
         bad = (~torch.isfinite(losses)).nonzero()
@@ -398,7 +406,8 @@ while step < cfg["max_iters"] and not interrupted:
                        f"maxvio {ev['maxvio']:.2f}")
             if cfg["sample_tokens"]:   # --sample_tokens=0: no sample
                 tqdm.write("--- sample ---\n" + sample_text(cfg["sample_tokens"]) + "\n--------------")
-        save_checkpoint()
+        if cfg["save"]:   # --save=False: measure or sweep without writing checkpoints
+            save_checkpoint()
         last_good = step
         t_window = time.time()   # keep eval time out of tokens/s
 bar.close()

@@ -88,7 +88,7 @@ def test_interrupt_and_resume_gives_the_same_losses(tmp_path):
 ])
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, args, message):
     (tmp_path / "empty.txt").write_text("")
-    (tmp_path / "short.txt").write_text("To be, or not to be, that is the question.\n" * 3)
+    (tmp_path / "short.txt").write_text("To be, or not to be, that is the question.\n" * 30)
     out = tmp_path / "out"
     args = [a.format(empty=tmp_path / "empty.txt", short=tmp_path / "short.txt") for a in args]
     p = run(*args, f"--out_dir={out}", check=False)
