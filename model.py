@@ -227,20 +227,24 @@ class MLA(nn.Module):
         c_kv = self.kv_norm(c_kv)
         k_pe = apply_rotary_emb(k_pe.unsqueeze(2), freqs_cis).squeeze(2)  # eq. (3): (B, T, Dr)
 
-        end = start_pos + T
-        if self.kv_cache is not None:   # generation: cache only what eq. (1)/(3) produce, then read it all back
-            self.kv_cache[:B, start_pos:end] = c_kv
-            self.pe_cache[:B, start_pos:end] = k_pe
-            c_kv, k_pe = self.kv_cache[:B, :end], self.pe_cache[:B, :end]  # (B, S, Ckv), (B, S, Dr)
+        if isinstance(start_pos, torch.Tensor):   # static shapes for CUDA graphs (sample.py); see below
+            c_kv, k_pe, mask = self.write_cache_static(c_kv, k_pe, start_pos)
+            S, causal = c_kv.size(1), False
         else:
-            assert start_pos == 0, "start_pos > 0 needs a cache (call model.setup_cache first)"
-        S = c_kv.size(1)
-        # causal mask for queries at positions start_pos..end-1 against keys 0..S-1; SDPA's is_causal
-        # aligns the top-left corner, which is only right when there is no cached prefix
-        mask = None
-        if start_pos > 0 and T > 1:
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)  # (T, S)
-        causal = start_pos == 0 and T > 1
+            end = start_pos + T
+            if self.kv_cache is not None:   # generation: cache only what eq. (1)/(3) produce, then read it all back
+                self.kv_cache[:B, start_pos:end] = c_kv
+                self.pe_cache[:B, start_pos:end] = k_pe
+                c_kv, k_pe = self.kv_cache[:B, :end], self.pe_cache[:B, :end]  # (B, S, Ckv), (B, S, Dr)
+            else:
+                assert start_pos == 0, "start_pos > 0 needs a cache (call model.setup_cache first)"
+            S = c_kv.size(1)
+            # causal mask for queries at positions start_pos..end-1 against keys 0..S-1; SDPA's is_causal
+            # aligns the top-left corner, which is only right when there is no cached prefix
+            mask = None
+            if start_pos > 0 and T > 1:
+                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)  # (T, S)
+            causal = start_pos == 0 and T > 1
 
         wkv_b = self.wkv_b.weight.view(H, Dn + Dv, C)     # (H, Dn+Dv, Ckv): W^UK rows then W^UV rows per head
         if self.attn_impl == "naive":
@@ -262,6 +266,19 @@ class MLA(nn.Module):
             o_lat = attention(qh, k, v, mask, causal, self.softmax_scale)                  # (B, H, T, Ckv)
             o = torch.einsum("bhtc,hdc->bthd", o_lat, wkv_b[:, Dn:].to(o_lat.dtype))      # (B, T, H, Dv)
         return self.wo(o.flatten(2))                       # (B, T, D)
+
+    def write_cache_static(self, c_kv, k_pe, start_pos: torch.Tensor):
+        """The cache step with every shape fixed, so that one CUDA graph serves every position: the T new entries
+        go to positions start_pos..start_pos+T-1 (start_pos a (1,) device tensor, not a Python int), and the
+        queries attend over the WHOLE cache (B, S_max, ...) with the positions after their own masked out: the
+        same attention as reading back only [:end], at S_max/end times the (small) cost for one token."""
+        B, T = c_kv.shape[:2]
+        pos = start_pos + torch.arange(T, device=c_kv.device)                  # (T,) absolute positions
+        self.kv_cache[:B].index_copy_(1, pos, c_kv.to(self.kv_cache.dtype))
+        self.pe_cache[:B].index_copy_(1, pos, k_pe.to(self.pe_cache.dtype))
+        S = self.kv_cache.size(1)
+        mask = torch.arange(S, device=pos.device) <= pos[:, None]              # (T, S_max) causal, in absolute positions
+        return self.kv_cache[:B], self.pe_cache[:B], mask                      # (B, S_max, Ckv), (B, S_max, Dr), mask
 
 
 # -----------------------------------------------------------------------------

@@ -367,12 +367,12 @@ def on_sigint(signum, frame):   # Ctrl-C: finish the current step, then save and
 
 signal.signal(signal.SIGINT, on_sigint)
 bar = tqdm(total=cfg["max_iters"], initial=step, disable=not master, dynamic_ncols=True, mininterval=1.0)
-window, t_window, last_good = [], time.time(), step
+window, t_window, last_good, first_step = [], time.time(), step, step
 while step < cfg["max_iters"] and not interrupted:
     loss = train_step(step)
     window.append(loss)
     step += 1
-    if len(window) == 1 and step == last_good + 1 and master:   # the first step of this process: compilation
+    if step == first_step + 1 and master:   # the first step of this process: compilation
         if device_type == "cuda":
             torch.cuda.synchronize()
         tqdm.write(f"first step: {time.time() - t_window:.1f} s (compilation included), "
