@@ -24,12 +24,26 @@ format, one "base64(token bytes) rank" per line, and the files are served throug
 Run: python data.py [--data=PATH.txt|FOLDER] [--vocab_size=4096] [--cache_dir=DIR]   (prepares the data, prints stats)
      python data.py prepare tinystories [--dest=data] [--vocab_size=8192]     (download, then prepare)
 """
-import base64, codecs, hashlib, heapq, http.client, importlib.metadata, json, math, os, re, shutil, sys, tempfile, time
-import urllib.error, urllib.request
+import base64
+import codecs
+import hashlib
+import heapq
+import http.client
+import importlib.metadata
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
 from collections import Counter, defaultdict
 
 import numpy as np
-import regex  # tiktoken depends on it and uses it for the same pattern; the stdlib `re` has no \p{L}
+import regex  # the stdlib `re` has no \p{L}; tiktoken uses the same pattern (requirements.txt lists it)
 import tiktoken
 import torch
 from tqdm import tqdm
@@ -94,7 +108,8 @@ def markdown_to_play(md: str) -> str:
             if line:
                 direction.append(line)
             if not line or line[-1] in "_*":  # closed by its emphasis marker (or, defensively, a blank line)
-                flush(); direction = None
+                flush()
+                direction = None
             continue
         if not line:
             out.append("")
@@ -105,7 +120,8 @@ def markdown_to_play(md: str) -> str:
         elif line[0] in "_*":  # _Enter HORATIO_, *Sound a horn.*, _\[Aside]_
             direction = [line]
             if len(line) > 1 and line[-1] in "_*":
-                flush(); direction = None
+                flush()
+                direction = None
         else:
             out.append(_inline(line))
     if direction:  # a stage direction left open at the end of the file
@@ -207,14 +223,18 @@ def corpus_parts(path: str) -> tuple[str, list, list, list[bool], list[bool], st
         lo, hi = before, before + sizes[f]
         before = hi
         if hi <= cut:
-            train.append((f, 0, sizes[f])); train_sep.append(sep)
+            train.append((f, 0, sizes[f]))
+            train_sep.append(sep)
         elif lo >= cut:
-            val.append((f, 0, sizes[f])); val_sep.append(sep)
+            val.append((f, 0, sizes[f]))
+            val_sep.append(sep)
         else:   # the file that holds the cut: split it at a line start
             with open(f, "rb") as fh:
                 at = _line_start(fh, cut - lo, sizes[f])
-            train.append((f, 0, at)); train_sep.append(sep)
-            val.append((f, at, sizes[f])); val_sep.append(False)   # the same document continues
+            train.append((f, 0, at))
+            train_sep.append(sep)
+            val.append((f, at, sizes[f]))
+            val_sep.append(False)   # the same document continues
     if not any(_has_text(p) for p in train) or not any(_has_text(p) for p in val):
         raise DataError(f"data is too short to hold out a validation tail (no line break before a non-space "
                         f"character in its last 10%): {path} ({total} bytes)")
@@ -322,9 +342,11 @@ def _merge(ids: list[int], pair: tuple[int, int], new: int) -> list[int]:
     out, i = [], 0
     while i < len(ids):  # left to right, as tiktoken does: "a a a" -> "aa a"
         if i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]:
-            out.append(new); i += 2
+            out.append(new)
+            i += 2
         else:
-            out.append(ids[i]); i += 1
+            out.append(ids[i])
+            i += 1
     return out
 
 
@@ -362,7 +384,9 @@ def train_bpe(docs: list[str], vocab_size: int) -> list[tuple[int, int]]:
         b = token_bytes[p[0]] + token_bytes[p[1]]
         # tiktoken ranks tokens by their bytes, so two merges that make the same bytes could not be told apart.
         assert b not in seen, f"BPE produced a duplicate token {b!r}"
-        merges.append(p); token_bytes.append(b); seen.add(b)
+        merges.append(p)
+        token_bytes.append(b)
+        seen.add(b)
         created = set()
         for i in sorted(where.pop(p)):  # only the chunks that contain the pair are touched
             old = words[i]
@@ -560,29 +584,19 @@ def bits_per_byte(mean_loss_nats: float, n_tokens: int, n_bytes: int) -> float:
 
 # ----------------------------------------------------------------------------- CLI
 
-USAGE = ("usage: python data.py [--data=PATH] [--vocab_size=INT] [--cache_dir=DIR]   (tokenize a file or folder)\n"
-         "       python data.py prepare tinystories|URL [--dest=DIR] [--sha256=HEX] [--vocab_size=INT] [--cache_dir=DIR]")
-
-
-def main(argv: list[str]) -> int:
-    cmd = argv.pop(0) if argv and argv[0] == "prepare" else None
-    corpus = argv.pop(0) if cmd and argv and not argv[0].startswith("--") else None
-    args = dict(data=None, vocab_size=4096, cache_dir=CACHE_DIR)
-    if cmd:
-        args.update(dest="data", sha256=None)
-        args.pop("data")
-    for a in argv:
-        k, eq, v = a.removeprefix("--").partition("=")
-        if not a.startswith("--") or not eq or k not in args or (k == "vocab_size" and not v.isdigit()):
-            print(f"{USAGE.splitlines()[1 if cmd else 0]}; bad argument {a!r}", file=sys.stderr)
-            return 2
-        args[k] = int(v) if k == "vocab_size" else v
-    if cmd and not corpus:
-        print(f"{USAGE.splitlines()[1]}; name a corpus ({', '.join(CORPORA)}) or a URL", file=sys.stderr)
-        return 2
+def main(argv: list[str]) -> None:
+    from config import die, parse_or_exit
+    if argv[:1] == ["prepare"]:   # python data.py prepare tinystories|URL [--dest=DIR] [--sha256=HEX] ...
+        corpus = argv[1] if len(argv) > 1 and not argv[1].startswith("--") else None
+        args = parse_or_exit("data.py prepare", argv[2 if corpus else 1:],
+                             dict(dest="data", sha256=None, vocab_size=4096, cache_dir=CACHE_DIR))
+        if corpus is None:
+            die("data.py prepare", f"name a corpus ({', '.join(CORPORA)}) or a URL")
+    else:
+        corpus, args = None, parse_or_exit("data.py", argv, dict(data=None, vocab_size=4096, cache_dir=CACHE_DIR))
     t0 = time.time()
     try:
-        if cmd:   # download (resumable, checksummed), then tokenize what came down
+        if corpus:   # download (resumable, checksummed), then tokenize what came down
             urls = CORPORA.get(corpus) or ([corpus] if "://" in corpus else None)
             if urls is None:
                 raise DataError(f"unknown corpus {corpus!r}: name one of {', '.join(CORPORA)} or give a URL")
@@ -592,18 +606,16 @@ def main(argv: list[str]) -> int:
             args["data"] = folder if corpus in CORPORA else paths[0]
         m = prepare(**args)
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        die("data.py", str(e))
     print(f"{m['name']}: vocab {m['vocab_size']} ({m['dtype']}), tokenizer trained in {m['tokenizer_seconds']:.1f} s, "
           f"encoded in {m['encode_seconds']:.1f} s (this call: {time.time() - t0:.1f} s)")
     for s in ("train", "val"):
         print(f"  {s:5s}: {m[s + '_docs']:,} docs, {m[s + '_chars']:,} chars, {m[s + '_bytes']:,} bytes, "
               f"{m[s + '_tokens']:,} tokens, {m[s + '_bytes'] / m[s + '_tokens']:.2f} bytes/token")
     print(f"  files: {os.path.dirname(m['train_bin'])}")
-    if cmd:
+    if corpus:
         print(f"train on it: python train.py --config gpu --data={args['data']} --vocab_size={args['vocab_size']}")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    main(sys.argv[1:])
