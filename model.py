@@ -548,7 +548,8 @@ class MTP(nn.Module):
         """h_prev: (B, T, D) final-normed states of depth k-1; emb_next: (B, T, D) = Emb(t_{i+k}).
         Returns the final-normed (B, T, D) states of depth k (fed to the head and to depth k+1)."""
         h = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))  # eq. (21): (B, T, D)
-        return self.norm(self.block(h, freqs_cis, start_pos))                           # eq. (22)
+        # the residual stream in (at least) fp32, as the main blocks' (under autocast eh_proj returns bf16)
+        return self.norm(self.block(at_least_fp32(h), freqs_cis, start_pos))            # eq. (22)
 
 
 class Transformer(nn.Module):
@@ -589,14 +590,18 @@ class Transformer(nn.Module):
 
         assert targets.shape == logits.shape[:2], f"targets {tuple(targets.shape)} != tokens {tuple(logits.shape[:2])}"
         ce = cross_entropy(logits, targets)
-        # MTP (eq. 21-25): depth k at position i sees t_{i+k} and predicts t_{i+k+1} = targets[i+k], so each
-        # depth drops the last position: depth k covers positions 0..T-k-1 of the sequence.
+        # MTP (eq. 21-25): depth k at position i sees t_{i+k} and predicts t_{i+k+1} = targets[i+k]. The last k
+        # positions have no t_{i+k}: they read a wrapped-around token and their target is ignored (-1); causal
+        # attention keeps them from reaching earlier positions, so the loss is that of the T-k valid positions.
+        # Every depth thus keeps the main blocks' (B, T) shape and a compiled MoE Block serves it unchanged.
+        # NOTE: those k positions still route through the MTP block's experts (in its load and balance loss).
         mtp_k, h_k = [], h
         for k in range(1, len(self.mtp) + 1):
             if T - k <= 0:
                 break
-            logits_k, h_k = self.mtp_forward(k, h_k[:, :T - k], tokens[:, k:], start_pos)  # (B, T-k, V/D)
-            mtp_k.append(cross_entropy(logits_k, targets[:, k:]))
+            logits_k, h_k = self.mtp_forward(k, h_k, tokens.roll(-k, dims=1), start_pos)   # (B, T, V/D)
+            valid = torch.arange(T, device=targets.device) < T - k                        # (T,)
+            mtp_k.append(cross_entropy(logits_k, targets.roll(-k, dims=1).where(valid, -1)))
         mtp = self.args.mtp_lambda / len(self.mtp) * sum(mtp_k) if mtp_k else ce.new_zeros(())
         moes = [m for m in self.moe_layers() if m.balance_loss is not None]
         balance = sum(m.balance_loss for m in moes) if moes else ce.new_zeros(())
@@ -615,12 +620,19 @@ class Transformer(nn.Module):
             assert x.dtype == torch.long, f"tokens must be int64, got {x.dtype}"
             x = self.embed(x)                                   # (B, T, D)
         T = x.size(1)
-        assert start_pos + T <= self.args.max_seq_len, \
-            f"sequence of {start_pos + T} positions exceeds max_seq_len={self.args.max_seq_len}"
-        freqs = self.freqs_cis[start_pos:start_pos + T]        # (T, Dr/2, 2)
+        assert isinstance(start_pos, torch.Tensor) or start_pos + T <= self.args.max_seq_len, \
+            f"sequence of {start_pos + T} positions exceeds max_seq_len={self.args.max_seq_len}"   # (no sync for a tensor)
+        freqs = self.rope_rows(start_pos, T)                   # (T, Dr/2, 2)
         for layer in self.layers:
             x = layer(x, freqs, start_pos)                     # (B, T, D)
         return self.norm(x) if self.norm is not None else x
+
+    def rope_rows(self, start_pos, T: int) -> torch.Tensor:
+        """RoPE rows (T, Dr/2, 2) of positions start_pos..start_pos+T-1; start_pos an int, or a (1,) device
+        tensor for static-shape decoding (MLA.write_cache_static)."""
+        if isinstance(start_pos, torch.Tensor):
+            return self.freqs_cis.index_select(0, start_pos + torch.arange(T, device=start_pos.device))
+        return self.freqs_cis[start_pos:start_pos + T]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """final-normed hidden states (B, T, D) -> logits (B, T, V) in (at least) fp32, through the shared head."""
@@ -630,7 +642,7 @@ class Transformer(nn.Module):
         """MTP depth k (1-based): h_prev (B, T, D) from depth k-1 at positions start_pos.., next_tokens (B, T) the
         tokens one step further. Returns its logits (B, T, V) and its states h_k (B, T, D), the input of depth
         k+1. Training (forward) and speculative decoding (sample.py) both call it."""
-        freqs = self.freqs_cis[start_pos:start_pos + next_tokens.size(1)]
+        freqs = self.rope_rows(start_pos, next_tokens.size(1))
         h_k = self.mtp[k - 1](h_prev, self.embed(next_tokens), freqs, start_pos)   # eqs. (21)-(22)
         return self.logits(h_k), h_k                                              # eq. (23): shared head
 

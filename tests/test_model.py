@@ -125,6 +125,28 @@ def test_cached_decoding_equals_full_forward(impl):
     assert attn.kv_cache.shape[-1] == 16 and attn.pe_cache.shape[-1] == 4
 
 
+@pytest.mark.parametrize("impl", ["naive", "absorb"])
+def test_static_cache_step_equals_dynamic(impl):
+    # the static-shape step (position as a device tensor, whole-cache attention with a mask: what a CUDA graph
+    # replays) against the full forward, for the main model (1- and 2-token steps) and for MTP depth 1
+    model = tiny_model(attn_impl=impl).eval()
+    x = tokens(1, 20)
+    with torch.no_grad():
+        full = model(x).logits
+        h_full = model.trunk(x)
+        mtp_full, _ = model.mtp_forward(1, h_full[:, :19], x[:, 1:])
+        model.setup_cache(batch_size=1)
+        pieces = [model(x[:, :8]).logits]                                        # prefill: the int path
+        for t, n in ((8, 1), (9, 2), (11, 1), (12, 2), (14, 1), (15, 1), (16, 2), (18, 2)):
+            pieces.append(model(x[:, t:t + n], start_pos=torch.tensor([t])).logits)   # (1, n, V)
+        mtp = [model.mtp_forward(1, h_full[:, :8], x[:, 1:9])[0]]
+        for t in range(8, 19):
+            mtp.append(model.mtp_forward(1, h_full[:, t:t + 1], x[:, t + 1:t + 2], torch.tensor([t]))[0])
+        model.clear_cache()
+    assert rel_err(torch.cat(pieces, dim=1), full) < 1e-12     # float64: the same sums up to rounding
+    assert rel_err(torch.cat(mtp, dim=1), mtp_full) < 1e-12
+
+
 def test_yarn_factor_one_changes_nothing_within_original_context():
     short = tiny_model(max_seq_len=32, original_seq_len=32)
     long = tiny_model(max_seq_len=64, original_seq_len=32, rope_factor=1.0)
