@@ -548,8 +548,8 @@ class MTP(nn.Module):
         """h_prev: (B, T, D) final-normed states of depth k-1; emb_next: (B, T, D) = Emb(t_{i+k}).
         Returns the final-normed (B, T, D) states of depth k (fed to the head and to depth k+1)."""
         h = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))  # eq. (21): (B, T, D)
-        # the residual stream in (at least) fp32, as the main blocks' (under autocast eh_proj returns bf16)
-        return self.norm(self.block(at_least_fp32(h), freqs_cis, start_pos))            # eq. (22)
+        # the residual stream in the main blocks' dtype, the embedding's (under autocast eh_proj returns bf16)
+        return self.norm(self.block(h.to(emb_next.dtype), freqs_cis, start_pos))        # eq. (22)
 
 
 class Transformer(nn.Module):

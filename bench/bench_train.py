@@ -217,7 +217,10 @@ def main(argv):
                 t = k.duration / steps / 1000          # ms per step
                 parts[part] += t
                 kernels[(part, ev.name if ev.name.startswith("aten::") else k.name)] += t
-        launched = sum(ev.device_time_total for ev in prof.events() if ev.device_type == DeviceType.CUDA) / steps / 1000
+        # every kernel, memcpy and memset on the GPU timeline (not the user-annotation spans that kineto also puts
+        # there, e.g. '## Call CompiledFxGraph ##', which cover many kernels each)
+        launched = sum(ev.device_time_total for ev in prof.events()
+                       if ev.device_type == DeviceType.CUDA and not ev.is_user_annotation) / steps / 1000
         if launched > sum(parts.values()):   # kernels whose launching op the profiler did not record
             parts["other"] += launched - sum(parts.values())
         busy = max(sum(parts.values()), 1e-9)
