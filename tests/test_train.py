@@ -169,3 +169,17 @@ def test_fp8_training_with_grad_accumulation(tmp_path):
     moments = [t for s in ckpt["optimizer"]["state"].values() for t in s.values() if torch.is_tensor(t) and t.dim()]
     assert moments and all(t.dtype == torch.bfloat16 for t in moments)
     assert sorted(train_losses(out)) == [1, 2, 3]
+
+
+def test_plot_curve_draws_every_eval(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import plot_curve
+    import xml.etree.ElementTree as ET
+    rows = [dict(step=s, loss=1.0, time=s / 10) for s in range(1, 40)]
+    rows += [dict(step=s, val_bpb=b, val_loss=b, time=s / 10 + 1) for s, b in ((10, 2.5), (20, 2.1), (30, 2.2))]
+    src, dst = tmp_path / "m.jsonl", tmp_path / "c.svg"
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    plot_curve.main([str(src), str(dst)])
+    dots = [e for e in ET.parse(dst).iter() if e.tag.endswith("circle")]
+    assert len(dots) == 2 * 3 and sum(d.get("fill") == "#d62728" for d in dots) == 2   # best marked in both panels
+    assert "best 2.1000 at step 20" in dst.read_text()
