@@ -1,6 +1,6 @@
 """
-sample.py: generate text from a trained checkpoint with MLA's compressed KV cache, and with the MTP modules as
-the draft model of speculative decoding.
+Generate text from a trained checkpoint with MLA's compressed KV cache, and with the MTP modules as the draft
+model of speculative decoding.
 
 Paper: DeepSeek-V3 Technical Report (arXiv 2412.19437), sections used here:
   §2.1.1 MLA at inference: only c_kv (Ckv) and the shared RoPE key k_R (Dr) are cached per token and layer,
@@ -337,13 +337,12 @@ DEFAULTS = dict(out_dir="out", prompt="<|endoftext|>", num_samples=1, max_new_to
 def main(argv: list[str]) -> int:
     try:
         return run(parse(argv, DEFAULTS))
-    except (ConfigError, SampleError) as e:
+    except (ConfigError, SampleError) as e:   # bad input: one line, exit 2
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 2
 
 
-def run(cfg: dict) -> int:
-    c = cfg
+def run(c: dict) -> int:
     if c["temperature"] < 0 or c["top_k"] < 0 or not 0 < c["top_p"] <= 1 or c["num_samples"] < 1:
         raise SampleError("need temperature >= 0, top_k >= 0 (0 = off), 0 < top_p <= 1, num_samples >= 1")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if c["device"] == "auto" else c["device"]
