@@ -316,7 +316,7 @@ def test_cli_errors_exit_2(tmp_path):
 
 def test_cache_folder_errors_are_one_line(tmp_path):
     (tmp_path / "file").write_text("x")
-    (tmp_path / "t.txt").write_text("some words to tokenize, " * 50)
+    (tmp_path / "t.txt").write_text("some words to tokenize,\n" * 50)
     _error(data.prepare, str(tmp_path / "t.txt"), 300, str(tmp_path / "file" / "cache"), match="cannot write the data cache")
 
 
@@ -328,7 +328,7 @@ def test_dead_temp_dirs_are_removed(tmp_path):
     cache = tmp_path / "c"
     for name in (f".tmp-{dead.pid}-{host}-abc", f".tmp-{os.getpid()}-{host}-abc", f".tmp-{dead.pid}-elsewhere-abc"):
         (cache / name).mkdir(parents=True)
-    (tmp_path / "t.txt").write_text("some words to tokenize, " * 50)
+    (tmp_path / "t.txt").write_text("some words to tokenize,\n" * 50)
     data.prepare(str(tmp_path / "t.txt"), 300, str(cache))
     left = sorted(d for d in os.listdir(cache) if d.startswith(".tmp"))
     assert left == sorted([f".tmp-{os.getpid()}-{host}-abc", f".tmp-{dead.pid}-elsewhere-abc"])
@@ -338,7 +338,8 @@ def test_kill_during_tokenizer_training_shows_progress_and_cleans_up(tmp_path):
     # text without spaces trains slowly (one chunk per MAX_CHUNK letters): a progress bar appears after 2 s; a
     # SIGTERM then stops with one line and exit 130 and removes the half-built cache folder
     rng = random.Random(0)
-    (tmp_path / "t.txt").write_text("".join(rng.choice("abcdefghij") for _ in range(200_000)) + "\n")
+    lines = ["".join(rng.choice("abcdefghij") for _ in range(10_000)) for _ in range(20)]   # 10 KB lines
+    (tmp_path / "t.txt").write_text("\n".join(lines) + "\n")
     err = open(tmp_path / "err", "w+")
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "data.py"), f"--data={tmp_path / 't.txt'}",
                           "--vocab_size=4096", f"--cache_dir={tmp_path / 'c'}"], stdout=subprocess.DEVNULL, stderr=err)

@@ -288,7 +288,8 @@ def test_bad_out_dir_one_line_exit_2(tmp_path, QUICK, out_dir, message):
 def test_ctrl_c_while_preparing_data_is_one_line_and_leaves_nothing(tmp_path, QUICK):
     # text without spaces trains its tokenizer slowly enough to interrupt; --data_cache moves the cache
     rng = __import__("random").Random(0)
-    (tmp_path / "t.txt").write_text("".join(rng.choice("abcdefghij") for _ in range(200_000)) + "\n")
+    lines = ["".join(rng.choice("abcdefghij") for _ in range(10_000)) for _ in range(20)]   # 10 KB lines
+    (tmp_path / "t.txt").write_text("\n".join(lines) + "\n")
     err = open(tmp_path / "err", "w+")
     proc = subprocess.Popen([sys.executable, "train.py", *QUICK, f"--data={tmp_path / 't.txt'}", "--vocab_size=4096",
                              f"--data_cache={tmp_path / 'cache'}", f"--out_dir={tmp_path / 'out'}"], cwd=ROOT,
