@@ -1,0 +1,539 @@
+"""
+Scale-out machinery for train.py: how DeepSeek-V3's parameters, tokens and gradients are spread over ranks.
+
+Paper: DeepSeek-V3 Technical Report (arXiv 2412.19437), §3.2 "Training Framework": 16-way pipeline parallelism
+with DualPipe (§3.2.1), 64-way expert parallelism over 8 nodes with node-limited all-to-all dispatch (§3.2.2,
+§2.1.2), ZeRO-1 data parallelism; §2.1.2's router-bias update needs the load of every token in the step.
+
+  Layout               world = PP x DP x EP ranks; which rank holds what, and the process groups
+  ExpertParallel       the routed experts of an MoE layer sharded over the EP group: dispatch the tokens to the
+                       ranks holding their experts with all_to_all_single (variable splits), run the local
+                       experts, combine with the reverse all_to_all. Group-limited routing maps to ranks: a
+                       token reaches at most n_limited_groups ranks (whole expert groups live on one rank).
+  data_parallel        DDP for the non-expert parameters (bucketed all-reduce overlapped with the backward),
+                       the experts' gradients reduced only across their data-parallel replicas
+  Optimizer            ZeRO-1: torch's ZeroRedundancyOptimizer, one per replica group (dense / experts)
+  clip_grad_norm       the global gradient norm over all shards, each parameter counted once
+  Pipeline             dualpipe.py's DualPipe executor on the real model: rank r runs stage r (direction 0)
+                       and stage PP-1-r (direction 1); embedding on the first stage, head + MTP + losses on the last
+  dry_run              per-rank memory and per-step communication of a layout, without any rank
+
+Why DDP + ZeroRedundancyOptimizer (and not FSDP2): ZeRO-1 is what the paper uses, and it keeps every rank's
+parameters whole, so the EP all-to-all, the pipeline stages and the FP8 Linears see plain tensors. FSDP2 would
+shard the parameters too (ZeRO-3): less memory, but an all-gather per layer per micro-batch, which V3 avoids
+by holding each stage's few layers whole (the dry run shows they fit). DDP cannot see the gradients DualPipe's
+W phase writes by hand (dW = gᵀx outside autograd), so with --pp > 1 the same reduction runs after the
+pipeline's last W, one flat all-reduce per replica group.
+
+Simplifications vs. the real thing:
+  - every rank builds the whole model on the CPU with the same seed (identical initial weights), then keeps its
+    shard: fine up to a few billion parameters, not for 671B (the dry run accounts for that one);
+  - dispatch and combine send fp32/bf16 rows (the paper dispatches FP8 1x128 tiles, §3.3.3); no
+    IB -> NVLink two-hop forwarding, no warp-specialized comm kernels, no overlap of the all-to-all with compute;
+  - the experts' gradient all-reduce runs after the backward (DDP overlaps only the dense one);
+  - no tensor parallelism, no DualPipeV, no recomputation of RMSNorm/MLA up-projections (§3.2.3).
+
+Run: torchrun --nproc_per_node=4 train.py --config small --device=cpu --dp=1 --ep=2 --pp=2
+     python train.py --config v3 --dry_run=True --pp=16 --ep=64 --dp=2
+
+Legend: rank = (s*DP + d)*EP + e with s the pipeline rank, d the data-parallel index, e the expert-parallel index;
+N tokens on this rank, D model dim, K active experts, E routed experts, El = E/EP experts per rank,
+S rows sent (token, destination rank), R rows received.
+"""
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import dualpipe as DP
+from model import at_least_fp32
+
+
+# -----------------------------------------------------------------------------
+# 1. Layout: which rank holds what
+
+class LayoutError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Layout:
+    pp: int = 1
+    dp: int = 1
+    ep: int = 1
+
+    @property
+    def world(self) -> int:
+        return self.pp * self.dp * self.ep
+
+    def coords(self, rank: int) -> tuple[int, int, int]:
+        """(s, d, e) of a global rank: EP innermost, so an EP group is a block of consecutive ranks (one node)."""
+        return rank // (self.dp * self.ep), rank // self.ep % self.dp, rank % self.ep
+
+    def rank(self, s: int, d: int, e: int) -> int:
+        return (s * self.dp + d) * self.ep + e
+
+    def mirror(self, s: int) -> list[int]:
+        # DualPipe: pipeline ranks s and PP-1-s hold the same two stages (Table 2's 2x parameters)
+        return sorted({s, self.pp - 1 - s}) if self.pp > 1 else [s]
+
+    def __str__(self) -> str:
+        return f"PP{self.pp} x DP{self.dp} x EP{self.ep} = {self.world} ranks"
+
+
+def check_layout(layout: Layout, args, world: int | None, nmb: int) -> None:
+    """Raise LayoutError (one line) for a layout these ranks and this model cannot run. world=None: dry run."""
+    for k in ("pp", "dp", "ep"):
+        if getattr(layout, k) < 1:
+            raise LayoutError(f"--{k} must be >= 1, got {getattr(layout, k)}")
+    E, G = args.n_routed_experts, args.n_expert_groups
+    if layout.ep > 1 and E % layout.ep:
+        raise LayoutError(f"--ep={layout.ep} must divide n_routed_experts={E}")
+    if layout.ep > 1 and G % layout.ep and layout.ep % G:
+        raise LayoutError(f"--ep={layout.ep} and n_expert_groups={G} must divide one another (whole groups per "
+                          f"rank, or whole ranks per group) for group-limited routing to map to ranks")
+    if layout.pp > 1:
+        if layout.pp % 2:
+            raise LayoutError(f"--pp={layout.pp} must be even: DualPipe pairs pipeline rank r with PP-1-r")
+        if args.n_layers < layout.pp:
+            raise LayoutError(f"--pp={layout.pp} needs at least one layer per stage, n_layers={args.n_layers}")
+        if nmb % 2 or nmb < 2 * layout.pp:
+            raise LayoutError(f"--pp={layout.pp} needs --grad_accum (micro-batches per step) even and >= 2*pp = "
+                              f"{2 * layout.pp}, got {nmb}")
+    if world is not None and layout.world != world:
+        raise LayoutError(f"--pp={layout.pp} x --dp={layout.dp} x --ep={layout.ep} = {layout.world} ranks, but "
+                          f"the world has {world} (torchrun --nproc_per_node={layout.world} ...)")
+
+
+class Groups:
+    """The process groups of one rank. Every rank creates every group (torch.distributed requires it)."""
+
+    def __init__(self, layout: Layout, rank: int):
+        self.layout, self.rank = layout, rank
+        self.s, self.d, self.e = layout.coords(rank)
+        L, P, Dn, En = layout, range(layout.pp), range(layout.dp), range(layout.ep)
+        self.ep = self.replicas = self.expert_replicas = self.pipe = None
+        mirrors = sorted({tuple(L.mirror(s)) for s in P})
+        for d in Dn:                                             # one pipeline: every stage of one (d, e)
+            for e in En:
+                g = dist.new_group([L.rank(s, d, e) for s in P])
+                if (d, e) == (self.d, self.e):
+                    self.pipe, self.pipe_ranks = g, [L.rank(s, d, e) for s in P]
+        for s in P:                                              # EP: same stage and replica, every expert shard
+            for d in Dn:
+                g = dist.new_group([L.rank(s, d, e) for e in En])
+                if (s, d) == (self.s, self.d):
+                    self.ep = g
+        for m in mirrors:                                        # every rank holding the same dense weights
+            g = dist.new_group([L.rank(s, d, e) for s in m for d in Dn for e in En])
+            if self.s in m:
+                self.replicas = g
+            for e in En:                                         # ... and the same experts
+                g = dist.new_group([L.rank(s, d, e) for s in m for d in Dn])
+                if self.s in m and e == self.e:
+                    self.expert_replicas = g
+        self.batch_rank = self.d * layout.ep + self.e            # which slice of the global batch this rank reads
+        self.batch_ranks = layout.dp * layout.ep
+
+
+# -----------------------------------------------------------------------------
+# 2. Expert parallelism: all-to-all dispatch and combine (§3.2.2)
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with variable splits; its backward is the same exchange in reverse."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, recv: list[int], send: list[int], group) -> torch.Tensor:
+        ctx.recv, ctx.send, ctx.group = recv, send, group
+        out = x.new_empty((sum(recv), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return _AllToAll.apply(g, ctx.send, ctx.recv, ctx.group), None, None, None
+
+
+class ExpertParallel:
+    """MoE.forward hands its routed part here when model.py's `moe.ep` is set. Rank e of the EP group holds
+    experts [e*El, (e+1)*El); expert groups are contiguous ranges of expert ids, so with EP <= G each rank holds
+    whole groups and group-limited routing (top-M groups) sends a token to at most M ranks."""
+
+    def __init__(self, group, n_experts: int):
+        self.group, self.ep, self.rank = group, dist.get_world_size(group), dist.get_rank(group)
+        self.per_rank = n_experts // self.ep
+        self.stats = dict(rows=0, tokens=0, max_ranks=0)   # rows sent / tokens / most ranks one token reached
+
+    def __deepcopy__(self, memo):   # a process group is not copied with the module that uses it
+        return self
+
+    @torch.compiler.disable          # collectives with host-side split sizes: a graph break under torch.compile
+    def __call__(self, moe: nn.Module, u: torch.Tensor, g: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """u (N, D) tokens, g (N, K) gates, idx (N, K) global expert ids -> (N, D) gated sum of routed outputs."""
+        N, K, El = idx.size(0), idx.size(1), self.per_rank
+        dest = idx // El                                          # (N, K) EP rank holding each chosen expert
+        to_rank = F.one_hot(dest, self.ep).amax(dim=1).bool()      # (N, EP): does token n go to rank j (once)
+        rank_of_row, tok = to_rank.t().nonzero(as_tuple=True)     # (S,), (S,): rows grouped by destination
+        send_counts = to_rank.sum(dim=0)                          # (EP,)
+        recv_counts = torch.empty_like(send_counts)
+        dist.all_to_all_single(recv_counts, send_counts, group=self.group)   # the split sizes, one host sync
+        send, recv = send_counts.tolist(), recv_counts.tolist()
+        here = dest[tok] == rank_of_row[:, None]                  # (S, K): slots served by that row's rank
+        local = torch.where(here, idx[tok] - rank_of_row[:, None] * El, -1)  # (S, K) local expert id, -1 = not there
+        gates = torch.where(here, g[tok], torch.zeros((), dtype=g.dtype, device=g.device))  # (S, K)
+        with torch.no_grad():
+            self.stats["rows"] += len(tok)
+            self.stats["tokens"] += N
+            self.stats["max_ranks"] = max(self.stats["max_ranks"], int(to_rank.sum(1).max()) if N else 0)
+        # dispatch: each row once per destination rank, with its local expert ids and gates
+        x_in = _AllToAll.apply(u[tok], recv, send, self.group)          # (R, D)
+        g_in = _AllToAll.apply(gates, recv, send, self.group)           # (R, K)
+        l_in = local.new_empty((sum(recv), K))
+        dist.all_to_all_single(l_in, local.contiguous(), recv, send, group=self.group)   # (R, K), no grad
+        y_in = self.local_experts(moe, x_in, g_in, l_in)                # (R, D) gated sum per received row
+        # combine: the reverse exchange, then add each rank's partial sum into its token
+        y_back = _AllToAll.apply(y_in, send, recv, self.group)          # (S, D)
+        return torch.zeros_like(u).index_add_(0, tok, y_back)
+
+    def local_experts(self, moe: nn.Module, x: torch.Tensor, g: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+        """model.py's 'sorted' path over this rank's experts. EVERY local expert runs, on zero rows if no token
+        chose it, so its weights always get a (zero) gradient: DDP and ZeRO need the same set on every step."""
+        row, slot = (local >= 0).nonzero(as_tuple=True)           # (P,) (row, slot) pairs this rank computes
+        e = local[row, slot]
+        order = e.argsort(stable=True)                            # pairs grouped by expert
+        row, slot, e = row[order], slot[order], e[order]
+        counts = torch.bincount(e, minlength=self.per_rank).tolist()
+        xs = x[row].split(counts)                                  # one (n_e, D) slice per local expert
+        ys = torch.cat([expert(chunk) for expert, chunk in zip(moe.experts, xs)])  # (P, D)
+        ys = ys.to(torch.promote_types(ys.dtype, torch.float32)) * g[row, slot, None]   # gated in fp32
+        return torch.zeros_like(x).index_add_(0, row, ys.to(x.dtype))
+
+
+def shard_experts(model: nn.Module, groups: Groups) -> None:
+    """Keep only this rank's routed experts in every MoE layer (main and MTP) and route through the EP group."""
+    E, ep = model.args.n_routed_experts, groups.layout.ep
+    if ep == 1:
+        return
+    dispatcher, El = ExpertParallel(groups.ep, E), E // ep
+    for moe in model.moe_layers():
+        moe.experts = nn.ModuleList(list(moe.experts)[groups.e * El:(groups.e + 1) * El])
+        moe.ep = dispatcher
+
+
+def is_expert(name: str) -> bool:
+    return ".experts." in name
+
+
+def global_name(name: str, e: int, per_rank: int) -> str:
+    """'layers.1.ffn.experts.0.w1.weight' on EP rank e -> the unsharded model's name (expert e*El + 0)."""
+    if not is_expert(name):
+        return name
+    head, tail = name.split(".experts.", 1)
+    i, rest = tail.split(".", 1)
+    return f"{head}.experts.{e * per_rank + int(i)}.{rest}"
+
+
+# -----------------------------------------------------------------------------
+# 3. Data parallelism: gradients, ZeRO-1, clipping, router loads
+
+def split_params(model: nn.Module) -> tuple[list, list]:
+    """(dense, expert) named parameters this rank holds. Dense: replicated on every rank of the replica group;
+    expert: replicated only across the data-parallel copies of this EP shard."""
+    named = list(model.named_parameters())
+    return [(n, p) for n, p in named if not is_expert(n)], [(n, p) for n, p in named if is_expert(n)]
+
+
+def data_parallel(model: nn.Module, groups: Groups) -> nn.Module:
+    """pp == 1: DDP (bucketed all-reduce overlapped with the backward) over the dense replicas. The experts are
+    left out of DDP: their replica group is smaller (the DP copies of this EP shard); sync_grads reduces them."""
+    if dist.get_world_size(groups.replicas) == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    experts = [n for n, _ in split_params(model)[1]]
+    DDP._set_params_and_buffers_to_ignore_for_model(model, experts)
+    # broadcast_buffers=False: MoE.load counts this rank's tokens and must not be overwritten by rank 0's;
+    # the router biases stay equal on every rank because they move by globally summed loads
+    return DDP(model, process_group=groups.replicas, broadcast_buffers=False)
+
+
+def _all_reduce_flat(tensors: list[torch.Tensor], group, scale: float) -> None:
+    """Sum the tensors over the group (one flat buffer, one call), times scale."""
+    if not tensors:
+        return
+    flat = torch.cat([t.flatten() for t in tensors])
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(flat, group=group)
+    flat *= scale
+    for t, v in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(v.view_as(t))
+
+
+@torch.no_grad()
+def sync_grads(model: nn.Module, groups: Groups, ddp: bool) -> None:
+    """Gradient of the global mean loss: sum over all replicas of a parameter, divided by the number of batch
+    ranks (DP x EP; with DualPipe the two stage copies saw different micro-batches of the same pipeline).
+    With DDP the dense part is already averaged; the experts are summed over their DP copies here."""
+    dense, experts = split_params(model)
+    for _, p in dense + experts:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if not ddp:
+        _all_reduce_flat([p.grad for _, p in dense], groups.replicas, 1 / groups.batch_ranks)
+    _all_reduce_flat([p.grad for _, p in experts], groups.expert_replicas, 1 / groups.batch_ranks)
+
+
+@torch.no_grad()
+def clip_grad_norm(model: nn.Module, groups: Groups, max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ over the whole sharded model: each rank adds its gradients' squares
+    divided by how many ranks hold that parameter, so the world-wide sum counts every parameter once."""
+    dense, experts = split_params(model)
+    n_dense = dist.get_world_size(groups.replicas) if dist.is_initialized() else 1
+    n_expert = dist.get_world_size(groups.expert_replicas) if dist.is_initialized() else 1
+    sq = lambda ps: sum((p.grad.double() ** 2).sum() for _, p in ps) if ps else torch.zeros((), dtype=torch.float64)
+    total = sq(dense) / n_dense + sq(experts) / n_expert
+    if dist.is_initialized():
+        total = total.to(next(model.parameters()).device)
+        dist.all_reduce(total)
+    norm = total.sqrt().float()
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for _, p in dense + experts:
+        p.grad.mul_(coef.to(p.grad.device))
+    return norm
+
+
+@torch.no_grad()
+def sum_loads(model: nn.Module, groups: Groups) -> None:
+    """§2.1.2's bias update wants the load of every token of the step: sum each MoE layer's counts over every
+    rank holding that layer (its DP x EP batch ranks, and both DualPipe copies), in one call."""
+    loads = [m.load for m in model.moe_layers()]
+    if loads and dist.get_world_size(groups.replicas) > 1:
+        flat = torch.cat(loads)
+        dist.all_reduce(flat, group=groups.replicas)
+        for t, v in zip(loads, flat.split([t.numel() for t in loads])):
+            t.copy_(v)
+
+
+class Optimizer:
+    """AdamW (or fp8.py's AdamWBF16) with ZeRO-1: optimizer state sharded by torch's ZeroRedundancyOptimizer
+    over each replica group (dense weights over all their replicas, experts over their DP copies); after its
+    step each rank broadcasts the parameters it updated. Looks like one torch optimizer to train.py."""
+
+    def __init__(self, model: nn.Module, groups: Groups | None, cls, zero: bool, weight_decay: float, **kw):
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+        self.parts = []
+        for named, group in zip(split_params(model), (groups.replicas, groups.expert_replicas) if groups else
+                                (None, None)):
+            if not named:
+                continue
+            # decay only matrices (weights, embeddings, gate centroids); norms' gains are never decayed
+            pg = [dict(params=[p for _, p in named if p.dim() >= 2], weight_decay=weight_decay),
+                  dict(params=[p for _, p in named if p.dim() < 2], weight_decay=0.0)]
+            pg = [g for g in pg if g["params"]]
+            if zero and group is not None and dist.get_world_size(group) > 1:
+                self.parts.append(ZeroRedundancyOptimizer(pg, optimizer_class=cls, process_group=group, **kw))
+            else:
+                self.parts.append(cls(pg, **kw))
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.parts for g in o.param_groups]
+
+    def step(self) -> None:
+        for o in self.parts:
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.parts:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def local_state_bytes(self) -> int:
+        """Bytes of optimizer state this rank holds (moments, step counters): what ZeRO-1 shrinks."""
+        total = 0
+        for o in self.parts:
+            inner = getattr(o, "optim", o)        # a ZeroRedundancyOptimizer keeps its shard in .optim
+            total += sum(t.numel() * t.element_size() for s in inner.state.values() for t in s.values()
+                         if torch.is_tensor(t))
+        return total
+
+    def state_dicts(self) -> list[dict | None]:
+        """Full (consolidated) state of each part on the part's group rank 0, None elsewhere. Collective."""
+        out = []
+        for o in self.parts:
+            if hasattr(o, "consolidate_state_dict"):
+                o.consolidate_state_dict(to=0)
+                out.append(o.state_dict() if dist.get_rank(o.process_group) == 0 else None)
+            else:
+                out.append(o.state_dict())
+        return out
+
+    def load_state_dicts(self, states: list[dict]) -> None:
+        for o, s in zip(self.parts, states):
+            o.load_state_dict(s)
+
+
+# -----------------------------------------------------------------------------
+# 4. Pipeline parallelism: dualpipe.py's executor on the real model
+
+class _WithLoss(torch.autograd.Function):
+    """Return x unchanged; its backward also backpropagates `loss` with gradient 1. A middle stage's MoE balance
+    losses cannot ride to the last stage inside the activations, so they enter the backward here."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+        ctx.like = loss
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return g, torch.ones_like(ctx.like)
+
+
+class PipeStage(nn.Module):
+    """Stage s of PP: [embedding] + its Blocks + [final norm, head, MTP, losses]. Holds the model's own modules
+    (registered here too, so .parameters() is this stage's share); stage 0 and the last share the embedding
+    (MTP reads Emb(t_{i+k})), and with DualPipe both live on pipeline ranks 0 and PP-1."""
+
+    def __init__(self, model: nn.Module, s: int, pp: int):
+        super().__init__()
+        n = len(model.layers)
+        self.first, self.last = s == 0, s == pp - 1
+        self.embed = model.embed if self.first or (self.last and len(model.mtp)) else None
+        self.layers = nn.ModuleList(model.layers[s * n // pp:(s + 1) * n // pp])
+        self.norm, self.head, self.mtp = (model.norm, model.head, model.mtp) if self.last else (None, None, None)
+        self.model = [model]              # a list: not a submodule (its other stages are not ours)
+        self.moes = [m for m in self.modules() if hasattr(m, "balance_loss")]
+        self.scale = 1.0                  # 1 / micro-batches per step: the step's loss is their mean
+
+    def forward(self, x, tokens, targets):
+        """x (Bm, T, D) from the previous stage (None on the first) -> (Bm, T, D) for the next stage, or on the
+        last the scaled loss; and the parts of the micro-batch's loss computed here (unscaled, detached): the
+        balance losses of a middle stage, {'loss', 'ce', 'mtp'} on the last."""
+        model, T = self.model[0], tokens.size(1)
+        freqs = model.freqs_cis[:T]                                # (T, Dr/2, 2)
+        h = self.embed(tokens) if self.first else x                # (Bm, T, D)
+        for layer in self.layers:
+            h = layer(h, freqs)
+        balance = [m.balance_loss for m in self.moes if m.balance_loss is not None]
+        if not self.last:
+            for m in self.moes:
+                m.balance_loss = None
+            if not balance:
+                return h, {}
+            balance = sum(balance)
+            return _WithLoss.apply(h, balance * self.scale), dict(loss=balance.detach())
+        parts = self.head_and_losses(model, h, tokens, targets, balance)
+        return parts["loss"] * self.scale, {k: parts[k].detach() for k in ("loss", "ce", "mtp")}
+
+    def head_and_losses(self, model, h, tokens, targets, balance):
+        # Transformer.forward's tail: final norm, head, CE, the MTP depths, the balance losses of this stage
+        T = tokens.size(1)
+        freqs = model.freqs_cis[:T]
+        h = self.norm(h)
+        logits = at_least_fp32(self.head(h))
+        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        mtp_k, h_k = [], h
+        for k, module in enumerate(self.mtp, start=1):
+            if T - k <= 0:
+                break
+            h_k = module(h_k[:, :T - k], self.embed(tokens[:, k:]), freqs[:T - k])
+            logits_k = at_least_fp32(self.head(h_k))
+            mtp_k.append(F.cross_entropy(logits_k.flatten(0, 1), targets[:, k:].flatten(), ignore_index=-1))
+        mtp = model.args.mtp_lambda / len(self.mtp) * sum(mtp_k) if mtp_k else ce.new_zeros(())
+        balance = balance + [m.balance_loss for m in self.mtp.modules() if getattr(m, "balance_loss", None) is not None]
+        for m in self.moes:
+            m.balance_loss = None
+        balance = sum(balance) if balance else ce.new_zeros(())
+        return dict(loss=ce + mtp + balance, ce=ce, mtp=mtp)
+
+
+class _Worker(DP.Worker):
+    """dualpipe.Worker whose stages take (x, tokens, targets) and return the model's losses."""
+
+    def forward(self, d: int, mb: int) -> None:
+        s, g = DP.stage_of(self.pp, self.rank, d), d * self.per_dir + mb
+        x = None if s == 0 else self.inbox.pop(("act", d, mb)).requires_grad_()   # (Bm, T, D) from stage s-1
+        self.records = []
+        out, parts = self.stages[d](x, self.tokens[g], self.targets[g])
+        records, self.records = self.records, None
+        self.losses[(g, s)] = parts
+        if s < self.pp - 1:
+            self.outbox[("act", d, mb)] = out.detach()           # on the wire: the values, never the graph
+        self.live[(d, mb)] = (x, out, records)
+
+
+class Pipeline:
+    """DualPipe over the PP ranks of this rank's pipeline (same d, e): pipeline rank r holds stages r and PP-1-r,
+    and drops every other layer. step() runs one optimizer step's micro-batches; gradients are left in .grad
+    (each stage copy holds its half; sync_grads sums the copies)."""
+
+    def __init__(self, model: nn.Module, groups: Groups, nmb: int):
+        L, r = groups.layout, groups.s
+        self.groups, self.pp, self.r, self.nmb = groups, L.pp, r, nmb
+        self.stages = {d: PipeStage(model, DP.stage_of(L.pp, r, d), L.pp) for d in (0, 1)}
+        held = {id(m) for st in self.stages.values() for m in st.modules()}
+        for i, layer in enumerate(model.layers):                   # free the layers of the other stages
+            if id(layer) not in held:
+                model.layers[i] = nn.Identity()
+        if not any(st.first or st.last for st in self.stages.values()):
+            model.embed = model.norm = model.head = None
+            model.mtp = nn.ModuleList()
+        self.worker = _Worker(r, L.pp, self.stages, {0: [], 1: []}, torch.empty(nmb, 0), torch.empty(nmb, 0))
+        self.sched = DP.schedule_dualpipe(L.pp, nmb)
+        self.program = DP.program(self.sched)                       # the global send/recv order, computed once
+        self.dim, self.dtype = model.args.dim, next(model.parameters()).dtype
+
+    def _play(self, shape, device):
+        sent, lane = [], self.groups.pipe_ranks
+
+        def send(src, dst, msg, t):
+            t = t.contiguous()
+            sent.append((dist.isend(t, lane[dst]), t))             # keep t alive until its send completes
+
+        def recv(src, dst, msg):
+            buf = torch.empty(shape, dtype=self.dtype, device=device)
+            dist.recv(buf, lane[src])
+            return buf
+
+        for r, act in self.program:                                 # dualpipe.play, for this rank only
+            if r == self.r:
+                if act[0] == "op":
+                    self.worker.run(act[1])
+                elif act[0] == "send":
+                    send(r, act[1], act[2], self.worker.outbox.pop(act[2]))
+                else:
+                    self.worker.inbox[act[2]] = recv(act[1], r, act[2])
+        for req, _ in sent:
+            req.wait()
+
+    def step(self, tokens: torch.Tensor, targets: torch.Tensor) -> dict:
+        """tokens, targets (N, Bm, T): the N micro-batches of this pipeline. Returns the mean of each loss part
+        over the micro-batches, the same on every rank of the pipeline."""
+        w = self.worker
+        w.tokens, w.targets, w.losses = tokens, targets, {}
+        for st in self.stages.values():
+            st.scale = 1 / len(tokens)
+        self._play((*tokens.shape[1:], self.dim), tokens.device)
+        parts = torch.zeros(3, device=tokens.device, dtype=torch.float64)   # loss, ce, mtp summed here
+        for p in w.losses.values():                                 # every stage adds what it computed
+            parts += torch.stack([p.get(k, parts.new_zeros(())) for k in ("loss", "ce", "mtp")]).double()
+        dist.all_reduce(parts, group=self.groups.pipe)
+        parts = (parts / len(tokens)).to(self.dtype)
+        return dict(loss=parts[0], ce=parts[1], mtp=parts[2])
+
+    @torch.no_grad()
+    def forward_only(self, tokens: torch.Tensor, targets: torch.Tensor) -> dict:
+        """Evaluation: one micro-batch (Bm, T) through the stages of direction 0 in turn; losses on every rank."""
+        lane, st, x = self.groups.pipe_ranks, self.stages[0], None
+        if not st.first:
+            x = torch.empty((*tokens.shape, self.dim), dtype=self.dtype, device=tokens.device)
+            dist.recv(x, lane[self.r - 1])
+        out, parts = st(x, tokens, targets)
+        if not st.last:
+            dist.send(out.contiguous(), lane[self.r + 1])
+        ce = parts["ce"].double() if st.last else torch.zeros((), dtype=torch.float64, device=tokens.device)
+        dist.all_reduce(ce, group=self.groups.pipe)
+        return dict(ce=ce.to(self.dtype))
