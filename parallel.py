@@ -537,3 +537,109 @@ class Pipeline:
         ce = parts["ce"].double() if st.last else torch.zeros((), dtype=torch.float64, device=tokens.device)
         dist.all_reduce(ce, group=self.groups.pipe)
         return dict(ce=ce.to(self.dtype))
+
+
+# -----------------------------------------------------------------------------
+# 5. Dry run: per-rank memory and per-step communication of a layout, counted without any rank
+
+def stage_of_param(name: str, args, pp: int) -> list[int]:
+    """Pipeline stages holding a parameter (PipeStage's split): layer i on stage i*pp//n_layers's inverse,
+    the embedding on the first stage (and the last, for MTP), final norm, head and MTP on the last."""
+    n = args.n_layers
+    if name.startswith("layers."):
+        i = int(name.split(".")[1])
+        return [next(s for s in range(pp) if s * n // pp <= i < (s + 1) * n // pp)]
+    if name.startswith("embed."):
+        return [0, pp - 1] if args.n_mtp_depth else [0]
+    return [pp - 1]                                   # norm, head, mtp
+
+
+def activation_bytes_per_token(args, moe: bool, a: int = 2) -> float:
+    """Bytes autograd keeps per token for one Block's backward: `a`-byte (bf16) activations, fp32 residual and
+    router, flash/cuDNN-style attention (q, k, v, o and a log-sum-exp; never the T x T probabilities), no
+    recomputation. An estimate from the shapes in model.py, not a measurement."""
+    D, H, Dn, Dr, Dv = args.dim, args.n_heads, args.qk_nope_head_dim, args.qk_rope_head_dim, args.v_head_dim
+    Cq, Ckv, K, Im = args.q_lora_rank, args.kv_lora_rank, args.n_activated_experts, args.moe_inter_dim
+    attn = (4 * D + a * D                              # residual into attn_norm, its output (wq_a/wkv_a input)
+            + 2 * a * Cq                               # c_q before and after q_norm (wq_b's input)
+            + a * (2 * Ckv + Dr)                       # c_kv before/after kv_norm, k_R
+            + a * (2 * H * (Dn + Dr) + 2 * H * Dv)     # q, k, v, o (o is also wo's input)
+            + a * (H * Dr + Dr) + 4 * H)               # RoPE inputs, log-sum-exp
+    ffn = 4 * D + a * D                                # residual into ffn_norm, its output
+    if not moe:
+        return attn + ffn + 3 * a * args.inter_dim     # SwiGLU: w1 out, w3 out, their product (w2's input)
+    routed = K * (a * D + 3 * a * Im + 4 * D)          # per chosen expert: its input, SwiGLU, gated fp32 output
+    return attn + ffn + 8 * args.n_routed_experts + routed + 3 * a * args.n_shared_experts * Im
+
+
+def dry_run(args, layout: Layout, batch: int, seq: int, nmb: int, fp8: bool = False) -> tuple[str, list[dict]]:
+    """Per pipeline rank (every DP/EP rank of a stage holds the same amounts): parameter, gradient, optimizer
+    and activation bytes, and the bytes it sends per optimizer step. Returns (report, rows)."""
+    from model import Transformer
+    with torch.device("meta"):                        # shapes only: no memory, no init (671B counts in seconds)
+        model = Transformer(args)
+    L, pp, tok = layout, layout.pp, batch * seq
+    mirror = 2 if pp > 1 else 1
+    n_dense, n_expert = L.dp * L.ep * mirror, L.dp * mirror          # replicas of a dense / expert weight
+    per_stage = [[0, 0, 0, 0] for _ in range(pp)]                   # (MoE layers, dense layers) at [2], [3]
+    params = [(set(stage_of_param(n, args, pp)), p.numel() / (L.ep if is_expert(n) else 1), is_expert(n))
+              for n, p in model.named_parameters()]                # (stages holding it, numel here, expert?)
+    for i in range(args.n_layers):
+        per_stage[stage_of_param(f"layers.{i}.", args, pp)[0]][2 if i >= args.n_dense_layers else 3] += 1
+    per_stage[-1][2] += args.n_mtp_depth                             # MTP blocks are MoE blocks
+    act_moe, act_dense = activation_bytes_per_token(args, True), activation_bytes_per_token(args, False)
+    act_stage = [tok * (m * act_moe + d * act_dense) for _, _, m, d in per_stage]
+    act_stage[-1] += tok * (4 * args.vocab_size * (1 + args.n_mtp_depth) + 2 * 2 * args.dim * args.n_mtp_depth)
+    if pp > 1:
+        timeline = DP.simulate(DP.schedule_dualpipe(pp, nmb))
+        peak = timeline.peak_act                                     # micro-batch-stages alive, per rank
+        sends = [0] * pp
+        for r, act in DP.program(DP.schedule_dualpipe(pp, nmb)):
+            sends[r] += act[0] == "send"
+    else:
+        peak, sends = [1], [0]
+    # EP: a token's row goes to at most R ranks (group-limited routing); (EP-1)/EP of them leave the rank
+    R = min(args.n_activated_experts, args.n_limited_groups * max(1, L.ep // args.n_expert_groups), L.ep)
+    row_fwd = 4 * args.dim + args.n_activated_experts * (4 + 8)     # fp32 row + gates + local ids, dispatch
+    row_bytes = row_fwd + 4 * args.dim + 4 * args.dim + (4 * args.dim + 4 * args.n_activated_experts)  # + combine, bwd
+    row_paper = (args.dim + args.dim // 128 * 4) + 3 * 2 * args.dim   # §3.3.3: FP8 1x128 dispatch, BF16 the rest
+    mom = 4 if fp8 else 8                                            # AdamW moments: BF16 (fp8.AdamWBF16) or FP32
+    rows = []
+    for r in range(pp):
+        held = sorted(set(L.mirror(r)) | {pp - 1 - r}) if pp > 1 else [0]
+        dense = sum(k for st, k, ex in params if st & set(held) and not ex)   # each parameter once (the
+        expert = sum(k for st, k, ex in params if st & set(held) and ex)       # embedding: first and last stage)
+        moe_layers = sum(per_stage[s][2] for s in held)
+        mbs = nmb // 2 if pp > 1 else nmb                            # micro-batches each held stage runs here
+        ep_rows = moe_layers * mbs * tok * R * (L.ep - 1) / L.ep if L.ep > 1 else 0   # rows leaving the rank
+        ring = lambda n: 2 * (n - 1) / n
+        dp_bytes = 4 * (dense * ring(n_dense) + expert * ring(n_expert))
+        zero = 4 * (dense * (n_dense - 1) / n_dense + expert * (n_expert - 1) / n_expert)
+        rows.append(dict(rank=r, stages=held, dense=dense, expert=expert, params=4 * (dense + expert),
+                         grads=4 * (dense + expert), optim=mom * (dense / n_dense + expert / n_expert),
+                         optim_unsharded=mom * (dense + expert),
+                         act=peak[r] * max(act_stage[s] for s in held), act_peak=peak[r],
+                         ep=ep_rows * row_bytes, ep_paper=ep_rows * row_paper, dp=dp_bytes, zero=zero, pp=sends[r] * 4 * tok * args.dim))
+    for row in rows:
+        row["total"] = row["params"] + row["grads"] + row["optim"] + row["act"]
+    n = model.num_params()
+    G = 2 ** 30
+    out = [f"dry run: {L}; micro-batch {batch} x {seq} tokens, {nmb} micro-batches per pipeline per step, "
+           f"{batch * nmb * L.dp * L.ep:,} sequences ({batch * seq * nmb * L.dp * L.ep / 1e6:.1f}M tokens) per step",
+           f"model: {n['total'] / 1e9:.2f}B parameters + {n['mtp'] / 1e9:.2f}B MTP, {args.n_layers} layers, "
+           f"{args.n_routed_experts} routed experts ({args.n_routed_experts // L.ep} per EP rank); a token's "
+           f"experts live on at most {R} EP ranks",
+           f"memory per rank, GiB (FP32 weights and gradients, {'BF16' if fp8 else 'FP32'} AdamW moments with "
+           f"ZeRO-1 over {n_dense} dense / {n_expert} expert replicas; bf16 activations, estimated):",
+           " pipe rank  stages    params(dense+expert)  grads  optim (unsharded)  activations (peak mb-stages)  total"]
+    for w in rows:
+        out.append(f" {w['rank']:>9}  {','.join(map(str, w['stages'])):<8} {w['params'] / G:>7.2f} "
+                   f"({w['dense'] / 1e9:.2f}B+{w['expert'] / 1e9:.2f}B) {w['grads'] / G:>6.2f} {w['optim'] / G:>6.2f} "
+                   f"({w['optim_unsharded'] / G:>6.2f}) {w['act'] / G:>12.2f} ({w['act_peak']:>2}) {w['total'] / G:>14.2f}")
+    out += ["communication sent per rank per optimizer step, GiB (EP: at most, as sent here in fp32 / as the "
+            "paper's FP8 dispatch + BF16 combine would):",
+            " pipe rank  EP all-to-all (FP8/BF16)  DP all-reduce  ZeRO-1 broadcast  PP p2p"]
+    for w in rows:
+        out.append(f" {w['rank']:>9}  {w['ep'] / G:>13.2f} ({w['ep_paper'] / G:>8.2f})  {w['dp'] / G:>13.2f}  "
+                   f"{w['zero'] / G:>16.2f}  {w['pp'] / G:>6.2f}")
+    return "\n".join(out), rows

@@ -133,3 +133,35 @@ def test_same_losses_and_gradients_as_one_process(two_ranks, name):
     if layout.ep > 1:   # group-limited routing mapped to ranks: a token reaches at most n_limited_groups ranks
         assert all(0 < o["stats"]["max_ranks"] <= TINY["n_limited_groups"] for o in ranks)
         assert all(o["stats"]["rows"] < TINY["n_activated_experts"] * o["stats"]["tokens"] for o in ranks)
+
+
+def test_dry_run_accounts_for_every_parameter_once():
+    # PP4 x DP2 x EP2 on the tiny model: the pipeline ranks' shares, with experts times EP and the DualPipe
+    # mirror halved, add up to the whole model; ZeRO-1 divides the optimizer state by the replica counts
+    from dualpipe import program, schedule_dualpipe
+    args, L = ModelArgs(**TINY), P.Layout(pp=4, dp=2, ep=2)
+    report, rows = P.dry_run(args, L, batch=2, seq=T, nmb=8)
+    n = Transformer(args).num_params()
+    assert sum(r["dense"] + r["expert"] * L.ep for r in rows) / 2 == n["total"] + n["mtp"]
+    assert [r["stages"] for r in rows] == [[0, 3], [1, 2], [1, 2], [0, 3]]
+    for r in rows:
+        assert r["optim"] == pytest.approx(8 * (r["dense"] / (2 * 2 * 2) + r["expert"] / (2 * 2)))
+        assert r["optim_unsharded"] == 8 * (r["dense"] + r["expert"]) and r["params"] == r["grads"]
+        assert r["act_peak"] == 4 + 1                     # Table 2: PP+1 micro-batch-stages on every rank
+        sends = sum(1 for rank, a in program(schedule_dualpipe(4, 8)) if rank == r["rank"] and a[0] == "send")
+        assert r["pp"] == sends * 4 * 2 * T * args.dim    # one (Bm, T, D) fp32 tensor per message
+        assert r["ep"] > 0 and r["dp"] > 0 and r["zero"] > 0
+    assert "PP4 x DP2 x EP2 = 16 ranks" in report
+
+
+@pytest.mark.parametrize("kw, world, message", [
+    (dict(dp=2), 1, "= 2 ranks, but the world has 1"),
+    (dict(ep=3), 3, "--ep=3 must divide n_routed_experts=16"),
+    (dict(pp=3), 3, "--pp=3 must be even"),
+    (dict(ep=8), 8, "must divide one another"),          # 6 expert groups over 8 ranks
+])
+def test_bad_layouts(kw, world, message):
+    args = ModelArgs(**{**TINY, "n_expert_groups": 4 if kw.get("ep") != 8 else 2 * 3, "n_routed_experts": 16 if
+                        kw.get("ep") != 8 else 24})
+    with pytest.raises(P.LayoutError, match=message.replace("(", r"\(").replace("+", r"\+")):
+        P.check_layout(P.Layout(**kw), args, world, nmb=4)
