@@ -325,8 +325,9 @@ class Optimizer:
     def __init__(self, model: nn.Module, groups: Groups | None, cls, zero: bool, weight_decay: float, **kw):
         from torch.distributed.optim import ZeroRedundancyOptimizer
         self.parts = []
-        for named, group in zip(split_params(model), (groups.replicas, groups.expert_replicas) if groups else
-                                (None, None)):
+        # one process: one optimizer over all parameters; ranks: one per replica group (dense, experts)
+        for named, group in (zip(split_params(model), (groups.replicas, groups.expert_replicas)) if groups else
+                             [(list(model.named_parameters()), None)]):
             if not named:
                 continue
             # decay only matrices (weights, embeddings, gate centroids); norms' gains are never decayed
@@ -643,3 +644,77 @@ def dry_run(args, layout: Layout, batch: int, seq: int, nmb: int, fp8: bool = Fa
         out.append(f" {w['rank']:>9}  {w['ep'] / G:>13.2f} ({w['ep_paper'] / G:>8.2f})  {w['dp'] / G:>13.2f}  "
                    f"{w['zero'] / G:>16.2f}  {w['pp'] / G:>6.2f}")
     return "\n".join(out), rows
+
+
+# -----------------------------------------------------------------------------
+# 6. Sharded checkpoints: one file per (stage pair, EP shard), written by its first DP replica
+
+def shard_file(out_dir: str, layout: Layout, s: int, e: int) -> str:
+    s = min(s, layout.pp - 1 - s)                     # DualPipe: ranks s and PP-1-s hold the same two stages
+    return os.path.join(out_dir, "ckpt.pt" if (s, e) == (0, 0) else f"ckpt-pp{s}-ep{e}.pt")
+
+
+def save_checkpoint(out_dir: str, model: nn.Module, optimizer: Optimizer, groups: Groups, meta: dict,
+                    rng: dict) -> None:
+    """Collective. ckpt.pt (shard 0, plus the step, config, layout and every rank's RNG) is written last, after
+    a barrier: a crash between shards leaves the previous ckpt.pt, whose step the other shards must match."""
+    L = groups.layout
+    states = optimizer.state_dicts()                  # ZeRO shards gathered on each replica group's rank 0
+    rngs = [None] * L.world
+    dist.all_gather_object(rngs, rng)
+    writer = groups.d == 0 and groups.s <= L.pp - 1 - groups.s
+    path = shard_file(out_dir, L, groups.s, groups.e)
+    first = path.endswith("ckpt.pt")
+
+    def write():
+        ckpt = dict(model=model.state_dict(), optimizer=states, layout=vars(L).copy(), step=meta["step"])
+        if first:
+            ckpt.update(meta, rng=rngs)
+        torch.save(ckpt, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    if writer and not first:
+        write()
+    dist.barrier()
+    if writer and first:
+        write()
+    dist.barrier()
+
+
+def checkpoint_layout(path: str) -> Layout:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)   # reads only what we touch
+    return Layout(**ckpt.get("layout", {}))          # a single-process checkpoint has no layout: PP1 x DP1 x EP1
+
+
+def load_checkpoint(out_dir: str, model: nn.Module, optimizer: Optimizer, groups: Groups, device) -> dict:
+    """Load this rank's shard (and the dense optimizer state from EP shard 0). Returns ckpt.pt's contents with
+    this rank's RNG as 'rng'. Raises LayoutError if the shards do not belong together."""
+    L = groups.layout
+    main = torch.load(shard_file(out_dir, L, 0, 0), map_location=device, weights_only=True)
+    path = shard_file(out_dir, L, groups.s, groups.e)
+    own = main if path.endswith("ckpt.pt") else torch.load(path, map_location=device, weights_only=True)
+    if own["step"] != main["step"]:
+        raise LayoutError(f"{path} is from step {own['step']} but ckpt.pt from step {main['step']} (a save was "
+                          f"interrupted); no consistent checkpoint to resume")
+    model.load_state_dict(own["model"])
+    dense_src = own if groups.e == 0 else torch.load(shard_file(out_dir, L, groups.s, 0), map_location=device,
+                                                     weights_only=True)
+    for i, o in enumerate(optimizer.parts):        # [dense, experts]; the dense state lives in EP shard 0
+        o.load_state_dict((dense_src if i == 0 else own)["optimizer"][i])
+    main["rng"] = main["rng"][groups.rank]
+    return main
+
+
+@torch.no_grad()
+def in_sync(model: nn.Module, groups: Groups) -> bool:
+    """Every replica of every weight (and router bias) ends bit-identical: checksums compared in each group."""
+    dense, experts = split_params(model)
+    ok = True
+    for named, group in ((dense, groups.replicas), (experts, groups.expert_replicas)):
+        extra = [b.double().sum() for n, b in model.named_buffers() if n.endswith("gate.bias")] if named is dense else []
+        check = torch.stack([p.detach().double().sum() for _, p in named] + extra) if named or extra else \
+            torch.zeros(1, dtype=torch.float64)
+        check = check.to(next(model.parameters()).device)
+        got = [torch.zeros_like(check) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(got, check, group=group)
+        ok &= all(torch.equal(g, got[0]) for g in got)
+    return ok

@@ -8,12 +8,13 @@ weight λ, balance-loss α, router-bias speed γ) and §2.1.2 (the bias update a
 Simplifications vs. the real thing:
   - no batch-size warm-up (V3 ramps 3072 -> 15360 sequences over the first 469B tokens): fixed batch;
   - the LR schedule is expressed in iterations, not tokens, and λ stays constant (V3: 0.3 then 0.1);
-  - data parallelism is a plain gradient all-reduce (no ZeRO, no expert/pipeline parallelism here);
+  - the distributed machinery (DP + ZeRO-1, expert and pipeline parallelism) lives in parallel.py;
   - random windows of a small corpus instead of packed documents from 14.8T tokens.
 
 Run:  python train.py --config small                     (2-core CPU, ~5 minutes)
       python train.py --config gpu --compile=True        (one H100/H200)
-      torchrun --nproc_per_node=8 train.py --config multi-gpu
+      torchrun --nproc_per_node=8 train.py --config multi-gpu --pp=2 --ep=2      (DP = the rest: 2)
+      python train.py --config v3 --dry_run=True                   (per-rank memory/traffic of PP16 x EP64 x DP2)
       any field can be overridden: python train.py --config small --max_iters=100 --dim=64 --out_dir=out-x
 """
 import ast
@@ -32,7 +33,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data as D
-from model import ModelArgs, Transformer
+import parallel as P
+from model import V3_ARGS, ModelArgs, Transformer
 from sample import generate
 
 # -----------------------------------------------------------------------------
@@ -42,13 +44,17 @@ DEFAULTS = dict(
     # I/O
     out_dir="out", data=None, eval_interval=100, eval_iters=20, log_interval=1, sample_tokens=200,
     resume=False, overwrite=False,
-    # data and batch: tokens per optimizer step = batch_size * seq_len * grad_accum * world size
+    # data and batch: tokens per optimizer step = batch_size * seq_len * grad_accum * DP * EP ranks
     vocab_size=2048, batch_size=16, seq_len=128, grad_accum=1,
     # optimizer and schedule (§4.2): warm-up, constant, then cosine decay over the last decay_frac of steps
     max_iters=1000, lr=3e-3, min_lr=3e-4, warmup_iters=50, decay_frac=0.4, weight_decay=0.1,
     beta1=0.9, beta2=0.95, grad_clip=1.0,
     # system
     device="auto", dtype="auto", compile=False, fp8=False, seed=1337,
+    # parallelism under torchrun: pipeline x data x expert ranks = world size (dp=0: whatever pp*ep leaves);
+    # with pp > 1, grad_accum is the number of DualPipe micro-batches; zero shards the optimizer state (ZeRO-1);
+    # dry_run prints the per-rank memory and communication of the layout and exits (no ranks needed)
+    pp=1, dp=0, ep=1, zero=True, dry_run=False,
 )
 MODEL_KEYS = {f.name for f in fields(ModelArgs)}
 PRESETS = {
@@ -72,6 +78,10 @@ PRESETS = {
         v_head_dim=64, max_seq_len=1024, original_seq_len=1024, n_mtp_depth=1, init_std=0.006),
 }
 PRESETS["multi-gpu"] = dict(PRESETS["gpu"], out_dir="out-multi-gpu")  # same model; run it under torchrun
+# the real DeepSeek-V3 (671B + 11.6B MTP) on the paper's layout (§3.2: 2048 GPUs = PP16 x EP64 x DP2), one
+# 4K sequence per micro-batch, 15360 sequences per step (§4.2's final batch): for --dry_run accounting only
+PRESETS["v3"] = dict(V3_ARGS, out_dir="out-v3", batch_size=1, seq_len=4096, grad_accum=120, fp8=True,
+                     pp=16, ep=64, dp=2)
 
 
 class ConfigError(ValueError):
@@ -119,8 +129,8 @@ def parse_config(argv: list[str]) -> dict:
 
 
 POSITIVE = ("batch_size", "seq_len", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval",
-            "lr", "grad_clip")
-NON_NEGATIVE = ("sample_tokens", "warmup_iters", "min_lr", "weight_decay")
+            "lr", "grad_clip", "pp", "ep")
+NON_NEGATIVE = ("sample_tokens", "warmup_iters", "min_lr", "weight_decay", "dp")
 
 
 def check_ranges(cfg: dict) -> None:
@@ -139,36 +149,50 @@ def check_ranges(cfg: dict) -> None:
 
 
 def fail(msg: str, code: int = 2):
-    print(f"error: {msg}", file=sys.stderr)
+    if int(os.environ.get("RANK", "0")) == 0:   # under torchrun every rank fails alike; one of them says why
+        print(f"error: {msg}", file=sys.stderr)
     sys.exit(code)
 
 
+world = int(os.environ.get("WORLD_SIZE", "1"))
 try:
     cfg = parse_config(sys.argv[1:])
     model_args = ModelArgs(**{k: cfg[k] for k in MODEL_KEYS})
-except ValueError as e:   # ConfigError, or a violated model invariant
+    dp = cfg["dp"] or max(1, (1 if cfg["dry_run"] else world) // (cfg["pp"] * cfg["ep"]))
+    layout = P.Layout(pp=cfg["pp"], dp=dp, ep=cfg["ep"])
+    P.check_layout(layout, model_args, None if cfg["dry_run"] else world, cfg["grad_accum"])
+except ValueError as e:   # ConfigError, LayoutError, or a violated model invariant
     fail(str(e))
+if cfg["dry_run"]:   # accounting only: no data, no ranks, nothing written
+    print(P.dry_run(model_args, layout, cfg["batch_size"], cfg["seq_len"], cfg["grad_accum"], cfg["fp8"])[0])
+    sys.exit(0)
 ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
 if cfg["resume"]:
     if not os.path.exists(ckpt_path):
         fail(f"--resume=True but there is no checkpoint at {ckpt_path}")
+    saved = P.checkpoint_layout(ckpt_path)
+    if saved != layout:
+        fail(f"{ckpt_path} was saved under {saved}, not {layout}: its shards cannot load here; resume with "
+             f"--pp={saved.pp} --dp={saved.dp} --ep={saved.ep} on {saved.world} ranks")
 elif os.path.exists(ckpt_path) and not cfg["overwrite"]:
     fail(f"{ckpt_path} exists; pass --resume=True to continue it or --overwrite=True to replace it")
 
 # -----------------------------------------------------------------------------
 # device, distributed, seed
 
-ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+ddp = world > 1   # any multi-rank layout; `groups` knows who holds what (parallel.py)
 if cfg["config"] == "multi-gpu" and not ddp:
     fail("the multi-gpu preset runs under torchrun, e.g. torchrun --nproc_per_node=8 train.py --config multi-gpu")
 device = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-rank, world = 0, 1
+rank, groups = 0, None
 if ddp:
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    rank = int(os.environ["RANK"])
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    groups = P.Groups(layout, rank)
+batch_rank, batch_ranks = (groups.batch_rank, groups.batch_ranks) if ddp else (0, 1)   # who reads which data
 master = rank == 0
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 if device_type == "cuda" and not torch.cuda.is_available():
@@ -202,7 +226,9 @@ if meta["vocab_size"] != model_args.vocab_size:
 if T > model_args.max_seq_len:
     fail(f"seq_len={T} exceeds max_seq_len={model_args.max_seq_len}")
 enc = D.load_tokenizer(meta["tokenizer"])
-train_gen = torch.Generator().manual_seed(cfg["seed"] + 1000 * rank)   # the data position is this state
+# the data position is this state; the PP ranks of one pipeline read the same batches (stage 0 needs the
+# tokens, the last stage the targets)
+train_gen = torch.Generator().manual_seed(cfg["seed"] + 1000 * batch_rank)
 train_data, val_data = D.load_tokens(meta["train_bin"]), D.load_tokens(meta["val_bin"])
 
 # -----------------------------------------------------------------------------
@@ -212,33 +238,41 @@ model = Transformer(model_args).to(device)
 if cfg["fp8"]:
     from fp8 import convert_to_fp8
     convert_to_fp8(model)   # Fprop/Dgrad/Wgrad of every Linear in the blocks in FP8 (§3.3); same state dict
-n = model.num_params()
+n = model.num_params()   # before sharding: the whole model's counts
 flops_per_token = model.flops_per_token(T)
-# decay only matrices (weights, embeddings, gate centroids); norms' gains are never decayed
-decay = [p for p in model.parameters() if p.dim() >= 2]
-no_decay = [p for p in model.parameters() if p.dim() < 2]
-groups = [dict(params=decay, weight_decay=cfg["weight_decay"]), dict(params=no_decay, weight_decay=0.0)]
+pipe = None
+if ddp:
+    P.shard_experts(model, groups)   # EP: keep this rank's routed experts, dispatch tokens with all-to-all
+    if layout.pp > 1:                # PP: keep stages r and PP-1-r, run DualPipe over the pipeline's ranks
+        pipe = P.Pipeline(model, groups, cfg["grad_accum"])
+dp_model = P.data_parallel(model, groups) if ddp and pipe is None else model   # DDP over the dense replicas
 betas = (cfg["beta1"], cfg["beta2"])
 if cfg["fp8"]:   # §3.3.3: BF16 moments, FP32 master weights
     from fp8 import AdamWBF16
-    optimizer = AdamWBF16(groups, lr=cfg["lr"], betas=betas)
+    opt_cls, opt_kw = AdamWBF16, dict(lr=cfg["lr"], betas=betas)
 else:
-    optimizer = torch.optim.AdamW(groups, lr=cfg["lr"], betas=betas, fused=device_type == "cuda")
+    opt_cls, opt_kw = torch.optim.AdamW, dict(lr=cfg["lr"], betas=betas, fused=device_type == "cuda")
+optimizer = P.Optimizer(model, groups, opt_cls, cfg["zero"], cfg["weight_decay"], **opt_kw)   # ZeRO-1 on ranks
 step, best_val = 0, float("inf")
 if cfg["resume"]:
-    ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+    try:
+        ckpt = P.load_checkpoint(cfg["out_dir"], model, optimizer, groups, device) if ddp else \
+            torch.load(ckpt_path, map_location=device, weights_only=True)
+    except P.LayoutError as e:
+        fail(str(e))
     saved = ckpt["model_args"]
     if saved != asdict(model_args):
         diff = {k: (saved.get(k), v) for k, v in asdict(model_args).items() if saved.get(k) != v}
         fail(f"model config differs from the checkpoint's: {diff}")
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
+    if not ddp:
+        model.load_state_dict(ckpt["model"])
+        optimizer.parts[0].load_state_dict(ckpt["optimizer"])
     step, best_val = ckpt["step"], ckpt["best_val"]
     torch.set_rng_state(ckpt["rng"]["torch"])
     train_gen.set_state(ckpt["rng"]["data"])
     if device_type == "cuda" and "cuda" in ckpt["rng"]:
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
-step_model = torch.compile(model) if cfg["compile"] else model   # same parameters, compiled forward
+step_model = torch.compile(dp_model) if cfg["compile"] else dp_model   # same parameters, compiled forward
 
 
 def lr_at(it: int) -> float:
@@ -266,12 +300,12 @@ def evaluate() -> dict:
     model.eval()
     gen = torch.Generator().manual_seed(cfg["seed"] + 7)
     losses, loads = [], 0
-    for _ in range(cfg["eval_iters"]):
+    for _ in range(cfg["eval_iters"]):   # every rank evaluates the same batches (EP/PP ranks must take part)
         x, y = D.get_batch(val_data, B, T, gen, device)
         with autocast:
-            _, loss = model(x, y)
+            loss = pipe.forward_only(x, y) if pipe is not None else model(x, y)[1]
         losses.append(loss["ce"])
-        loads = loads + model.expert_load()[0]
+        loads = loads + model.expert_load()[0]   # with PP: this rank's MoE layers only
     model.train()
     ce = torch.stack(losses).mean().item()
     maxvio = (loads.max(dim=1).values / loads.mean(dim=1) - 1).mean().item()
@@ -291,14 +325,16 @@ def sample_text(n_tokens: int) -> str:
 
 
 def save_checkpoint():
-    """Atomic: write a temp file, then rename over the old one, so a crash never leaves half a checkpoint."""
-    if not master:
-        return
+    """Atomic: write a temp file, then rename over the old one, so a crash never leaves half a checkpoint.
+    On ranks: one file per (stage pair, EP shard), ZeRO state gathered first (parallel.save_checkpoint)."""
     rng = dict(torch=torch.get_rng_state(), data=train_gen.get_state())
     if device_type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state()
-    ckpt = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), model_args=asdict(model_args),
-                config=cfg, step=step, best_val=best_val, rng=rng)
+    if ddp:
+        meta = dict(model_args=asdict(model_args), config=cfg, step=step, best_val=best_val)
+        return P.save_checkpoint(cfg["out_dir"], model, optimizer, groups, meta, rng)
+    ckpt = dict(model=model.state_dict(), optimizer=optimizer.parts[0].state_dict(),
+                model_args=asdict(model_args), config=cfg, step=step, best_val=best_val, rng=rng)
     tmp = ckpt_path + ".tmp"
     torch.save(ckpt, tmp)
     os.replace(tmp, ckpt_path)
@@ -323,31 +359,37 @@ if master:
           f"vocab {meta['vocab_size']}, {meta['val_bytes'] / meta['val_tokens']:.2f} val bytes/token")
     print(f"params: {n['total'] / 1e6:.2f}M total, {n['activated'] / 1e6:.2f}M activated per token; "
           f"MTP +{n['mtp'] / 1e6:.2f}M ({n['mtp_activated'] / 1e6:.2f}M activated)")
-    tokens_per_step = B * T * cfg["grad_accum"] * world
+    tokens_per_step = B * T * cfg["grad_accum"] * batch_ranks
     print(f"FLOPs/token (train, incl. MTP): {flops_per_token / 1e6:.1f}M; tokens/step: {tokens_per_step:,}; "
           f"device {device}, {dtype}{', fp8' if cfg['fp8'] else ''}{', compiled' if cfg['compile'] else ''}"
-          f"{f', {world} ranks' if ddp else ''}")
+          f"{f', {layout}' if ddp else ''}")
 
 
 def train_step(it: int) -> torch.Tensor:
     for g in optimizer.param_groups:
         g["lr"] = lr_at(it)
     total = torch.zeros((), device=device)
-    for _ in range(cfg["grad_accum"]):
-        x, y = D.get_batch(train_data, B, T, train_gen, device)
+    ga = cfg["grad_accum"]
+    if pipe is not None:   # PP: the grad_accum micro-batches of this step go through DualPipe together
+        xy = [D.get_batch(train_data, B, T, train_gen, device) for _ in range(ga)]
         with autocast:
-            _, losses = step_model(x, y)
-        (losses["loss"] / cfg["grad_accum"]).backward()
-        total += losses["ce"].detach() / cfg["grad_accum"]
-    if ddp:   # data parallel: average gradients and sum router loads so every rank takes the same step
-        for p in model.parameters():
-            if p.grad is None:   # an expert no token picked on this rank
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
-        for moe in model.moe_layers():
-            dist.all_reduce(moe.load)
-        dist.all_reduce(total, op=dist.ReduceOp.AVG)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+            total += pipe.step(torch.stack([x for x, _ in xy]), torch.stack([y for _, y in xy]))["ce"]
+    for i in range(ga if pipe is None else 0):
+        x, y = D.get_batch(train_data, B, T, train_gen, device)
+        # DDP all-reduces during the last micro-step's backward only
+        with dp_model.no_sync() if dp_model is not model and i < ga - 1 else nullcontext():
+            with autocast:
+                _, losses = step_model(x, y)
+            (losses["loss"] / ga).backward()
+        total += losses["ce"].detach() / ga
+    if ddp:   # gradients of the global batch, summed router loads: every replica takes the same step
+        P.sync_grads(model, groups, ddp=dp_model is not model)
+        P.sum_loads(model, groups)
+        dist.all_reduce(total, group=groups.replicas)
+        total /= dist.get_world_size(groups.replicas)
+        P.clip_grad_norm(model, groups, cfg["grad_clip"])
+    else:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     model.update_router_biases()   # §2.1.2: aux-loss-free balancing, after every optimizer step
@@ -369,6 +411,9 @@ while step < cfg["max_iters"] and not interrupted:
     loss = train_step(step)
     window.append(loss)
     step += 1
+    if master and len(window) == 1 and bar.n == bar.initial:   # after the first step: the state exists now
+        tqdm.write(f"optimizer state on rank 0: {optimizer.local_state_bytes() / 2**20:.2f} MiB"
+                   f"{' (ZeRO-1: sharded over each replica group)' if ddp and cfg['zero'] else ''}")
     if step % cfg["log_interval"] == 0 or step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]:
         losses = torch.stack(window).cpu()   # one host sync per log interval, not per step
         bad = (~torch.isfinite(losses)).nonzero()
@@ -377,7 +422,7 @@ while step < cfg["max_iters"] and not interrupted:
             fail(f"non-finite loss at step {step - len(window) + int(bad[0]) + 1}; stopping, the last good "
                  f"checkpoint (step {last_good}) is kept in {cfg['out_dir']}", code=1)
         dt = (time.time() - t_window) / len(window)
-        tok_s = B * T * cfg["grad_accum"] * world / dt
+        tok_s = B * T * cfg["grad_accum"] * batch_ranks / dt   # the whole world's tokens
         maxvio = model.expert_load()[1].mean().item()
         mfu = f" | mfu {100 * flops_per_token * tok_s / world / peak:.1f}%" if peak else ""
         bar.set_postfix_str(f"loss {losses[-1]:.4f} | {dt * 1000:.0f} ms | {tok_s:,.0f} tok/s{mfu} | maxvio {maxvio:.2f}")
@@ -396,8 +441,12 @@ while step < cfg["max_iters"] and not interrupted:
         if master:
             tqdm.write(f"step {step}: val loss {ev['val_loss']:.4f} | val bpb {ev['val_bpb']:.4f} | "
                        f"maxvio {ev['maxvio']:.2f}")
-            if cfg["sample_tokens"]:   # --sample_tokens=0: no sample
-                tqdm.write("--- sample ---\n" + sample_text(cfg["sample_tokens"]) + "\n--------------")
+        # --sample_tokens=0: no sample. EP: every rank generates the same text (the all-to-all needs them all);
+        # NOTE: no sample under PP (generation would need a pipelined decode)
+        if cfg["sample_tokens"] and pipe is None and (master or layout.ep > 1):
+            text = sample_text(cfg["sample_tokens"])
+            if master:
+                tqdm.write("--- sample ---\n" + text + "\n--------------")
         save_checkpoint()
         last_good = step
         t_window = time.time()   # keep eval time out of tokens/s
@@ -407,14 +456,10 @@ if interrupted:
     if master:
         print(f"interrupted: saved step {step} to {ckpt_path}; continue with --resume=True", file=sys.stderr)
     sys.exit(130)
-if ddp:   # every rank must end with the same weights (same averaged gradients, same router updates)
-    check = torch.stack([p.detach().double().sum() for p in model.parameters()] +
-                        [m.gate.bias.double().sum() for m in model.moe_layers()])
-    ranks = [torch.zeros_like(check) for _ in range(world)]
-    dist.all_gather(ranks, check)
-    in_sync = all(torch.equal(r, ranks[0]) for r in ranks)
+if ddp:   # every replica of a weight must end identical (same reduced gradients, same router updates)
+    in_sync = P.in_sync(model, groups)
     dist.destroy_process_group()
     if not in_sync:
-        fail("data-parallel ranks ended with different weights", code=1)
+        fail("replicas of a weight ended different across ranks", code=1)
     if master:
-        print(f"{world} data-parallel ranks in sync after {step} steps")
+        print(f"{layout}: every replica in sync after {step} steps")
