@@ -406,14 +406,18 @@ def on_sigint(signum, frame):   # Ctrl-C: finish the current step, then save and
 
 signal.signal(signal.SIGINT, on_sigint)
 bar = tqdm(total=cfg["max_iters"], initial=step, disable=not master, dynamic_ncols=True, mininterval=1.0)
-window, t_window, last_good = [], time.time(), step
+window, t_window, last_good, start = [], time.time(), step, step
 while step < cfg["max_iters"] and not interrupted:
     loss = train_step(step)
     window.append(loss)
     step += 1
-    if master and len(window) == 1 and bar.n == bar.initial:   # after the first step: the state exists now
-        tqdm.write(f"optimizer state on rank 0: {optimizer.local_state_bytes() / 2**20:.2f} MiB"
-                   f"{' (ZeRO-1: sharded over each replica group)' if ddp and cfg['zero'] else ''}")
+    if step == start + 1:   # after the first step the optimizer state exists: measure it
+        state = torch.tensor(float(optimizer.local_state_bytes()), device=device)
+        if ddp:
+            dist.all_reduce(state, op=dist.ReduceOp.MAX)
+        if master:
+            tqdm.write(f"optimizer state: {state.item() / 2**20:.2f} MiB on the fullest rank"
+                       f"{' (ZeRO-1: sharded over each replica group)' if ddp and cfg['zero'] else ''}")
     if step % cfg["log_interval"] == 0 or step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]:
         losses = torch.stack(window).cpu()   # one host sync per log interval, not per step
         bad = (~torch.isfinite(losses)).nonzero()
