@@ -704,6 +704,19 @@ def load_checkpoint(out_dir: str, model: nn.Module, optimizer: Optimizer, groups
     return main
 
 
+def consolidate(out_dir: str, map_location="cpu") -> dict:
+    """The whole model's state dict, by its unsharded names, from the shards of any layout (sample.py uses it)."""
+    main = torch.load(shard_file(out_dir, Layout(), 0, 0), map_location=map_location, weights_only=True)
+    L, state = Layout(**main["layout"]), {}
+    per_rank = main["model_args"]["n_routed_experts"] // L.ep
+    for s in range((L.pp + 1) // 2):                 # one of each DualPipe mirror pair
+        for e in range(L.ep):
+            ckpt = main if (s, e) == (0, 0) else torch.load(shard_file(out_dir, L, s, e), map_location=map_location,
+                                                            weights_only=True)
+            state.update({global_name(k, e, per_rank): v for k, v in ckpt["model"].items()})
+    return state
+
+
 @torch.no_grad()
 def in_sync(model: nn.Module, groups: Groups) -> bool:
     """Every replica of every weight (and router bias) ends bit-identical: checksums compared in each group."""

@@ -172,6 +172,9 @@ def test_expert_parallel_run_saves_and_resumes_exactly(tmp_path):
     shards = [torch.load(os.path.join(part, f), weights_only=True) for f in ("ckpt.pt", "ckpt-pp0-ep1.pt")]
     experts = [{k for k in c["model"] if ".experts." in k} for c in shards]
     assert experts[0] and len(experts[0]) == len(experts[1])   # each shard: its 2 of the 4 experts per layer
+    from model import ModelArgs, Transformer
+    from parallel import consolidate
+    Transformer(ModelArgs(**shards[0]["model_args"])).load_state_dict(consolidate(part))   # all keys, right shapes
     torchrun("--ep=2", "--max_iters=6", "--eval_interval=6", f"--out_dir={part}", "--resume=True")
     a, b = train_losses(full), train_losses(part)
     assert sorted(b) == list(range(1, 7)) and all(a[s] == b[s] for s in range(1, 7)), (a, b)
