@@ -14,6 +14,7 @@ with DualPipe (§3.2.1), 64-way expert parallelism over 8 nodes with node-limite
                        the experts' gradients reduced only across their data-parallel replicas
   Optimizer            ZeRO-1: torch's ZeroRedundancyOptimizer, one per replica group (dense / experts)
   clip_grad_norm       the global gradient norm over all shards, each parameter counted once
+                       (router biases: model.update_router_biases sums the loads over groups.replicas)
   Pipeline             dualpipe.py's DualPipe executor on the real model: rank r runs stage r (direction 0)
                        and stage PP-1-r (direction 1); embedding on the first stage, head + MTP + losses on the last
   dry_run              per-rank memory and per-step communication of a layout, without any rank
@@ -50,7 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import dualpipe as DP
-from model import at_least_fp32
+from model import cross_entropy
 
 
 # -----------------------------------------------------------------------------
@@ -305,18 +306,6 @@ def clip_grad_norm(model: nn.Module, groups: Groups, max_norm: float) -> torch.T
     return norm
 
 
-@torch.no_grad()
-def sum_loads(model: nn.Module, groups: Groups) -> None:
-    """§2.1.2's bias update wants the load of every token of the step: sum each MoE layer's counts over every
-    rank holding that layer (its DP x EP batch ranks, and both DualPipe copies), in one call."""
-    loads = [m.load for m in model.moe_layers()]
-    if loads and dist.get_world_size(groups.replicas) > 1:
-        flat = torch.cat(loads)
-        dist.all_reduce(flat, group=groups.replicas)
-        for t, v in zip(loads, flat.split([t.numel() for t in loads])):
-            t.copy_(v)
-
-
 class Optimizer:
     """AdamW (or fp8.py's AdamWBF16) with ZeRO-1: optimizer state sharded by torch's ZeroRedundancyOptimizer
     over each replica group (dense weights over all their replicas, experts over their DP copies); after its
@@ -394,17 +383,15 @@ class _WithLoss(torch.autograd.Function):
 
 
 class PipeStage(nn.Module):
-    """Stage s of PP: [embedding] + its Blocks + [final norm, head, MTP, losses]. Holds the model's own modules
-    (registered here too, so .parameters() is this stage's share); stage 0 and the last share the embedding
-    (MTP reads Emb(t_{i+k})), and with DualPipe both live on pipeline ranks 0 and PP-1."""
+    """Stage s of PP for training: model.pipeline_stage(s, pp) (embedding on stage 0, its Blocks, the final norm
+    and head on the last), plus on the last stage the MTP modules and the embedding they read (registered here,
+    so .parameters() is everything this stage's backward must reach). Holds the model's own modules."""
 
     def __init__(self, model: nn.Module, s: int, pp: int):
         super().__init__()
-        n = len(model.layers)
+        self.part = model.pipeline_stage(s, pp)
         self.first, self.last = s == 0, s == pp - 1
-        self.embed = model.embed if self.first or (self.last and len(model.mtp)) else None
-        self.layers = nn.ModuleList(model.layers[s * n // pp:(s + 1) * n // pp])
-        self.norm, self.head, self.mtp = (model.norm, model.head, model.mtp) if self.last else (None, None, None)
+        self.mtp, self.mtp_embed = (model.mtp, model.embed) if self.last and len(model.mtp) else (None, None)
         self.model = [model]              # a list: not a submodule (its other stages are not ours)
         self.moes = [m for m in self.modules() if hasattr(m, "balance_loss")]
         self.scale = 1.0                  # 1 / micro-batches per step: the step's loss is their mean
@@ -413,42 +400,30 @@ class PipeStage(nn.Module):
         """x (Bm, T, D) from the previous stage (None on the first) -> (Bm, T, D) for the next stage, or on the
         last the scaled loss; and the parts of the micro-batch's loss computed here (unscaled, detached): the
         balance losses of a middle stage, {'loss', 'ce', 'mtp'} on the last."""
-        model, T = self.model[0], tokens.size(1)
-        freqs = model.freqs_cis[:T]                                # (T, Dr/2, 2)
-        h = self.embed(tokens) if self.first else x                # (Bm, T, D)
-        for layer in self.layers:
-            h = layer(h, freqs)
-        balance = [m.balance_loss for m in self.moes if m.balance_loss is not None]
+        h = self.part.trunk(tokens if self.first else x)          # (Bm, T, D), final-normed on the last stage
         if not self.last:
+            balance = [m.balance_loss for m in self.moes if m.balance_loss is not None]
             for m in self.moes:
                 m.balance_loss = None
             if not balance:
                 return h, {}
             balance = sum(balance)
             return _WithLoss.apply(h, balance * self.scale), dict(loss=balance.detach())
-        parts = self.head_and_losses(model, h, tokens, targets, balance)
-        return parts["loss"] * self.scale, {k: parts[k].detach() for k in ("loss", "ce", "mtp")}
-
-    def head_and_losses(self, model, h, tokens, targets, balance):
-        # Transformer.forward's tail: final norm, head, CE, the MTP depths, the balance losses of this stage
-        T = tokens.size(1)
-        freqs = model.freqs_cis[:T]
-        h = self.norm(h)
-        logits = at_least_fp32(self.head(h))
-        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        # the last stage: Transformer.forward's losses (eq. 25 for MTP), from the model's own methods
+        model, T = self.model[0], tokens.size(1)
+        ce = cross_entropy(model.logits(h), targets)
         mtp_k, h_k = [], h
-        for k, module in enumerate(self.mtp, start=1):
+        for k in range(1, len(model.mtp) + 1):
             if T - k <= 0:
                 break
-            h_k = module(h_k[:, :T - k], self.embed(tokens[:, k:]), freqs[:T - k])
-            logits_k = at_least_fp32(self.head(h_k))
-            mtp_k.append(F.cross_entropy(logits_k.flatten(0, 1), targets[:, k:].flatten(), ignore_index=-1))
-        mtp = model.args.mtp_lambda / len(self.mtp) * sum(mtp_k) if mtp_k else ce.new_zeros(())
-        balance = balance + [m.balance_loss for m in self.mtp.modules() if getattr(m, "balance_loss", None) is not None]
+            logits_k, h_k = model.mtp_forward(k, h_k[:, :T - k], tokens[:, k:])    # (Bm, T-k, V/D)
+            mtp_k.append(cross_entropy(logits_k, targets[:, k:]))
+        mtp = model.args.mtp_lambda / len(model.mtp) * sum(mtp_k) if mtp_k else ce.new_zeros(())
+        balance = [m.balance_loss for m in self.moes if m.balance_loss is not None]
         for m in self.moes:
             m.balance_loss = None
-        balance = sum(balance) if balance else ce.new_zeros(())
-        return dict(loss=ce + mtp + balance, ce=ce, mtp=mtp)
+        loss = ce + mtp + (sum(balance) if balance else 0)
+        return loss * self.scale, dict(loss=loss.detach(), ce=ce.detach(), mtp=mtp.detach())
 
 
 class _Worker(DP.Worker):

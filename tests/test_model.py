@@ -9,17 +9,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import conftest
 from model import V3_ARGS, Gate, ModelArgs, MoE, Transformer, precompute_freqs_cis
 
 
 def tiny_args(**kw):
-    base = dict(vocab_size=97, dim=48, inter_dim=96, moe_inter_dim=24, n_layers=3, n_dense_layers=1, n_heads=3,
-                n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, n_expert_groups=4,
-                n_limited_groups=2, route_scale=2.5, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8,
-                qk_rope_head_dim=4, v_head_dim=8, max_seq_len=64, original_seq_len=64, n_mtp_depth=2,
-                init_std=0.05)   # larger than 0.006 so that tiny models have non-trivial routing/attention
-    base.update(kw)
-    return ModelArgs(**base)
+    # conftest's tiny model, widened where these tests look: 3 heads, 8 experts in 4 groups (2 of them allowed)
+    # with V3's route_scale, 2 MoE blocks, 2 MTP depths, and init_std 0.05 (larger than 0.006 so that tiny
+    # models have non-trivial routing/attention)
+    base = dict(vocab_size=97, dim=48, inter_dim=96, moe_inter_dim=24, n_layers=3, n_heads=3, n_routed_experts=8,
+                n_expert_groups=4, n_limited_groups=2, route_scale=2.5, q_lora_rank=32, qk_rope_head_dim=4,
+                n_mtp_depth=2, init_std=0.05)
+    return conftest.tiny_args(**{**base, **kw})
 
 
 def tiny_model(seed=0, dtype=torch.float64, **kw):
@@ -52,7 +53,7 @@ def test_invalid_args_raise_clear_errors(kw, msg):
 
 
 def test_v3_accounting_on_meta():
-    # SPEC.md: 671.03B main, 37.55B activated, one MTP module adds 11.61B of its own
+    # the real V3: 671.03B main, 37.55B activated, one MTP module adds 11.61B of its own
     with torch.device("meta"):
         model = Transformer(ModelArgs(**V3_ARGS))
     n = model.num_params()
@@ -74,7 +75,8 @@ def test_causality_main_and_mtp():
     x2[:, t] = (x2[:, t] + 1) % 97
 
     def outputs(inp):
-        logits, h = model(inp, return_hidden=True)
+        h = model.trunk(inp)
+        logits = model.logits(h)
         per_depth, h_k = [], h
         for k in range(1, 3):
             lk, h_k = model.mtp_forward(k, h_k[:, :T - k], inp[:, k:])
@@ -97,9 +99,9 @@ def test_naive_equals_absorb():
     model = tiny_model().eval()
     x = tokens(2, 20)
     with torch.no_grad():
-        naive = model(x)
+        naive = model(x).logits
         model.set_impl(attn="absorb")
-        absorb = model(x)
+        absorb = model(x).logits
     assert rel_err(absorb, naive) < 1e-9
 
 
@@ -108,12 +110,12 @@ def test_cached_decoding_equals_full_forward(impl):
     model = tiny_model(attn_impl=impl).eval()
     x = tokens(2, 20)
     with torch.no_grad():
-        full = model(x)
+        full = model(x).logits
         model.setup_cache(batch_size=2)
-        pieces = [model(x[:, :8], start_pos=0)]                 # prompt
-        pieces.append(model(x[:, 8:12], start_pos=8))           # a chunk against a cached prefix (mask path)
+        pieces = [model(x[:, :8], start_pos=0).logits]          # prompt
+        pieces.append(model(x[:, 8:12], start_pos=8).logits)    # a chunk against a cached prefix (mask path)
         for t in range(12, 20):                                  # then one token at a time
-            pieces.append(model(x[:, t:t + 1], start_pos=t))
+            pieces.append(model(x[:, t:t + 1], start_pos=t).logits)
         model.clear_cache()
     assert rel_err(torch.cat(pieces, dim=1), full) < 1e-9
     # the cache holds only c_kv and k_R
@@ -128,7 +130,7 @@ def test_yarn_factor_one_changes_nothing_within_original_context():
     long.load_state_dict(short.state_dict())
     x = tokens(1, 32)
     with torch.no_grad():
-        assert rel_err(long.eval()(x), short.eval()(x)) < 1e-12
+        assert rel_err(long.eval()(x).logits, short.eval()(x).logits) < 1e-12
 
 
 def test_yarn_ramp_interpolates_low_frequencies_only():
@@ -236,9 +238,10 @@ def test_mtp_target_alignment():
     # hand-made sequence 0,1,2,...: the main head at position i must predict i+1, MTP depth k predicts i+k+1
     model = tiny_model().train()
     x = torch.arange(20)[None]                   # (1, 20)
-    y = torch.arange(1, 21)[None]; y[0, -1] = -1  # targets, last one unknown (ignored)
-    _, losses, h = model(x, y, return_hidden=True)
-    h_k = h
+    y = torch.arange(1, 21)[None]
+    y[0, -1] = -1                                # targets, last one unknown (ignored)
+    _, losses = model(x, y)
+    h_k = model.trunk(x)
     for k in (1, 2):
         logits_k, h_k = model.mtp_forward(k, h_k[:, :20 - k], x[:, k:])
         want = torch.arange(k + 1, 21)[None].clone()   # position i predicts token i+k+1

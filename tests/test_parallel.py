@@ -89,8 +89,7 @@ def _run_case(rank, tmp, name, layout, dead_expert):
         P.clip_grad_norm(model, groups, 1.0)
         opt.step()
         opt.zero_grad()
-        P.sum_loads(model, groups)
-        model.update_router_biases()
+        model.update_router_biases(all_reduce=lambda t: dist.all_reduce(t, group=groups.replicas))
     stats = next((m.ep.stats for m in model.moe_layers() if m.ep is not None), None)
     torch.save(dict(losses=torch.stack(losses), grads=grads, stats=stats, state_bytes=opt.local_state_bytes(),
                     biases={n: b for n, b in model.named_buffers() if n.endswith("gate.bias")}),
