@@ -289,10 +289,20 @@ def on_sigint(signum, frame):   # Ctrl-C: finish the current step, then save and
     interrupted = True
 
 
+def stop_now() -> bool:
+    """On ranks, one rank's Ctrl-C stops them all at the same step (their collectives must pair up)."""
+    global interrupted
+    if ddp:
+        flag = torch.tensor(float(interrupted), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        interrupted = flag.item() > 0
+    return interrupted
+
+
 signal.signal(signal.SIGINT, on_sigint)
 bar = tqdm(total=cfg["max_iters"], initial=step, disable=not master, dynamic_ncols=True, mininterval=1.0)
 window, t_window, last_good, start = [], time.time(), step, step
-while step < cfg["max_iters"] and not interrupted:
+while step < cfg["max_iters"] and not stop_now():
     loss = train_step(step)
     window.append(loss)
     step += 1
