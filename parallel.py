@@ -22,7 +22,7 @@ with DualPipe (§3.2.1), 64-way expert parallelism over 8 nodes with node-limite
 Why DDP + ZeroRedundancyOptimizer (and not FSDP2): ZeRO-1 is what the paper uses, and it keeps every rank's
 parameters whole, so the EP all-to-all, the pipeline stages and the FP8 Linears see plain tensors. FSDP2 would
 shard the parameters too (ZeRO-3): less memory, but an all-gather per layer per micro-batch, which V3 avoids
-by holding each stage's few layers whole (the dry run shows they fit). DDP cannot see the gradients DualPipe's
+by holding each stage's few layers whole (the dry run: at most 21 GiB of FP32 weights per GPU on its layout). DDP cannot see the gradients DualPipe's
 W phase writes by hand (dW = gᵀx outside autograd), so with --pp > 1 the same reduction runs after the
 pipeline's last W, one flat all-reduce per replica group.
 
@@ -41,7 +41,6 @@ Legend: rank = (s*DP + d)*EP + e with s the pipeline rank, d the data-parallel i
 N tokens on this rank, D model dim, K active experts, E routed experts, El = E/EP experts per rank,
 S rows sent (token, destination rank), R rows received.
 """
-import math
 import os
 from dataclasses import dataclass
 
@@ -167,7 +166,7 @@ class ExpertParallel:
     def __init__(self, group, n_experts: int):
         self.group, self.ep, self.rank = group, dist.get_world_size(group), dist.get_rank(group)
         self.per_rank = n_experts // self.ep
-        self.stats = dict(rows=0, tokens=0, max_ranks=0)   # rows sent / tokens / most ranks one token reached
+        self.stats = dict(rows=0, tokens=0, max_ranks=None)   # rows sent, tokens, most ranks one token reached
 
     def __deepcopy__(self, memo):   # a process group is not copied with the module that uses it
         return self
@@ -186,10 +185,12 @@ class ExpertParallel:
         here = dest[tok] == rank_of_row[:, None]                  # (S, K): slots served by that row's rank
         local = torch.where(here, idx[tok] - rank_of_row[:, None] * El, -1)  # (S, K) local expert id, -1 = not there
         gates = torch.where(here, g[tok], torch.zeros((), dtype=g.dtype, device=g.device))  # (S, K)
-        with torch.no_grad():
-            self.stats["rows"] += len(tok)
+        with torch.no_grad():                                    # statistics for tests and logs, no extra sync
+            self.stats["rows"] += len(tok)                       # (nonzero already synced: S is on the host)
             self.stats["tokens"] += N
-            self.stats["max_ranks"] = max(self.stats["max_ranks"], int(to_rank.sum(1).max()) if N else 0)
+            reach = to_rank.sum(dim=1).amax() if N else torch.zeros((), dtype=torch.long, device=u.device)
+            prev = self.stats["max_ranks"]
+            self.stats["max_ranks"] = reach if prev is None else torch.maximum(prev, reach)
         # dispatch: each row once per destination rank, with its local expert ids and gates
         x_in = _AllToAll.apply(u[tok], recv, send, self.group)          # (R, D)
         g_in = _AllToAll.apply(gates, recv, send, self.group)           # (R, K)
