@@ -185,3 +185,12 @@ def test_expert_parallel_run_saves_and_resumes_exactly(tmp_path):
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert "was saved under PP1 x DP1 x EP2 = 2 ranks" in p.stderr
     assert open(os.path.join(part, "ckpt.pt"), "rb").read() == before
+
+
+def test_dry_run_needs_no_ranks_and_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    p = run("--config", "small", *TINY, "--dry_run=True", "--pp=2", "--ep=2", "--dp=2", "--grad_accum=4",
+            f"--out_dir={out}")
+    assert "dry run: PP2 x DP2 x EP2 = 8 ranks" in p.stdout and "EP all-to-all" in p.stdout
+    assert len([l for l in p.stdout.splitlines() if l.split()[:1] in (["0"], ["1"])]) == 4   # 2 tables x 2 ranks
+    assert not out.exists()
