@@ -7,7 +7,8 @@ Paper: DeepSeek-V3 Technical Report (arXiv 2412.19437). Sections implemented her
   §2.1.2 DeepSeekMoE + auxiliary-loss-free load balancing (12)-(16)  -> Gate, MoE
          complementary sequence-wise balance loss, eqs. (17)-(20)  -> MoE.sequence_balance_loss
          node-limited (here: group-limited) routing                -> Gate
-  §2.2   Multi-Token Prediction, eqs. (21)-(25)                  -> MTP, Transformer.forward
+  §2.2   Multi-Token Prediction, eqs. (21)-(25)                  -> MTP, Transformer.forward / mtp_forward
+  §3.2.1 a pipeline stage (a slice of the model, for dualpipe.py) -> Transformer.pipeline_stage
   §4.2   init std 0.006                                          -> Transformer._init_weights
   §4.3   YaRN long-context extension                             -> precompute_freqs_cis, MLA.softmax_scale
 Names follow the official inference code (github.com/deepseek-ai/DeepSeek-V3, inference/model.py) so a
@@ -20,6 +21,10 @@ Simplifications vs. the real thing:
   - each expert keeps its own nn.Linear weights (official names, FP8-convertible), so the grouped GEMM
     stacks them on the fly every forward, an extra copy that one stored (E, I, D) tensor would avoid;
   - no tensor parallelism, no FP8 here (fp8.py swaps the nn.Linear layers for FP8 ones).
+
+The API callers use: forward(tokens, targets) -> Output(logits, losses); trunk / logits (hidden states and
+their logits, for speculative decoding); setup_cache / rollback_cache / clear_cache (the generation cache);
+update_router_biases (after every optimizer step); set_impl (naive/absorb, grouped/sorted/loop).
 
 Run: python -m pytest tests/test_model.py   (python train.py --config small trains one)
 
@@ -462,10 +467,15 @@ class MTP(nn.Module):
         self.norm = RMSNorm(args.dim)
 
     def forward(self, h_prev, emb_next, freqs_cis, start_pos: int = 0):
-        """h_prev: (B, T, D) final-normed states of depth k-1; emb_next: (B, T, D) = Emb(t_{i+k}).
-        Returns the final-normed (B, T, D) states of depth k (fed to the head and to depth k+1)."""
+        """h_prev: (B, T, D) state of depth k-1 (depth 1: the main model's final-normed h); emb_next: (B, T, D)
+        = Emb(t_{i+k}). Returns h^k = TRM_k(h'^k) (B, T, D), the block's output, NOT normed: eq. (22)'s h^k is
+        what depth k+1 receives (its own hnorm is eq. (21)'s RMSNorm), and self.norm belongs to the head side
+        (eq. 23; the checkpoint's shared_head.norm) -- apply it with head_input() only where logits are made."""
         h = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))  # eq. (21): (B, T, D)
-        return self.norm(self.block(h, freqs_cis, start_pos))                           # eq. (22)
+        return self.block(h, freqs_cis, start_pos)                                      # eq. (22): (B, T, D)
+
+    def head_input(self, h_k: torch.Tensor) -> torch.Tensor:
+        return self.norm(h_k)                                                           # eq. (23): Head(RMSNorm(h^k))
 
 
 class Transformer(nn.Module):
@@ -548,8 +558,9 @@ class Transformer(nn.Module):
         tokens one step further. Returns its logits (B, T, V) and its states h_k (B, T, D), the input of depth
         k+1. Training (forward) and speculative decoding (sample.py) both call it."""
         freqs = self.freqs_cis[start_pos:start_pos + next_tokens.size(1)]
-        h_k = self.mtp[k - 1](h_prev, self.embed(next_tokens), freqs, start_pos)   # eqs. (21)-(22)
-        return self.logits(h_k), h_k                                              # eq. (23): shared head
+        module = self.mtp[k - 1]
+        h_k = module(h_prev, self.embed(next_tokens), freqs, start_pos)   # eqs. (21)-(22), chained un-normed
+        return self.logits(module.head_input(h_k)), h_k                    # eq. (23): own norm, shared head
 
     def pipeline_stage(self, s: int, pp: int) -> "Transformer":
         """Stage s of a pp-stage pipeline (dualpipe.py): a Transformer holding THIS model's own modules (no copy)

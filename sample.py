@@ -1,6 +1,6 @@
 """
-sample.py: generate text from a trained checkpoint with MLA's compressed KV cache, and with the MTP modules as
-the draft model of speculative decoding.
+Generate text from a trained checkpoint with MLA's compressed KV cache, and with the MTP modules as the draft
+model of speculative decoding.
 
 Paper: DeepSeek-V3 Technical Report (arXiv 2412.19437), sections used here:
   §2.1.1 MLA at inference: only c_kv (Ckv) and the shared RoPE key k_R (Dr) are cached per token and layer,
@@ -17,11 +17,9 @@ Simplifications vs. the real thing:
     latent cache) because the MTP modules read them; only the last ~2D positions are ever read again.
   - no sliding context: prompt + max_new_tokens must fit in max_seq_len (RoPE positions are absolute).
   - no torch.compile / CUDA graphs: decoding one sequence of a small model is bound by Python and kernel
-    launches (and one host sync per MoE layer, see model.py); bench/bench_sample.py measures it.
-
+    launches (and one host sync per MoE layer, see model.py); bench/bench_sample.py measures every path.
 Run: python sample.py --out_dir=out-small --prompt="ROMEO:" --max_new_tokens=300 [--speculative=True]
   (--prompt=FILE:path.txt reads the prompt from a file; the default prompt is <|endoftext|>, a new play)
-
 Dimension legend: B batch (always 1 here), T tokens in one call, S cache positions, V vocab, D model dim (dim).
 """
 import codecs
@@ -236,13 +234,12 @@ DEFAULTS = dict(out_dir="out", prompt="<|endoftext|>", num_samples=1, max_new_to
 def main(argv: list[str]) -> int:
     try:
         return run(parse(argv, DEFAULTS))
-    except (ConfigError, SampleError) as e:
+    except (ConfigError, SampleError) as e:   # bad input: one line, exit 2
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 2
 
 
-def run(cfg: dict) -> int:
-    c = cfg
+def run(c: dict) -> int:
     if c["temperature"] < 0 or c["top_k"] < 0 or not 0 < c["top_p"] <= 1 or c["num_samples"] < 1:
         raise SampleError("need temperature >= 0, top_k >= 0 (0 = off), 0 < top_p <= 1, num_samples >= 1")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if c["device"] == "auto" else c["device"]

@@ -195,6 +195,29 @@ def test_bias_update_direction_and_only_in_training():
     assert moe.load.sum() == 2 * 16 * 2   # N tokens × K experts
 
 
+def test_router_bias_update_uses_the_loads_summed_over_ranks():
+    # data parallel: each rank counts its own tokens; update_router_biases(all_reduce) must move every rank's bias
+    # by the rule applied to the GLOBAL load, in one collective over all layers (here: the other rank's loads
+    # are added by hand, as torch.distributed.all_reduce would on two ranks)
+    model = tiny_model(dtype=torch.float32)
+    mine = torch.tensor([[10, 0, 5, 5, 5, 5, 5, 1], [1, 2, 3, 4, 5, 6, 7, 8]])        # (layers, E), mean 4.5
+    other = torch.tensor([[0, 10, 5, 5, 5, 5, 1, 5], [8, 7, 6, 5, 4, 3, 2, 1]])
+    for moe, load in zip(model.moe_layers(), mine):
+        moe.load[:] = load
+    calls = []
+
+    def all_reduce(t):   # an in-place sum over "ranks", like dist.all_reduce
+        calls.append(tuple(t.shape))
+        t[:2] += other
+    model.update_router_biases(all_reduce=all_reduce)
+    total = mine + other
+    for moe, load in zip(model.moe_layers()[:2], total):
+        assert torch.allclose(moe.gate.bias, 1e-3 * torch.sign(load.float().mean() - load.float()))
+    assert model.moe_layers()[1].gate.bias.abs().sum() == 0   # 9 everywhere: balanced, no move
+    assert calls == [(len(model.moe_layers()), 8)]              # one collective for every layer
+    assert all(m.load.sum() == 0 for m in model.moe_layers())
+
+
 def test_balance_loss_hand_computed_and_has_gradient():
     args = tiny_args(n_routed_experts=4, n_expert_groups=1, n_limited_groups=1, n_activated_experts=2,
                      aux_alpha=0.5)
@@ -263,3 +286,36 @@ def test_every_parameter_gets_a_gradient():
         assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
     counts, maxvio = model.expert_load()
     assert counts.shape == (4, 8) and (maxvio >= 0).all()   # 2 main MoE layers + 2 MTP blocks
+
+
+def test_mtp_chain_matches_equations_21_to_23():
+    """A reference written from eqs. (21)-(23) alone (no MTP code): depth k reads h^{k-1} (depth 1: the main
+    model's final-normed state, the checkpoint convention), h'^k = M_k [RMSNorm(Emb(t_{i+k})) ; RMSNorm(h^{k-1})],
+    h^k = TRM_k(h'^k) is chained UN-normed, and P^k = Head(RMSNorm(h^k)). float64, so 1e-9 catches any
+    difference in the function (chaining the normed state instead differs by O(1) at depth >= 2)."""
+    model = tiny_model(n_mtp_depth=3).train()
+    with torch.no_grad():   # norm weights away from 1: RMSNorm(RMSNorm(h)) == RMSNorm(h) when every weight is 1
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.5 * torch.randn_like(p))
+    T = 24
+    x = tokens(2, T)
+    y = torch.roll(x, -1, 1)
+    y[:, -1] = -1
+    losses = model(x, y).losses
+    h = model.trunk(x)                                   # main model's final-normed state, (B, T, D)
+
+    def rms(v, w, eps=1e-6):
+        return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps) * w
+
+    h_ref, h_ours = h, h
+    for k in (1, 2, 3):
+        m = model.mtp[k - 1]
+        emb = model.embed.weight[x[:, k:]]                                        # Emb(t_{i+k}), (B, T-k, D)
+        h_in = torch.cat([rms(emb, m.enorm.weight), rms(h_ref[:, :T - k], m.hnorm.weight)], -1) @ m.eh_proj.weight.T
+        h_ref = m.block(h_in, model.freqs_cis[:T - k])                            # eq. (22), (B, T-k, D)
+        logits_ref = rms(h_ref, m.norm.weight) @ model.head.weight.T              # eq. (23), (B, T-k, V)
+        logits, h_ours = model.mtp_forward(k, h_ours[:, :T - k], x[:, k:])
+        assert rel_err(logits, logits_ref) < 1e-9, f"depth {k}: MTP logits differ from eqs. (21)-(23)"
+        ce = F.cross_entropy(logits_ref.flatten(0, 1), y[:, k:].flatten(), ignore_index=-1)
+        assert math.isclose(losses["mtp_k"][k - 1].item(), ce.item(), rel_tol=1e-9), f"depth {k}: training loss"
