@@ -414,11 +414,12 @@ class PipeStage(nn.Module):
         model, T = self.model[0], tokens.size(1)
         ce = cross_entropy(model.logits(h), targets)
         mtp_k, h_k = [], h
-        for k in range(1, len(model.mtp) + 1):
+        for k in range(1, len(model.mtp) + 1):   # the full (Bm, T) shape, the last k targets ignored
             if T - k <= 0:
                 break
-            logits_k, h_k = model.mtp_forward(k, h_k[:, :T - k], tokens[:, k:])    # (Bm, T-k, V/D)
-            mtp_k.append(cross_entropy(logits_k, targets[:, k:]))
+            logits_k, h_k = model.mtp_forward(k, h_k, tokens.roll(-k, dims=1))     # (Bm, T, V/D)
+            valid = torch.arange(T, device=targets.device) < T - k                # (T,)
+            mtp_k.append(cross_entropy(logits_k, targets.roll(-k, dims=1).where(valid, -1)))
         mtp = model.args.mtp_lambda / len(model.mtp) * sum(mtp_k) if mtp_k else ce.new_zeros(())
         balance = [m.balance_loss for m in self.moes if m.balance_loss is not None]
         for m in self.moes:
