@@ -306,7 +306,13 @@ class RunFiles:
         if not self.enabled:
             return
         save(dict(ckpt, run_id=self.run_id), self.ckpt_path)
-        self.last_saved = ckpt["step"]
+        self.committed(ckpt["step"])
+
+    def committed(self, step: int) -> None:
+        """A checkpoint of `step` is now on disk (written by save, or as shards by parallel.save_checkpoint)."""
+        if not self.enabled:
+            return
+        self.last_saved = step
         if self.pending:   # the commit point has passed: the old run's files are now the stale ones
             self._write_tokenizer()
             os.replace(self.metrics, os.path.join(self.out_dir, METRICS))
