@@ -74,7 +74,10 @@ best_path = os.path.join(cfg["out_dir"], "best.pt")   # the weights with the low
 if cfg["resume"]:
     if not os.path.exists(ckpt_path):
         fail(f"--resume=True but there is no checkpoint at {ckpt_path}")
-    saved = P.checkpoint_layout(ckpt_path)
+    try:
+        saved = P.checkpoint_layout(ckpt_path)
+    except Exception as e:   # truncated, random bytes, foreign: one line, as checkpoint.load says it
+        fail(f"cannot load checkpoint {ckpt_path}: {C._one_line(e)}")
     if saved != layout:
         fail(f"{ckpt_path} was saved under {saved}, not {layout}: its shards cannot load here; resume with "
              f"--pp={saved.pp} --dp={saved.dp} --ep={saved.ep} on {saved.world} ranks")
