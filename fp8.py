@@ -197,13 +197,12 @@ def fp8_gemm(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch.dt
 # of every micro-batch and the evaluation in between reuse one quantization, and the backward one transpose.
 
 
-def _quant_stack(ws: Tensor) -> tuple[Tensor, Tensor]:
-    """ws (E, N, K) -> q (E, Np, Kp) e4m3, s (E, Np/128, Kp/128): each matrix in its own 128×128 blocks."""
-    E, N, K = ws.shape
-    if N % TILE or K % TILE:
-        ws = F.pad(ws, (0, -K % TILE, 0, -N % TILE))  # (E, Np, Kp)
-    q, s = _k("quant_128x128", ws)(ws.flatten(0, 1))  # blocks never cross matrices: Np is a multiple of 128
-    return q.view(ws.shape), s.view(E, ws.shape[1] // TILE, -1)
+def _quant_stack(ws: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """E matrices (N, K) -> q (E, Np, Kp) e4m3, s (E, Np/128, Kp/128): each in its own 128×128 blocks. Each is
+    quantized where it lies (one compiled kernel serves them all) and the FP8 results are stacked: 1 byte per
+    value to copy, where stacking the fp32 weights first would move 4."""
+    qs = [_k("quant_128x128", w)(w) for w in ws]
+    return torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
 
 
 def _transpose(q: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
@@ -233,13 +232,12 @@ class WeightCache:
 
 
 def _swiglu_weights(mlps) -> list[tuple[Tensor, Tensor]]:
-    """[(qw13, sw13) (E, 2Fp, Dp): W1 and W3 of each FFN stacked (they read the same x), (qw2, sw2) (E, Dp, Fp)]."""
-    w1 = torch.stack([m.w1.weight for m in mlps])  # (E, F, D)
-    w13 = torch.stack([w1, torch.stack([m.w3.weight for m in mlps])], dim=1)  # (E, 2, F, D)
-    E, _, F_, D = w13.shape
-    if F_ % TILE:  # pad W1 and W3 separately, so W3 starts at row Fp
-        w13 = F.pad(w13, (0, 0, 0, -F_ % TILE))
-    return [_quant_stack(w13.flatten(1, 2)), _quant_stack(torch.stack([m.w2.weight for m in mlps]))]
+    """[(qw13, sw13) (E, 2Fp, Dp): W1 and W3 of each FFN stacked (they read the same x; W3 starts at row Fp),
+    (qw2, sw2) (E, Dp, Fp)] and their block scales."""
+    q13, s13 = _quant_stack([w for m in mlps for w in (m.w1.weight, m.w3.weight)])  # (2E, Fp, Dp), (2E, ., .)
+    E = len(mlps)
+    return [(q13.view(E, -1, q13.shape[-1]), s13.view(E, -1, s13.shape[-1])),
+            _quant_stack([m.w2.weight for m in mlps])]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -313,7 +311,7 @@ class Fp8Linear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.pow2_scales, self.cache_input_hp = pow2_scales, cache_input_hp
         self.backend = _check_backend(backend)
-        self.wc = WeightCache(lambda: [_quant_stack(self.weight.detach()[None])])
+        self.wc = WeightCache(lambda: [_quant_stack([self.weight.detach()])])
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, **kw) -> "Fp8Linear":
