@@ -106,6 +106,8 @@ def run(cfg: dict, tag: str, device: str, profile: bool) -> dict:
     res = dict(tag=tag, ms=ms, tok_s=tok_s, mfu=model.flops_per_token(T) * tok_s / peak if peak else None,
                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"), first_s=times[0], losses=losses,
                times=times, params=n, profile=prof_table)
+    print(f"  {tag}: {ms:.0f} ms/step, {tok_s:,.0f} tokens/s, peak {res['peak_gib']:.1f} GiB, "
+          f"first step {times[0]:.1f} s", flush=True)
     del model, opt, step_model
     if cuda:
         torch.cuda.empty_cache()
