@@ -144,9 +144,9 @@ def smoke():
     losses = {}
     hopper = fp8.gemm_hopper
 
-    def loud_hopper(qa, sa, qb, sb, out_dtype):  # name the operands if cuBLAS refuses them
+    def loud_hopper(qa, sa, qb, sb, out_dtype, out=None):  # name the operands if cuBLAS refuses them
         try:
-            return hopper(qa, sa, qb, sb, out_dtype)
+            return hopper(qa, sa, qb, sb, out_dtype, out)
         except RuntimeError:
             print(f"gemm_hopper failed: qa {tuple(qa.shape)}, sa {tuple(sa.shape)} {sa.stride()}, qb {tuple(qb.shape)}"
                   f", sb {tuple(sb.shape)} {sb.stride()}, {out_dtype}")
