@@ -9,7 +9,8 @@ memory, which is all a memory-bound kernel needs.
 
 DeepSeek-V3 report sections: §3.3.2 (fine-grained quantization: 1×128 activation tiles, 128×128 weight
 blocks, online max-abs scales, E4M3 everywhere), §3.3.3 (128×1 tiles for the Wgrad operands; power-of-2
-scales), and the SwiGLU of the FFNs (§2.1.2) fused with its FP8 quantization.
+scales), the SwiGLU of the FFNs (§2.1.2) fused with its FP8 quantization, and the AdamW update with BF16
+moments (§3.3.3) as one pass per parameter.
 
 Scale convention: every quantizer returns FP8 data `q` and fp32 *dequantization* scales `s` with
 x ≈ q * s (s = amax / 448 per tile), i.e. the scale the FP8 GEMM multiplies its partial sums by.
@@ -31,7 +32,8 @@ Simplifications vs. the real thing:
 - Only what fp8.py's training path calls lives here. RMSNorm and RoPE have one implementation each, in
   model.py (train.py's torch.compile of the model fuses them there).
 - Speed: on an H200 (M=16384, K=7168) the compiled quantizers move 41% (1×128), 28% (128×1), 16% (requant
-  128×1), 58% (128×128) and 33% (SwiGLU+1×128) of the measured copy bandwidth; the paper's hand-written
+  128×1), 58% (128×128) and 33% (SwiGLU+1×128) of the measured copy bandwidth (the 1×128 figure with the
+  autotuning it no longer gets, see quant_1x128 below); the paper's hand-written
   kernels do better. Inductor's 128-element segmented reductions and transposed stores are the limit, and
   the dynamic number of rows (below) costs 20-25% of the throughput of a kernel compiled for one shape.
 
