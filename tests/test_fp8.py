@@ -16,19 +16,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import conftest
 import fp8
 import kernels as K
-from model import Gate, ModelArgs, Transformer
+from model import Gate, Transformer
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # small matmuls: a second intra-op thread buys nothing here, and on the shared 2-core machine its spinning
-    # made the training test take 74 s instead of 10 s (measured); restore the setting for other test files
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# small matmuls: a second intra-op thread buys nothing here, and on the shared 2-core machine its spinning made the
+# training test take 74 s instead of 10 s (measured)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rel_err(a, b):
@@ -37,6 +33,13 @@ def rel_err(a, b):
 
 def randn(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_args(**kw):
+    # conftest's tiny model, twice as wide: feature widths of 32-128 exercise the padding to 128-wide tiles
+    base = dict(dim=64, inter_dim=128, moe_inter_dim=32, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16,
+                v_head_dim=16)
+    return conftest.tiny_args(**{**base, **kw})
 
 
 # --- the GEMM back ends --------------------------------------------------------------------------------
@@ -340,15 +343,6 @@ def test_weights_are_quantized_once_per_change():
 
 
 # --- converting the model ---------------------------------------------------------------------------------
-
-def tiny_args(**kw):
-    base = dict(vocab_size=64, dim=64, inter_dim=128, moe_inter_dim=32, n_layers=2, n_dense_layers=1, n_heads=2,
-                n_routed_experts=4, n_shared_experts=1, n_activated_experts=2, n_expert_groups=2,
-                n_limited_groups=1, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
-                v_head_dim=16, max_seq_len=64, original_seq_len=64, n_mtp_depth=1, init_std=0.02)
-    base.update(kw)
-    return ModelArgs(**base)
-
 
 def test_convert_to_fp8_swaps_exactly_the_paper_layers():
     torch.manual_seed(0)
