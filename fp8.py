@@ -241,19 +241,69 @@ def _swiglu_weights(mlps) -> list[tuple[Tensor, Tensor]]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the three GEMMs of a Linear, shared by the Linear and the fused SwiGLU FFNs below
+# GEMMs over row segments: a Linear or one FFN is one segment of any number of rows; the routed experts of a
+# layer are one segment each.
+#
+# Experts: x holds every (token, expert) pair sorted by expert, each expert's rows a segment padded with zero
+# rows to a multiple of 128 (DeepGEMM's "contiguous" layout). Each whole operand is quantized once: a 1×128
+# tile lies in one row, and a 128×1 tile (Wgrad) never crosses a segment, so the tiles are exactly those of
+# quantizing each expert's rows alone. What runs per expert is one GEMM on views of the shared buffers,
+# written into slices of one output: no pad, copy or quantizer call per expert (an expert with no token
+# runs nothing). The one layout that slicing cannot give: cuBLAS wants an expert's 1×128 scales (rows, K/128)
+# column-major with leading dim `rows`, and a row slice of the whole (M, K/128) keeps leading dim M, so the
+# scales of the GEMMs' a operands are rearranged segment by segment in one scatter (_segment_scales).
 
 
-def _dgrad(dy: Tensor, qwT: Tensor, swT: Tensor, K: int, dtype: torch.dtype, hw: HopperGemms) -> Tensor:
-    """dx = dy·W: dy (M, N) quantized 1×128 along N; W through its cached transposed 128×128 blocks (Kp, Np)."""
-    qdy, sdy = _k("quant_1x128", dy)(dy)  # (M, Np), (M, Np/128)
-    return fp8_gemm(qdy, sdy, qwT, swT, dtype, hw)[:, :K]  # (M, K)
+class Segments(NamedTuple):
+    bounds: list[tuple[int, int]]  # (first row, rows) of each expert, on the host
+    row_start: Tensor | None  # (M,) first row of the segment each row is in, on the device (None: one segment)
+    row_count: Tensor | None  # (M,) rows of that segment
 
 
-def _wgrad(dy: Tensor, qxT: Tensor, sxT: Tensor, N: int, K: int, hw: HopperGemms) -> Tensor:
-    """dW = dyᵀ·x in fp32: both operands tiled 128×1 along the tokens, the dim Wgrad reduces over."""
+def _one(x2: Tensor) -> Segments:
+    return Segments([(0, x2.shape[0])], None, None)  # one FFN or Linear: all rows, any number of them
+
+
+def _segment_scales(s: Tensor, seg: Segments) -> list[Tensor]:
+    """1×128 scales s (M, nk) -> per segment a (rows, nk) view with stride (1, rows)."""
+    if seg.row_start is None:
+        return [s]
+    M, nk = s.shape
+    start, rows = seg.row_start[:, None], seg.row_count[:, None]  # (M, 1) each
+    local = torch.arange(M, device=s.device)[:, None] - start  # (M, 1): row index inside its segment
+    dest = start * nk + torch.arange(nk, device=s.device) * rows + local  # (M, nk): where s[r, k] goes
+    flat = s.new_empty(M * nk).index_copy_(0, dest.flatten(), s.flatten())  # segment after segment, each (nk, rows)
+    return [flat[a * nk:(a + r) * nk].view(nk, r).t() for a, r in seg.bounds]
+
+
+def _grouped(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, seg: Segments, dtype: torch.dtype,
+             hw: HopperGemms) -> Tensor:
+    """out (M, Nb) = the rows of segment e times b[e]ᵀ: qa (M, Kp) 1×128, qb (E, Nb, Kp) 128×128 blocks."""
+    if seg.row_start is None:  # one segment (a Linear, one FFN): any number of rows
+        return fp8_gemm(qa, sa, qb[0], sb[0], dtype, hw)
+    out = qa.new_empty(qa.shape[0], qb.shape[1], dtype=dtype)  # (M, Nb)
+    for e, ((a, r), sa_e) in enumerate(zip(seg.bounds, _segment_scales(sa, seg))):
+        if r:
+            fp8_gemm(qa[a:a + r], sa_e, qb[e], sb[e], dtype, hw, out=out[a:a + r])
+    return out
+
+
+def _grouped_wgrad(dy: Tensor, qxT: Tensor, sxT: Tensor, seg: Segments, hw: HopperGemms) -> Tensor:
+    """dW[e] = dy[rows of e]ᵀ · x[rows of e] in fp32, (E, Np, Kp): dy (M, N) and xᵀ (qxT (Kp, Mp), sxT) tiled
+    128×1 along the tokens; an expert's operands are column slices of the whole, its tiles are whole tiles."""
     qdyT, sdyT = _k("quant_128x1", dy)(dy)  # (Np, Mp), (Np, Mp/128)
-    return fp8_gemm(qdyT, sdyT, qxT, sxT, torch.float32, hw)[:N, :K]  # (N, K)
+    if seg.row_start is None:
+        return fp8_gemm(qdyT, sdyT, qxT, sxT, torch.float32, hw)[None]
+    dw = dy.new_empty(len(seg.bounds), qdyT.shape[0], qxT.shape[0], dtype=torch.float32)  # (E, Np, Kp)
+    for e, (a, r) in enumerate(seg.bounds):
+        if r:
+            t = slice(a // TILE, (a + r) // TILE)
+            fp8_gemm(qdyT[:, a:a + r], sdyT[:, t], qxT[:, a:a + r], sxT[:, t], torch.float32, hw, out=dw[e])
+    return dw
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the FP8 Linear: Fprop, Dgrad and Wgrad of y = x Wᵀ
 
 
 class _Fp8LinearFn(torch.autograd.Function):
@@ -264,7 +314,7 @@ class _Fp8LinearFn(torch.autograd.Function):
         x2 = x.reshape(-1, K)  # (M, K)
         qx, sx = _k("quant_1x128", x2)(x2, pow2)  # (M, Kp), (M, Kp/128)
         (qw, sw), = wc.fwd  # (1, Np, Kp), (1, Np/128, Kp/128), quantized once per optimizer step
-        y = fp8_gemm(qx, sx, qw[0], sw[0], out_dtype, hw)[:, :N]  # Fprop: (M, N)
+        y = _grouped(qx, sx, qw, sw, _one(x2), out_dtype, hw)[:, :N]  # Fprop: (M, N)
         # the activation cache: x in FP8 (1 byte + 4/128 bytes of scale per value), or x itself (wo's input)
         ctx.save_for_backward(*((x2,) if cache_hp else (qx, sx)))
         ctx.meta = (x.shape, x.dtype, weight.dtype, wc, hw, pow2, cache_hp)
@@ -278,15 +328,16 @@ class _Fp8LinearFn(torch.autograd.Function):
         dy2 = dy.reshape(-1, N)  # (M, N)
         dx = dw = None
         with torch.autocast(dy.device.type, enabled=False):
-            if ctx.needs_input_grad[0]:
-                (qwT, swT), = wc.bwd
-                dx = _dgrad(dy2, qwT[0], swT[0], K, x_dtype, hw).reshape(x_shape)  # (..., K)
-            if ctx.needs_input_grad[1]:
+            if ctx.needs_input_grad[0]:  # Dgrad, dx = dy·W: dy 1×128 along N, W's cached transposed blocks
+                (qwT, swT), = wc.bwd  # (1, Kp, Np)
+                qdy, sdy = _k("quant_1x128", dy2)(dy2)  # (M, Np), (M, Np/128)
+                dx = _grouped(qdy, sdy, qwT, swT, _one(dy2), x_dtype, hw)[:, :K].reshape(x_shape)  # (..., K)
+            if ctx.needs_input_grad[1]:  # Wgrad, dW = dyᵀ·x in fp32: both tiled 128×1 along the tokens
                 if cache_hp:
                     qxT, sxT = _k("quant_128x1", xs[0])(xs[0], pow2)  # (Kp, Mp), (Kp, Mp/128)
                 else:
                     qxT, sxT = _k("requant_128x1", xs[0])(*xs, pow2)  # 1×128 cache re-tiled 128×1
-                dw = _wgrad(dy2, qxT, sxT, N, K, hw).to(w_dtype)  # (N, K)
+                dw = _grouped_wgrad(dy2, qxT, sxT, _one(dy2), hw)[0, :N, :K].to(w_dtype)  # (N, K)
         return dx, dw, None, None, None, None, None
 
 
@@ -338,59 +389,6 @@ class Fp8Linear(nn.Linear):
 # ----------------------------------------------------------------------------------------------------------
 # the fused SwiGLU FFN, y = W2 (silu(W1 x) ⊙ W3 x), for one FFN or for all routed experts of a layer at once.
 # Caches x and the SwiGLU inputs (W1x, W3x) in FP8 and recomputes the SwiGLU output in backward (§3.3.3).
-#
-# Experts: x holds every (token, expert) pair sorted by expert, each expert's rows a segment padded with zero
-# rows to a multiple of 128 (DeepGEMM's "contiguous" layout). Each whole operand is quantized once: a 1×128
-# tile lies in one row, and a 128×1 tile (Wgrad) never crosses a segment, so the tiles are exactly those of
-# quantizing each expert's rows alone. What runs per expert is one GEMM on views of the shared buffers,
-# written into slices of one output: no pad, copy or quantizer call per expert (an expert with no token
-# runs nothing). The one layout that slicing cannot give: cuBLAS wants an expert's 1×128 scales (rows, K/128)
-# column-major with leading dim `rows`, and a row slice of the whole (M, K/128) keeps leading dim M, so the
-# scales of the GEMMs' a operands are rearranged segment by segment in one scatter (_segment_scales).
-
-
-class Segments(NamedTuple):
-    bounds: list[tuple[int, int]]  # (first row, rows) of each expert, on the host
-    row_start: Tensor | None  # (M,) first row of the segment each row is in, on the device (None: one segment)
-    row_count: Tensor | None  # (M,) rows of that segment
-
-
-def _segment_scales(s: Tensor, seg: Segments) -> list[Tensor]:
-    """1×128 scales s (M, nk) -> per segment a (rows, nk) view with stride (1, rows)."""
-    if seg.row_start is None:
-        return [s]
-    M, nk = s.shape
-    start, rows = seg.row_start[:, None], seg.row_count[:, None]  # (M, 1) each
-    local = torch.arange(M, device=s.device)[:, None] - start  # (M, 1): row index inside its segment
-    dest = start * nk + torch.arange(nk, device=s.device) * rows + local  # (M, nk): where s[r, k] goes
-    flat = s.new_empty(M * nk).index_copy_(0, dest.flatten(), s.flatten())  # segment after segment, each (nk, rows)
-    return [flat[a * nk:(a + r) * nk].view(nk, r).t() for a, r in seg.bounds]
-
-
-def _grouped(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, seg: Segments, dtype: torch.dtype,
-             hw: HopperGemms) -> Tensor:
-    """out (M, Nb) = the rows of segment e times b[e]ᵀ: qa (M, Kp) 1×128, qb (E, Nb, Kp) 128×128 blocks."""
-    if seg.row_start is None:  # one FFN, any number of rows
-        return fp8_gemm(qa, sa, qb[0], sb[0], dtype, hw)
-    out = qa.new_empty(qa.shape[0], qb.shape[1], dtype=dtype)  # (M, Nb)
-    for e, ((a, r), sa_e) in enumerate(zip(seg.bounds, _segment_scales(sa, seg))):
-        if r:
-            fp8_gemm(qa[a:a + r], sa_e, qb[e], sb[e], dtype, hw, out=out[a:a + r])
-    return out
-
-
-def _grouped_wgrad(dy: Tensor, qxT: Tensor, sxT: Tensor, seg: Segments, hw: HopperGemms) -> Tensor:
-    """dW[e] = dy[rows of e]ᵀ · x[rows of e] in fp32, (E, Np, Kp): dy (M, N) and xᵀ (qxT (Kp, Mp), sxT) tiled
-    128×1 along the tokens; an expert's operands are column slices of the whole, its tiles are whole tiles."""
-    qdyT, sdyT = _k("quant_128x1", dy)(dy)  # (Np, Mp), (Np, Mp/128)
-    if seg.row_start is None:
-        return fp8_gemm(qdyT, sdyT, qxT, sxT, torch.float32, hw)[None]
-    dw = dy.new_empty(len(seg.bounds), qdyT.shape[0], qxT.shape[0], dtype=torch.float32)  # (E, Np, Kp)
-    for e, (a, r) in enumerate(seg.bounds):
-        if r:
-            t = slice(a // TILE, (a + r) // TILE)
-            fp8_gemm(qdyT[:, a:a + r], sdyT[:, t], qxT[:, a:a + r], sxT[:, t], torch.float32, hw, out=dw[e])
-    return dw
 
 
 class _Fp8SwiGLUFn(torch.autograd.Function):
@@ -452,9 +450,8 @@ class Fp8SwiGLU(nn.Module):
     @torch.compiler.disable  # opaque to an outer torch.compile, as Fp8Linear.forward
     def forward(self, x: Tensor) -> Tensor:
         out_dtype, ws = _out_dtype(x), [self.w1.weight, self.w2.weight, self.w3.weight]
-        seg = Segments([(0, x.numel() // x.shape[-1])], None, None)
         with torch.autocast(x.device.type, enabled=False):
-            return _Fp8SwiGLUFn.apply(x, seg, self.wc.get(ws), out_dtype, hopper_gemms(self.backend, x.device),
+            return _Fp8SwiGLUFn.apply(x, _one(x.reshape(-1, x.shape[-1])), self.wc.get(ws), out_dtype, hopper_gemms(self.backend, x.device),
                                       ws[0].shape[0], *ws)
 
 
