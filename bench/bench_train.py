@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 import fp8  # noqa: E402
-from config import PRESETS, TRAIN_DEFAULTS, MODEL_DEFAULTS, lr_at, parse_or_exit, to_model_args  # noqa: E402
+from config import MODEL_DEFAULTS, PRESETS, TRAIN_DEFAULTS, die, lr_at, parse_or_exit, to_model_args  # noqa: E402
 from model import Transformer  # noqa: E402
 
 BENCH_DEFAULTS = dict(steps=300, last=0, runs="bf16,bf16-seed2,fp8", profile="", out="", seed2=4242)
@@ -125,10 +125,12 @@ def main():
                         PRESETS, "gpu")
     device = cfg["device"] if cfg["device"] != "auto" else "cuda"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        sys.exit("bench_train.py: error: needs a CUDA GPU (--device=cpu runs it slowly, as a smoke test)")
+        die("bench_train.py", "needs a CUDA GPU (--device=cpu runs it slowly, as a smoke test)")
     tags = cfg["runs"].split(",")
     if not tags or any(t not in ("bf16", "bf16-seed2", "fp8") for t in tags):
-        sys.exit(f"bench_train.py: error: --runs takes bf16, bf16-seed2, fp8; got {cfg['runs']!r}")
+        die("bench_train.py", f"--runs takes bf16, bf16-seed2, fp8; got {cfg['runs']!r}")
+    if cfg["steps"] < 1 or cfg["last"] < 0:
+        die("bench_train.py", f"--steps must be >= 1 and --last >= 0, got {cfg['steps']} and {cfg['last']}")
     cfg["max_iters"] = cfg["steps"]  # the LR schedule (warm-up, constant, decay) spans the benchmark
     last = cfg["last"] or max(1, cfg["steps"] // 5)
     torch.backends.cuda.matmul.allow_tf32 = True
