@@ -274,7 +274,7 @@ def _with_core(ref, core):
 
 # No autotuning: coordinate-descent tuning made quant_1x128 faster (0.193 -> 0.148 ms for M=16384, K=7168 on an
 # H200, compiled for that one shape) but runs again for every width and dtype at the first FP8 step, which took
-# 97 s on the v3-width preset with it (bench/bench_train.py, 2026-12-01); README gives the time without it.
+# 97 s on the v3-width preset with it (bench/bench_fp8_train.py, 2026-12-01); README gives the time without it.
 quant_1x128 = _with_core(quant_1x128_ref, _compile(_q_1x128))
 quant_128x1 = _with_core(quant_128x1_ref, _compile(_q_128x1))
 quant_128x128 = _with_core(quant_128x128_ref, _compile(_q_128x128, dynamic_rows=False))  # weights
