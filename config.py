@@ -22,7 +22,7 @@ import math
 import sys
 from dataclasses import fields
 
-from model import ModelArgs
+from model import V3_ARGS, ModelArgs
 
 # -----------------------------------------------------------------------------
 # train.py: defaults and presets
@@ -34,13 +34,17 @@ TRAIN_DEFAULTS = dict(
     # checkpoints: best.pt (weights) whenever val improves; ckpt.pt (everything, for --resume) every ckpt_interval
     # steps (0: at evals), at the end and on Ctrl-C; stop after `patience` evals without improvement (0: never)
     ckpt_interval=0, patience=0,
-    # data and batch: tokens per optimizer step = batch_size * seq_len * grad_accum * world size
+    # data and batch: tokens per optimizer step = batch_size * seq_len * grad_accum * DP * EP ranks
     vocab_size=2048, batch_size=16, seq_len=128, grad_accum=1,
     # optimizer and schedule (§4.2): warm-up, constant, then cosine decay over the last decay_frac of steps
     max_iters=1000, lr=3e-3, min_lr=3e-4, warmup_iters=50, decay_frac=0.4, weight_decay=0.1,
     beta1=0.9, beta2=0.95, grad_clip=1.0,
     # system
     device="auto", dtype="auto", compile=False, fp8=False, seed=1337,
+    # parallelism under torchrun (parallel.py): pipeline x data x expert ranks = world size (dp=0: whatever pp*ep
+    # leaves); with pp > 1, grad_accum is the number of DualPipe micro-batches; zero shards the optimizer state
+    # (ZeRO-1); dry_run prints the per-rank memory and communication of the layout and exits (no ranks needed)
+    pp=1, dp=0, ep=1, zero=True, dry_run=False,
 )
 MODEL_DEFAULTS = {f.name: f.default for f in fields(ModelArgs)}
 PRESETS = {
@@ -70,6 +74,10 @@ PRESETS = {
         v_head_dim=64, max_seq_len=1024, original_seq_len=1024, n_mtp_depth=1, init_std=0.006),
 }
 PRESETS["multi-gpu"] = dict(PRESETS["gpu"], out_dir="out-multi-gpu")  # same model; run it under torchrun
+# the real DeepSeek-V3 (671B + 11.6B MTP) on the paper's layout (§3.2: 2048 GPUs = PP16 x EP64 x DP2), one
+# 4K sequence per micro-batch, 15360 sequences per step (§4.2's final batch): for --dry_run accounting only
+PRESETS["v3"] = dict(V3_ARGS, out_dir="out-v3", batch_size=1, seq_len=4096, grad_accum=120, fp8=True,
+                     pp=16, ep=64, dp=2)
 # DeepSeek-V3's exact per-layer widths (dim 7168, MLA: 128 heads, q/kv latents 1536/512, head dims 128+64/128;
 # dense FFN 18432, experts 2048, 8 of them active per token in 4 of 8 groups, 1 shared expert, 1 MTP module) but
 # 4 layers (1 dense + 3 MoE) and 16 routed experts, so that BF16 and FP8 training both fit one 141 GB H200:
@@ -165,8 +173,8 @@ def die(prog: str, msg: str, code: int = 2):
 # train.py's checks and LR schedule
 
 POSITIVE = ("batch_size", "seq_len", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval",
-            "lr", "grad_clip")
-NON_NEGATIVE = ("sample_tokens", "warmup_iters", "min_lr", "weight_decay", "ckpt_interval", "patience")
+            "lr", "grad_clip", "pp", "ep")
+NON_NEGATIVE = ("sample_tokens", "warmup_iters", "min_lr", "weight_decay", "ckpt_interval", "patience", "dp")
 
 
 def check_train(cfg: dict) -> None:

@@ -302,6 +302,9 @@ def export(out_dir: str, hf_dir: str, dtype: str = "float32", overwrite: bool = 
     try:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         args = ModelArgs(**ckpt["model_args"])
+        if "layout" in ckpt:   # written by ranks (train.py under torchrun): gather the shards of every rank
+            from parallel import consolidate
+            ckpt["model"] = consolidate(out_dir)
         sd = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
     except Exception as e:
         raise HFError(f"cannot read {ckpt_path}: {type(e).__name__}: {str(e).strip()[:200]}") from None

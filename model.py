@@ -16,7 +16,7 @@ learner can diff the two: ModelArgs fields, embed/layers/norm/head, attn.wq_a/q_
 wkv_b/wo, ffn.gate/experts/shared_experts, w1/w2/w3.
 
 Simplifications vs. the real thing:
-  - one process holds all experts (expert parallelism is an all-to-all around MoE.forward, not shown here);
+  - expert parallelism (the all-to-all around the routed experts) lives in parallel.py, behind `MoE.ep`;
   - "node-limited" routing becomes "group-limited" routing on one device (same maths, M groups of experts);
   - each expert keeps its own nn.Linear weights (official names, FP8-convertible), so the grouped GEMM
     stacks them on the fly every forward, an extra copy that one stored (E, I, D) tensor would avoid;
@@ -405,6 +405,7 @@ class MoE(nn.Module):
         self.register_buffer("load", torch.zeros(args.n_routed_experts, dtype=torch.long), persistent=False)
         self.last_counts = None     # (E,) tokens per expert in the last forward, for logging
         self.balance_loss = None    # scalar from the last training forward (eq. 17)
+        self.ep = None              # parallel.ExpertParallel when the routed experts are sharded over ranks
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
@@ -418,8 +419,11 @@ class MoE(nn.Module):
         if self.training and torch.is_grad_enabled():
             self.load += counts      # only real training steps move the router bias (not eval, not no_grad)
             self.balance_loss = self.sequence_balance_loss(s.view(B, T, -1), idx.view(B, T, -1))
-        route = {"grouped": self.routed_grouped, "sorted": self.routed_sorted, "loop": self.routed_loop}[self.impl]
-        y = route(u, g, idx, counts)                         # (N, D)
+        if self.ep is not None:     # expert parallelism: self.experts holds this rank's shard only
+            y = self.ep(self, u, g, idx)                     # (N, D)
+        else:
+            route = {"grouped": self.routed_grouped, "sorted": self.routed_sorted, "loop": self.routed_loop}[self.impl]
+            y = route(u, g, idx, counts)                     # (N, D)
         if self.shared_experts is not None:
             y = y + self.shared_experts(u)
         return y.view(B, T, D)

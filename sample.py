@@ -312,6 +312,9 @@ def load_checkpoint(out_dir: str, device: str, dtype: torch.dtype):
         ckpt["path"] = path
         model = Transformer(ModelArgs(**ckpt["model_args"]))
         # a torch.compile'd model's state_dict prefixes every key with _orig_mod.; an FP8 model has the same keys
+        if "layout" in ckpt:   # written by ranks (train.py under torchrun): gather the shards of every rank
+            from parallel import consolidate
+            ckpt["model"] = consolidate(out_dir, device)
         model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
     except Exception as e:   # unreadable file, missing keys, wrong shapes: one line, not a traceback
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""

@@ -9,12 +9,13 @@ weight λ, balance-loss α, router-bias speed γ) and §2.1.2 (the bias update a
 Simplifications vs. the real thing:
   - no batch-size warm-up (V3 ramps 3072 -> 15360 sequences over the first 469B tokens): fixed batch;
   - the LR schedule is expressed in iterations, not tokens, and λ stays constant (V3: 0.3 then 0.1);
-  - data parallelism is a plain gradient all-reduce (no ZeRO, no expert/pipeline parallelism here);
+  - the distributed machinery (DP + ZeRO-1, expert and pipeline parallelism) lives in parallel.py;
   - random windows of a small corpus instead of packed documents from 14.8T tokens.
 
 Run:  python train.py --config small                     (2-core CPU, ~5 minutes)
       python train.py --config gpu --compile=True        (one H100/H200)
-      torchrun --nproc_per_node=8 train.py --config multi-gpu
+      torchrun --nproc_per_node=8 train.py --config multi-gpu --pp=2 --ep=2      (DP = the rest: 2)
+      python train.py --config v3 --dry_run=True                   (per-rank memory/traffic of PP16 x EP64 x DP2)
       any field can be overridden: python train.py --config small --max_iters=100 --dim=64 --out_dir=out-x
 """
 import time
@@ -33,6 +34,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import data
+import parallel as P
 from config import MODEL_DEFAULTS, PRESETS, TRAIN_DEFAULTS, check_train, die, lr_at, parse, to_model_args
 from model import Transformer
 from sample import generate
@@ -42,20 +44,33 @@ from sample import generate
 
 
 def fail(msg: str, code: int = 2):
-    die("train.py", msg, code)
+    if int(os.environ.get("RANK", "0")) == 0:   # under torchrun every rank fails alike; one of them says why
+        die("train.py", msg, code)
+    sys.exit(code)
 
 
+world = int(os.environ.get("WORLD_SIZE", "1"))
 try:
     cfg = parse(sys.argv[1:], {**TRAIN_DEFAULTS, **MODEL_DEFAULTS}, PRESETS, default_preset="small")
     check_train(cfg)
     model_args = to_model_args(cfg)
-except ValueError as e:   # ConfigError, or a violated model invariant
+    dp = cfg["dp"] or max(1, (1 if cfg["dry_run"] else world) // (cfg["pp"] * cfg["ep"]))
+    layout = P.Layout(pp=cfg["pp"], dp=dp, ep=cfg["ep"])
+    P.check_layout(layout, model_args, None if cfg["dry_run"] else world, cfg["grad_accum"])
+except ValueError as e:   # ConfigError, LayoutError, or a violated model invariant
     fail(str(e))
+if cfg["dry_run"]:   # accounting only: no data, no ranks, nothing written
+    print(P.dry_run(model_args, layout, cfg["batch_size"], cfg["seq_len"], cfg["grad_accum"], cfg["fp8"])[0])
+    sys.exit(0)
 ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
 best_path = os.path.join(cfg["out_dir"], "best.pt")   # the weights with the lowest val loss so far
 if cfg["resume"]:
     if not os.path.exists(ckpt_path):
         fail(f"--resume=True but there is no checkpoint at {ckpt_path}")
+    saved = P.checkpoint_layout(ckpt_path)
+    if saved != layout:
+        fail(f"{ckpt_path} was saved under {saved}, not {layout}: its shards cannot load here; resume with "
+             f"--pp={saved.pp} --dp={saved.dp} --ep={saved.ep} on {saved.world} ranks")
 elif not cfg["overwrite"]:
     for path in (ckpt_path, best_path):
         if os.path.exists(path):
@@ -64,17 +79,19 @@ elif not cfg["overwrite"]:
 # -----------------------------------------------------------------------------
 # device, distributed, seed
 
-ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+ddp = world > 1   # any multi-rank layout; `groups` knows who holds what (parallel.py)
 if cfg["config"] == "multi-gpu" and not ddp:
     fail("the multi-gpu preset runs under torchrun, e.g. torchrun --nproc_per_node=8 train.py --config multi-gpu")
 device = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-rank, world = 0, 1
+rank, groups = 0, None
 if ddp:
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    rank = int(os.environ["RANK"])
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    groups = P.Groups(layout, rank)
+batch_rank, batch_ranks = (groups.batch_rank, groups.batch_ranks) if ddp else (0, 1)   # who reads which data
 master = rank == 0
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 if device_type == "cuda" and not torch.cuda.is_available():
@@ -108,7 +125,9 @@ if meta["vocab_size"] != model_args.vocab_size:
 if T > model_args.max_seq_len:
     fail(f"seq_len={T} exceeds max_seq_len={model_args.max_seq_len}")
 enc = data.load_tokenizer(meta["tokenizer"])
-train_gen = torch.Generator().manual_seed(cfg["seed"] + 1000 * rank)   # the data position is this state
+# the data position is this state; the PP ranks of one pipeline read the same batches (stage 0 needs the
+# tokens, the last stage the targets)
+train_gen = torch.Generator().manual_seed(cfg["seed"] + 1000 * batch_rank)
 train_data, val_data = data.load_tokens(meta["train_bin"]), data.load_tokens(meta["val_bin"])
 
 # -----------------------------------------------------------------------------
@@ -118,22 +137,29 @@ model = Transformer(model_args).to(device)
 if cfg["fp8"]:
     from fp8 import convert_to_fp8
     convert_to_fp8(model)   # Fprop/Dgrad/Wgrad of every Linear in the blocks in FP8 (§3.3); same state dict
-n = model.num_params()
+n = model.num_params()   # before sharding: the whole model's counts
 flops_per_token = model.flops_per_token(T)
-# decay only matrices (weights, embeddings, gate centroids); norms' gains are never decayed
-decay = [p for p in model.parameters() if p.dim() >= 2]
-no_decay = [p for p in model.parameters() if p.dim() < 2]
-groups = [dict(params=decay, weight_decay=cfg["weight_decay"]), dict(params=no_decay, weight_decay=0.0)]
+pipe = None
+if ddp:
+    P.shard_experts(model, groups)   # EP: keep this rank's routed experts, dispatch tokens with all-to-all
+    if layout.pp > 1:                # PP: keep stages r and PP-1-r, run DualPipe over the pipeline's ranks
+        pipe = P.Pipeline(model, groups, cfg["grad_accum"])
+dp_model = P.data_parallel(model, groups) if ddp and pipe is None else model   # DDP over the dense replicas
 betas = (cfg["beta1"], cfg["beta2"])
 if cfg["fp8"]:   # §3.3.3: BF16 moments, FP32 master weights
     from fp8 import AdamWBF16
-    optimizer = AdamWBF16(groups, lr=cfg["lr"], betas=betas)
+    opt_cls, opt_kw = AdamWBF16, dict(lr=cfg["lr"], betas=betas)
 else:
-    optimizer = torch.optim.AdamW(groups, lr=cfg["lr"], betas=betas, fused=device_type == "cuda")
+    opt_cls, opt_kw = torch.optim.AdamW, dict(lr=cfg["lr"], betas=betas, fused=device_type == "cuda")
+optimizer = P.Optimizer(model, groups, opt_cls, cfg["zero"], cfg["weight_decay"], **opt_kw)   # ZeRO-1 on ranks
 step, best_val, best_step, stale = 0, float("inf"), 0, 0   # stale: evals since the best one
 elapsed = 0.0   # wall seconds of earlier runs of this checkpoint (--resume), for the metrics' time axis
 if cfg["resume"]:
-    ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+    try:
+        ckpt = P.load_checkpoint(cfg["out_dir"], model, optimizer, groups, device) if ddp else \
+            torch.load(ckpt_path, map_location=device, weights_only=True)
+    except P.LayoutError as e:
+        fail(str(e))
     saved = ckpt["model_args"]
     if saved != asdict(model_args):
         diff = {k: (saved.get(k), v) for k, v in asdict(model_args).items() if saved.get(k) != v}
@@ -142,18 +168,20 @@ if cfg["resume"]:
     if os.path.exists(saved_tok) and open(saved_tok, "rb").read() != open(meta["tokenizer"], "rb").read():
         fail(f"{saved_tok} differs from the tokenizer built for this data (--data, --vocab_size): the checkpoint's "
              "token ids would mean other text")
-    model.load_state_dict(ckpt["model"])
+    if not ddp:   # (ranks: parallel.load_checkpoint loaded their shards, weights and optimizer state)
+        model.load_state_dict(ckpt["model"])
     step, best_val = ckpt["step"], ckpt["best_val"]
     best_step, stale, elapsed = ckpt.get("best_step", 0), ckpt.get("stale", 0), ckpt.get("elapsed", 0.0)
     if "optimizer" in ckpt:   # weights only (hf.py import): fine-tuning starts with a fresh optimizer
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if not ddp:
+            optimizer.parts[0].load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         train_gen.set_state(ckpt["rng"]["data"])
         if device_type == "cuda" and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
 if cfg["compile"]:   # regional: each Block compiled once and reused by every layer of its kind (model.py)
     model.compile_blocks()
-step_model = model
+step_model = dp_model   # DDP over the dense replicas on ranks, else the model itself
 
 
 # -----------------------------------------------------------------------------
@@ -171,12 +199,12 @@ def evaluate() -> dict:
     model.eval()
     gen = torch.Generator().manual_seed(cfg["seed"] + 7)
     losses, loads = [], 0
-    for _ in range(cfg["eval_iters"]):
+    for _ in range(cfg["eval_iters"]):   # every rank evaluates the same batches (EP/PP ranks must take part)
         x, y = data.get_batch(val_data, B, T, gen, device)
         with autocast:
-            _, loss = model(x, y)
+            loss = pipe.forward_only(x, y) if pipe is not None else model(x, y)[1]
         losses.append(loss["ce"])
-        loads = loads + model.expert_load()[0]
+        loads = loads + model.expert_load()[0]   # with PP: this rank's MoE layers only
     model.train()
     ce = torch.stack(losses).mean().item()
     maxvio = (loads.max(dim=1).values / loads.mean(dim=1) - 1).mean().item()
@@ -197,13 +225,16 @@ def sample_text(n_tokens: int) -> str:
 
 
 def save_checkpoint():
-    """Atomic: write a temp file, then rename over the old one, so a crash never leaves half a checkpoint."""
-    if not master:
-        return
+    """Atomic: write a temp file, then rename over the old one, so a crash never leaves half a checkpoint.
+    On ranks: one file per (stage pair, EP shard), ZeRO state gathered first (parallel.save_checkpoint)."""
     rng = dict(torch=torch.get_rng_state(), data=train_gen.get_state())
     if device_type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state()
-    ckpt = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), model_args=asdict(model_args),
+    if ddp:
+        meta = dict(model_args=asdict(model_args), config=cfg, step=step, best_val=best_val, best_step=best_step,
+                    stale=stale, elapsed=elapsed + time.time() - T_LAUNCH)
+        return P.save_checkpoint(cfg["out_dir"], model, optimizer, groups, meta, rng)
+    ckpt = dict(model=model.state_dict(), optimizer=optimizer.parts[0].state_dict(), model_args=asdict(model_args),
                 config=cfg, step=step, best_val=best_val, best_step=best_step, stale=stale, rng=rng,
                 elapsed=elapsed + time.time() - T_LAUNCH)
     atomic_save(ckpt, ckpt_path)
@@ -216,8 +247,9 @@ def atomic_save(obj, path: str):
 
 
 def save_best(ev: dict):
-    """best.pt: the weights at the lowest val loss so far (sample.py loads it first), not the optimizer state."""
-    if master:
+    """best.pt: the weights at the lowest val loss so far (sample.py loads it first), not the optimizer state.
+    NOTE: not written when EP or PP shard the model (rank 0 holds only its shard; ckpt.pt's shards are complete)."""
+    if master and (not ddp or (layout.ep == 1 and layout.pp == 1)):
         atomic_save(dict(model=model.state_dict(), model_args=asdict(model_args), step=step, **ev), best_path)
 
 
@@ -240,33 +272,41 @@ if master:
           f"vocab {meta['vocab_size']}, {meta['val_bytes'] / meta['val_tokens']:.2f} val bytes/token")
     print(f"params: {n['total'] / 1e6:.2f}M total, {n['activated'] / 1e6:.2f}M activated per token; "
           f"MTP +{n['mtp'] / 1e6:.2f}M ({n['mtp_activated'] / 1e6:.2f}M activated)")
-    tokens_per_step = B * T * cfg["grad_accum"] * world
+    tokens_per_step = B * T * cfg["grad_accum"] * batch_ranks
     print(f"FLOPs/token (train, incl. MTP): {flops_per_token / 1e6:.1f}M; tokens/step: {tokens_per_step:,}; "
           f"device {device}, {dtype}{', fp8' if cfg['fp8'] else ''}{', compiled' if cfg['compile'] else ''}"
-          f"{f', {world} ranks' if ddp else ''}")
+          f"{f', {layout}' if ddp else ''}")
 
 
 def train_step(it: int) -> torch.Tensor:
     for g in optimizer.param_groups:
         g["lr"] = lr_at(it, cfg)
     total = torch.zeros((), device=device)
-    for _ in range(cfg["grad_accum"]):
-        x, y = data.get_batch(train_data, B, T, train_gen, device)
+    ga = cfg["grad_accum"]
+    if pipe is not None:   # PP: the grad_accum micro-batches of this step go through DualPipe together
+        xy = [data.get_batch(train_data, B, T, train_gen, device) for _ in range(ga)]
         with autocast:
-            _, losses = step_model(x, y)
-        (losses["loss"] / cfg["grad_accum"]).backward()
-        total += losses["ce"].detach() / cfg["grad_accum"]
-    if ddp:   # data parallel: average gradients so every rank takes the same step
-        for p in model.parameters():
-            if p.grad is None:   # an expert no token picked on this rank
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
-        dist.all_reduce(total, op=dist.ReduceOp.AVG)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+            total += pipe.step(torch.stack([x for x, _ in xy]), torch.stack([y for _, y in xy]))["ce"]
+    for i in range(ga if pipe is None else 0):
+        x, y = data.get_batch(train_data, B, T, train_gen, device)
+        # DDP all-reduces during the last micro-step's backward only
+        with dp_model.no_sync() if dp_model is not model and i < ga - 1 else nullcontext():
+            with autocast:
+                _, losses = step_model(x, y)
+            (losses["loss"] / ga).backward()
+        total += losses["ce"].detach() / ga
+    if ddp:   # gradients of the global batch, summed router loads: every replica takes the same step
+        P.sync_grads(model, groups, ddp=dp_model is not model)
+        dist.all_reduce(total, group=groups.replicas)
+        total /= dist.get_world_size(groups.replicas)
+        P.clip_grad_norm(model, groups, cfg["grad_clip"])
+    else:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    # §2.1.2: aux-loss-free balancing after every optimizer step; with DDP from the router loads summed over ranks
-    model.update_router_biases(all_reduce=dist.all_reduce if ddp else None)
+    # §2.1.2: aux-loss-free balancing after every optimizer step; on ranks from the router loads summed over every
+    # rank holding the layer (its DP x EP batch ranks and both DualPipe copies)
+    model.update_router_biases(all_reduce=(lambda t: dist.all_reduce(t, group=groups.replicas)) if ddp else None)
     return total
 
 
@@ -278,18 +318,33 @@ def on_sigint(signum, frame):   # Ctrl-C: finish the current step, then save and
     interrupted = True
 
 
+def stop_now() -> bool:
+    """On ranks, one rank's Ctrl-C stops them all at the same step (their collectives must pair up)."""
+    global interrupted
+    if ddp:
+        flag = torch.tensor(float(interrupted), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        interrupted = flag.item() > 0
+    return interrupted
+
+
 signal.signal(signal.SIGINT, on_sigint)
 bar = tqdm(total=cfg["max_iters"], initial=step, disable=not master, dynamic_ncols=True, mininterval=1.0)
 window, t_window, last_good, first_step = [], time.time(), step, step
-while step < cfg["max_iters"] and not interrupted:
+while step < cfg["max_iters"] and not stop_now():
     loss = train_step(step)
     window.append(loss)
     step += 1
-    if step == first_step + 1 and master:   # the first step of this process: compilation
+    if step == first_step + 1:   # the first step of this process: compilation; the optimizer state exists now
         if device_type == "cuda":
             torch.cuda.synchronize()
-        tqdm.write(f"first step: {time.time() - t_window:.1f} s (compilation included), "
-                   f"{time.time() - T_LAUNCH:.1f} s after launch")
+        state = torch.tensor(float(optimizer.local_state_bytes()), device=device)
+        if ddp:
+            dist.all_reduce(state, op=dist.ReduceOp.MAX)
+        if master:
+            tqdm.write(f"first step: {time.time() - t_window:.1f} s (compilation included), "
+                       f"{time.time() - T_LAUNCH:.1f} s after launch; optimizer state {state.item() / 2**20:.2f} MiB "
+                       f"on the fullest rank{' (ZeRO-1: sharded over each replica group)' if ddp and cfg['zero'] else ''}")
     if step % cfg["log_interval"] == 0 or step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]:
         losses = torch.stack(window).cpu()   # one host sync per log interval, not per step
         bad = (~torch.isfinite(losses)).nonzero()
@@ -298,7 +353,7 @@ while step < cfg["max_iters"] and not interrupted:
             fail(f"non-finite loss at step {step - len(window) + int(bad[0]) + 1}; stopping, the last good "
                  f"checkpoint (step {last_good}) is kept in {cfg['out_dir']}", code=1)
         dt = (time.time() - t_window) / len(window)
-        tok_s = B * T * cfg["grad_accum"] * world / dt
+        tok_s = B * T * cfg["grad_accum"] * batch_ranks / dt   # the whole world's tokens
         maxvio = model.expert_load()[1].mean().item()
         mfu = f" | mfu {100 * flops_per_token * tok_s / world / peak:.1f}%" if peak else ""
         bar.set_postfix_str(f"loss {losses[-1]:.4f} | {dt * 1000:.0f} ms | {tok_s:,.0f} tok/s{mfu} | maxvio {maxvio:.2f}")
@@ -336,21 +391,21 @@ while step < cfg["max_iters"] and not interrupted:
         save_checkpoint()
         last_good = step
 bar.close()
-if master and cfg["sample_tokens"] and not interrupted:   # --sample_tokens=0: no sample
-    print("--- sample ---\n" + sample_text(cfg["sample_tokens"]) + "\n--------------")
+# --sample_tokens=0: no sample. EP: every rank generates the same text (the all-to-all needs them all);
+# NOTE: no sample under PP (generation would need a pipelined decode)
+if cfg["sample_tokens"] and not interrupted and pipe is None and (master or (ddp and layout.ep > 1)):
+    text = sample_text(cfg["sample_tokens"])
+    if master:
+        print("--- sample ---\n" + text + "\n--------------")
 if interrupted:
     save_checkpoint()
     if master:
         print(f"interrupted: saved step {step} to {ckpt_path}; continue with --resume=True", file=sys.stderr)
     sys.exit(130)
-if ddp:   # every rank must end with the same weights (same averaged gradients, same router updates)
-    check = torch.stack([p.detach().double().sum() for p in model.parameters()] +
-                        [m.gate.bias.double().sum() for m in model.moe_layers()])
-    ranks = [torch.zeros_like(check) for _ in range(world)]
-    dist.all_gather(ranks, check)
-    in_sync = all(torch.equal(r, ranks[0]) for r in ranks)
+if ddp:   # every replica of a weight must end identical (same reduced gradients, same router updates)
+    in_sync = P.in_sync(model, groups)
     dist.destroy_process_group()
     if not in_sync:
-        fail("data-parallel ranks ended with different weights", code=1)
+        fail("replicas of a weight ended different across ranks", code=1)
     if master:
-        print(f"{world} data-parallel ranks in sync after {step} steps")
+        print(f"{layout}: every replica in sync after {step} steps")

@@ -106,6 +106,9 @@ def test_interrupt_and_resume_gives_the_same_losses(tmp_path):
     (["--batch_size=0"], "--batch_size must be > 0"),
     (["--log_interval=0"], "--log_interval must be > 0"),
     (["--beta2=1.0"], "--beta2 must be in [0, 1)"),
+    (["--dp=2"], "= 2 ranks, but the world has 1"),          # layouts: product != world size,
+    (["--ep=3"], "--ep=3 must divide n_routed_experts=8"),   # EP not dividing the experts,
+    (["--pp=3"], "--pp=3 must be even"),                      # odd PP (DualPipe pairs ranks r and PP-1-r)
 ])
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, args, message):
     (tmp_path / "empty.txt").write_text("")
@@ -149,7 +152,7 @@ def test_data_parallel_two_ranks_on_cpu(tmp_path):
                         "--device=cpu", "--sample_tokens=0", f"--out_dir={out}"], cwd=ROOT, capture_output=True,
                        text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-2000:]
-    assert "2 data-parallel ranks in sync after 4 steps" in p.stdout
+    assert "PP1 x DP2 x EP1 = 2 ranks: every replica in sync after 4 steps" in p.stdout
     assert "tokens/step: 256" in p.stdout   # 2 ranks x 4 x 32
     assert "val loss" in p.stdout and "--- sample ---" not in p.stdout   # --sample_tokens=0: evaluation, no sample
     assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == 4
@@ -169,6 +172,48 @@ def test_fp8_training_with_grad_accumulation(tmp_path):
     moments = [t for s in ckpt["optimizer"]["state"].values() for t in s.values() if torch.is_tensor(t) and t.dim()]
     assert moments and all(t.dtype == torch.bfloat16 for t in moments)
     assert sorted(train_losses(out)) == [1, 2, 3]
+
+
+def torchrun(*args, nproc=2):
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                        "train.py", "--config", "small", *TINY, "--device=cpu", "--sample_tokens=0", *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def test_expert_parallel_run_saves_and_resumes_exactly(tmp_path):
+    # 2 ranks, EP=2: each rank holds half the routed experts (a shard file each), ZeRO-1 shards the dense
+    # optimizer state; 3 steps, save, resume to 6 == 6 steps straight, bit for bit (CPU, same layout)
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    torchrun("--ep=2", "--max_iters=6", "--eval_interval=6", f"--out_dir={full}")
+    p = torchrun("--ep=2", "--max_iters=3", "--eval_interval=3", f"--out_dir={part}")
+    assert "PP1 x DP1 x EP2 = 2 ranks: every replica in sync after 3 steps" in p.stdout
+    assert sorted(os.listdir(part)) == ["ckpt-pp0-ep1.pt", "ckpt.pt", "metrics.jsonl", "tokenizer.tiktoken"]
+    shards = [torch.load(os.path.join(part, f), weights_only=True) for f in ("ckpt.pt", "ckpt-pp0-ep1.pt")]
+    experts = [{k for k in c["model"] if ".experts." in k} for c in shards]
+    assert experts[0] and len(experts[0]) == len(experts[1])   # each shard: its 2 of the 4 experts per layer
+    from model import ModelArgs, Transformer
+    from parallel import consolidate
+    Transformer(ModelArgs(**shards[0]["model_args"])).load_state_dict(consolidate(part))   # all keys, right shapes
+    torchrun("--ep=2", "--max_iters=6", "--eval_interval=6", f"--out_dir={part}", "--resume=True")
+    a, b = train_losses(full), train_losses(part)
+    assert sorted(b) == list(range(1, 7)) and all(a[s] == b[s] for s in range(1, 7)), (a, b)
+    # a layout that cannot load these shards: one line, exit 2, nothing touched
+    before = open(os.path.join(part, "ckpt.pt"), "rb").read()
+    p = run("--config", "small", *TINY, "--max_iters=8", f"--out_dir={part}", "--resume=True", check=False)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "was saved under PP1 x DP1 x EP2 = 2 ranks" in p.stderr
+    assert open(os.path.join(part, "ckpt.pt"), "rb").read() == before
+
+
+def test_dry_run_needs_no_ranks_and_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    p = run("--config", "small", *TINY, "--dry_run=True", "--pp=2", "--ep=2", "--dp=2", "--grad_accum=4",
+            f"--out_dir={out}")
+    assert "dry run: PP2 x DP2 x EP2 = 8 ranks" in p.stdout and "EP all-to-all" in p.stdout
+    assert len([l for l in p.stdout.splitlines() if l.split()[:1] in (["0"], ["1"])]) == 4   # 2 tables x 2 ranks
+    assert not out.exists()
 
 
 def test_plot_curve_draws_every_eval(tmp_path):
