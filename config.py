@@ -81,6 +81,18 @@ PRESETS["multi-gpu"] = dict(PRESETS["gpu"], out_dir="out-multi-gpu")  # same mod
 # 4K sequence per micro-batch, 15360 sequences per step (§4.2's final batch): for --dry_run accounting only
 PRESETS["v3"] = dict(V3_ARGS, out_dir="out-v3", batch_size=1, seq_len=4096, grad_accum=120, fp8=True,
                      pp=16, ep=64, dp=2)
+# DeepSeek-V3's exact per-layer widths (dim 7168, MLA: 128 heads, q/kv latents 1536/512, head dims 128+64/128;
+# dense FFN 18432, experts 2048, 8 of them active per token in 4 of 8 groups, 1 shared expert, 1 MTP module) but
+# 4 layers (1 dense + 3 MoE) and 16 routed experts, so that BF16 and FP8 training both fit one 141 GB H200:
+# 3.51B total / 2.45B activated (+1.04B MTP, 0.69B activated), 8,192 tokens/step, eager. H200, 2026-12-01
+# (bench/bench_fp8_train.py): BF16 438 ms/step, 100.1 GiB peak; --fp8=True 445 ms/step, 78.4 GiB. lr not tuned.
+PRESETS["v3-width"] = dict(
+    out_dir="out-v3-width", max_iters=300, eval_interval=100, eval_iters=10, log_interval=10, compile=False,
+    vocab_size=8192, batch_size=8, seq_len=1024, lr=3e-4, min_lr=3e-5, warmup_iters=20,
+    dim=7168, inter_dim=18432, moe_inter_dim=2048, n_layers=4, n_dense_layers=1, n_heads=128,
+    n_routed_experts=16, n_shared_experts=1, n_activated_experts=8, n_expert_groups=8, n_limited_groups=4,
+    route_scale=2.5, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+    v_head_dim=128, max_seq_len=1024, original_seq_len=1024, n_mtp_depth=1, init_std=0.006)
 
 
 def to_model_args(cfg: dict) -> ModelArgs:

@@ -45,18 +45,19 @@ What we simplify (vs. the DeepSeek-V3 framework):
 - NOTE: the input of attention's output projection wo is cached in its own dtype (BF16 under autocast)
   instead of the paper's custom E5M6 format; its FP8 quantization uses power-of-2 scales as in §3.3.3.
 - NOTE: SwiGLU FFNs (dense, experts, shared) run as one fused FP8 function that caches x and the SwiGLU
-  inputs in FP8 and recomputes the SwiGLU output in backward (§3.3.3); MoE experts run one GEMM each
-  (no grouped FP8 GEMM), and dispatch/combine stay in BF16 (no FP8 all-to-all).
+  inputs in FP8 and recomputes the SwiGLU output in backward (§3.3.3). A MoE layer's routed experts run in
+  one call on expert-sorted, 128-padded tokens (below); dispatch/combine stay in BF16 (no FP8 all-to-all).
+- No grouped FP8 GEMM kernel: torch 2.11 has none with blockwise scales on sm90 (`_scaled_grouped_mm` takes
+  rowwise scales only), so each expert is one `_scaled_mm` on views of whole-layer buffers (no other
+  per-expert work), which costs one host read of the E token counts per MoE layer.
 - Dimensions that are not multiples of 128 are zero-padded to 128 in the quantizers (exact, but a 64-wide
   layer does a 128-wide GEMM), and further on the hardware path (above). See kernels.py.
-- Weights are re-quantized every forward (no caching across micro-batches); no delayed scaling (none needed).
+- Weights are quantized once per optimizer step (a cache keyed by the weight's version counter), no delayed
+  scaling (none needed).
 - The cached 1×128 FP8 activations are re-tiled to 128×1 for Wgrad by dequantize + quantize, which adds
   a second rounding (the paper's custom kernels transpose FP8 tiles directly).
 - The GEMMs are cuBLAS's (not DeepGEMM); the quantizers are torch.compile'd PyTorch, which reached 16-58% of
   the copy bandwidth on an H200 (bench/bench_fp8.py), so they cost ~20% of an FP8 Linear's time.
-- No FP8 grouped GEMM: the routed experts of an FP8 model run one after another (model.MoE's sorted path),
-  one Fp8SwiGLU call per expert, where the BF16 model runs them all in one torch._grouped_mm. On the gpu
-  preset (32 small experts per layer) this makes FP8 training ~5-7× slower than BF16 (see README).
 - AdamW moments are BF16 with round-to-nearest; this is fine for β2 = 0.95 (§4.2) but a BF16 second moment
   stops decaying for β2 ≥ ~0.996 (1 − β2 falls below BF16's half-ulp), so keep β2 ≤ 0.99 with AdamWBF16.
 
@@ -65,8 +66,9 @@ Run: python -m pytest tests/test_fp8.py -q      (bench on an H200: python bench/
 Dimension legend: M tokens (B·T flattened), K in_features, N out_features, F hidden width of a SwiGLU FFN,
 Mp/Kp/Np/Fp rounded up to a multiple of 128; B batch, T time, D model dim.
 """
-import math
+import functools
 from itertools import chain
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -76,34 +78,43 @@ from torch import Tensor
 import kernels
 
 TILE = kernels.TILE
-BACKEND = "auto"  # 'auto' (hopper if it works on this device, else emulated) | 'hopper' | 'emulated'
+BACKENDS = ("auto", "hopper", "emulated")  # auto: hopper where its probe passes on this device, else emulated
 ROW_ALIGN = 16  # the hardware path pads the rows of a to a multiple of this (see gemm_hopper)
-COMPILE_KERNELS = True  # on CUDA use kernels' torch.compile'd versions (on CPU the eager *_ref: compiling costs more)
-_HW: dict[int, tuple[bool, bool]] = {}  # cuda device index -> what hopper_support returns
 
 
 def _k(name: str, x: Tensor):
-    """The compiled kernel on a GPU, its eager reference on a CPU."""
-    return getattr(kernels, name if (x.is_cuda and COMPILE_KERNELS) else name + "_ref")
+    """The compiled kernel on a GPU, its eager reference on a CPU (compiling costs more than it saves there)."""
+    return getattr(kernels, name if x.is_cuda else name + "_ref")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # the two GEMM back ends: out (M, N) = a (M, Kp) · b (N, Kp)ᵀ, a scaled 1×128, b scaled 128×128 or 1×128
 
 
-def gemm_emulated(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch.dtype) -> Tensor:
+class HopperGemms(NamedTuple):
+    """Which scale combinations run on the hardware (the rest run emulated)."""
+    blockwise: bool  # a 1×128 · b 128×128: Fprop and Dgrad
+    tilewise: bool  # a 1×128 · b 1×128, both tiled along the reduction dim: Wgrad
+
+
+EMULATED = HopperGemms(False, False)
+
+
+def gemm_emulated(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch.dtype,
+                  out: Tensor | None = None) -> Tensor:
     """Blockwise-scaled FP8 GEMM in plain PyTorch, accumulating in fp32 with promotion every 128 of K.
-    qa (M, Kp) e4m3, sa (M, Kp/128); qb (N, Kp) e4m3, sb (N/128, Kp/128) [128×128] or (N, Kp/128) [1×128]."""
+    qa (M, Kp) e4m3, sa (M, Kp/128); qb (N, Kp) e4m3, sb (N/128, Kp/128) [128×128] or (N, Kp/128) [1×128].
+    With `out` (M, N) the result is written there."""
     M, Kp = qa.shape
     N = qb.shape[0]
     sb_rows = sb if sb.shape[0] == N else sb.repeat_interleave(TILE, dim=0)  # (N, Kp/128): scale of b's row n
     a, b = qa.float(), qb.float()  # FP8 values are exact in fp32
-    out = torch.zeros(M, N, dtype=torch.float32, device=qa.device)
+    acc = torch.zeros(M, N, dtype=torch.float32, device=qa.device)
     for k in range(Kp // TILE):
         c = slice(k * TILE, (k + 1) * TILE)
         part = a[:, c] @ b[:, c].t()  # (M, N): the products of one 128-chunk of K, summed in fp32
-        out.addcmul_(part, sa[:, k, None] * sb_rows[None, :, k])  # promote: scale the chunk, add in fp32
-    return out.to(out_dtype)
+        acc.addcmul_(part, sa[:, k, None] * sb_rows[None, :, k])  # promote: scale the chunk, add in fp32
+    return acc.to(out_dtype) if out is None else out.copy_(acc)
 
 
 def _pad_cols(q: Tensor, n: int) -> Tensor:
@@ -111,36 +122,42 @@ def _pad_cols(q: Tensor, n: int) -> Tensor:
     return F.pad(q.view(torch.uint8), (0, n)).view(q.dtype)
 
 
-def gemm_hopper(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch.dtype) -> Tensor:
-    """The same product on cuBLAS's blockwise FP8 GEMM (sm90). Same arguments as gemm_emulated."""
+def gemm_hopper(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch.dtype,
+                out: Tensor | None = None) -> Tensor:
+    """The same product on cuBLAS's blockwise FP8 GEMM (sm90). Same arguments as gemm_emulated; qa and qb
+    may be row slices (qa) or column slices (both, Wgrad) of larger row-major tensors."""
     M, nk = sa.shape
-    if nk % 4:  # with K/128 = 5 cuBLAS returned garbage (128×128 scales): zero-pad K to a multiple of 512
+    blocks = sb.shape[0] != qb.shape[0]  # b in 128×128 blocks (else 1×128 tiles)
+    if blocks and nk % 4:  # with K/128 = 5 cuBLAS returned garbage (128×128 scales): zero-pad K to a multiple of 512
         r = -nk % 4
         qa, qb = _pad_cols(qa, r * TILE), _pad_cols(qb, r * TILE)
         sa, sb = F.pad(sa, (0, r), value=1.0), F.pad(sb, (0, r), value=1.0)
     if M % ROW_ALIGN:  # M = 1 and M = 243 were refused (8, 16, 200, 256 ran): pad with zero rows
+        assert out is None, "gemm_hopper(out=...) needs rows padded by the caller"
         r = -M % ROW_ALIGN
         qa = F.pad(qa.view(torch.uint8), (0, 0, 0, r)).view(qa.dtype)
         sa = F.pad(sa, (0, 0, 0, r), value=1.0)
-    sa = sa.t().contiguous().t()  # (M, K/128) column-major (no copy if the quantizer made it so)
-    if sb.shape[0] == qb.shape[0]:  # 1×128 tiles of b: (N, K/128) -> (K/128, N) row-major
-        sb = sb.t().contiguous()
-    else:  # 128×128 blocks: (N/128, K/128) -> its transpose (K/128, N/128), column-major
-        sb = sb.contiguous().t()
+    sa = sa.t().contiguous().t()  # (M, K/128) column-major, stride (1, M) (no copy if it already is)
+    # b's scales as torch wants them: 1×128 tiles (N, K/128) -> (K/128, N) row-major; 128×128 blocks
+    # (N/128, K/128) -> its transpose (K/128, N/128), column-major. No copy for what our quantizers make.
+    sb = sb.contiguous().t() if blocks else sb.t().contiguous()
+    if out is not None:
+        return torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype, out=out)
     return torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb, out_dtype=out_dtype)[:M]
 
 
-@torch.compiler.disable
-def _probe_hopper(idx: int) -> tuple[bool, bool]:
-    """Run both scale combinations once on awkward shapes (rows not a multiple of 4, K/128 = 5) through
-    gemm_hopper's paddings and compare with the emulated GEMM; any refusal or mismatch -> emulated."""
+@functools.cache
+def _probe_hopper(idx: int) -> HopperGemms:
+    """Run both scale combinations once on awkward shapes (rows not a multiple of 16, K/128 = 5: padded by
+    gemm_hopper for 128×128 blocks, not for Wgrad's tiles, whose K is an expert's token count) and compare
+    with the emulated GEMM; any refusal or mismatch -> emulated. Cached per device: one probe per process."""
     if torch.cuda.get_device_capability(idx) < (9, 0) or not hasattr(torch, "_scaled_mm"):
-        return False, False
+        return EMULATED
     g = torch.Generator(device=f"cuda:{idx}").manual_seed(0)
     ok = []
     for quant_b in (kernels.quant_128x128_ref, kernels.quant_1x128_ref):
         good = True
-        for M in (243, 5):
+        for M in (243, 5, 256):
             a = torch.randn(M, 640, device=f"cuda:{idx}", generator=g)
             b = torch.randn(384, 640, device=f"cuda:{idx}", generator=g)
             (qa, sa), (qb, sb) = kernels.quant_1x128_ref(a), quant_b(b)
@@ -152,76 +169,176 @@ def _probe_hopper(idx: int) -> tuple[bool, bool]:
             ref = gemm_emulated(qa, sa, qb, sb, torch.float32)
             good = good and bool(((hw - ref).norm() / ref.norm()) < 1e-3)  # fp32: only summation order differs
         ok.append(good)
-    return ok[0], ok[1]
+    return HopperGemms(*ok)
 
 
-def hopper_support(device: torch.device) -> tuple[bool, bool]:
-    """(1×128·128×128 i.e. Fprop/Dgrad, 1×128·1×128 i.e. Wgrad) run on the hardware here? Honours BACKEND;
-    probed once per device."""
-    if BACKEND == "emulated" or device.type != "cuda":
-        return False, False
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _HW:
-        _HW[idx] = _probe_hopper(idx)
-    if BACKEND == "hopper" and not _HW[idx][0]:
-        raise RuntimeError("fp8.BACKEND='hopper' but blockwise torch._scaled_mm does not work on this device")
-    return _HW[idx]
+def hopper_gemms(backend: str, device: torch.device) -> HopperGemms:
+    """What runs on the hardware for a layer with this back end on this device (probed once per device)."""
+    if backend == "emulated" or device.type != "cuda":
+        if backend == "hopper":
+            raise RuntimeError(f"backend='hopper' needs a CUDA device, got {device}")
+        return EMULATED
+    hw = _probe_hopper(device.index if device.index is not None else torch.cuda.current_device())
+    if backend == "hopper" and not hw.blockwise:
+        raise RuntimeError("backend='hopper' but blockwise torch._scaled_mm does not work on this device")
+    return hw
 
 
-def fp8_gemm(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch.dtype,
-             hw: tuple[bool, bool]) -> Tensor:
-    """a·bᵀ on the hardware where hopper_support says it works for these scales, else emulated."""
-    ok = hw[1] if sb.shape[0] == qb.shape[0] else hw[0]  # b in 1×128 tiles (Wgrad) or 128×128 blocks
-    return (gemm_hopper if ok else gemm_emulated)(qa, sa, qb, sb, out_dtype)
+def fp8_gemm(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch.dtype, hw: HopperGemms,
+             out: Tensor | None = None) -> Tensor:
+    """a·bᵀ on the hardware where `hw` says it works for these scales, else emulated."""
+    ok = hw.tilewise if sb.shape[0] == qb.shape[0] else hw.blockwise  # b in 1×128 tiles (Wgrad) or 128×128 blocks
+    return (gemm_hopper if ok else gemm_emulated)(qa, sa, qb, sb, out_dtype, out)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the three GEMMs of a Linear, shared by the Linear and the fused SwiGLU FFN below
+# FP8 weights, made once per optimizer step. A weight changes only in place (the optimizer step, a load), and
+# every in-place change bumps the tensor's version counter, so (version, address) keys a cache: the forward
+# of every micro-batch and the evaluation in between reuse one quantization, and the backward one transpose.
 
 
-def _dgrad(dy: Tensor, qw: Tensor, sw: Tensor, K: int, dtype: torch.dtype, hw: tuple) -> Tensor:
-    """dx = dy·W: dy (M, N) quantized 1×128 along N; W read through its transposed 128×128 blocks."""
-    qdy, sdy = _k("quant_1x128", dy)(dy)  # (M, Np), (M, Np/128)
-    return fp8_gemm(qdy, sdy, qw.t().contiguous(), sw.t(), dtype, hw)[:, :K]  # (M, K)
+def _quant_stack(ws: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """E matrices (N, K) -> q (E, Np, Kp) e4m3, s (E, Np/128, Kp/128): each in its own 128×128 blocks. Each is
+    quantized where it lies (one compiled kernel serves them all) and the FP8 results are stacked: 1 byte per
+    value to copy, where stacking the fp32 weights first would move 4."""
+    qs = [_k("quant_128x128", w)(w) for w in ws]
+    return torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
 
 
-def _wgrad(dy: Tensor, qxT: Tensor, sxT: Tensor, N: int, K: int, hw: tuple) -> Tensor:
-    """dW = dyᵀ·x in fp32: both operands tiled 128×1 along the tokens, the dim Wgrad reduces over."""
+def _transpose(q: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
+    # a square block is the same block of Wᵀ: (E, Np, Kp) -> (E, Kp, Np) row-major, and the scales likewise
+    return q.transpose(1, 2).contiguous(), s.transpose(1, 2).contiguous()
+
+
+class WeightCache:
+    """FP8 copies of a layer's weights, valid while none of them has changed. `fwd` holds what Fprop reads,
+    `bwd` the transposed copies Dgrad reads (made at the first backward)."""
+
+    def __init__(self, quantize):
+        self.quantize, self.key, self.fwd, self._bwd = quantize, None, None, None
+
+    def get(self, weights: list[Tensor]) -> "WeightCache":
+        key = tuple((w._version, w.data_ptr()) for w in weights)
+        if key != self.key:
+            with torch.no_grad():
+                self.key, self.fwd, self._bwd = key, self.quantize(), None
+        return self
+
+    @property
+    def bwd(self):
+        if self._bwd is None:
+            self._bwd = [_transpose(q, s) for q, s in self.fwd]
+        return self._bwd
+
+
+def _swiglu_weights(mlps) -> list[tuple[Tensor, Tensor]]:
+    """[(qw13, sw13) (E, 2Fp, Dp): W1 and W3 of each FFN stacked (they read the same x; W3 starts at row Fp),
+    (qw2, sw2) (E, Dp, Fp)] and their block scales."""
+    q13, s13 = _quant_stack([w for m in mlps for w in (m.w1.weight, m.w3.weight)])  # (2E, Fp, Dp), (2E, ., .)
+    E = len(mlps)
+    return [(q13.view(E, -1, q13.shape[-1]), s13.view(E, -1, s13.shape[-1])),
+            _quant_stack([m.w2.weight for m in mlps])]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GEMMs over row segments: a Linear or one FFN is one segment of any number of rows; the routed experts of a
+# layer are one segment each.
+#
+# Experts: x holds every (token, expert) pair sorted by expert, each expert's rows a segment padded with zero
+# rows to a multiple of 128 (DeepGEMM's "contiguous" layout). Each whole operand is quantized once: a 1×128
+# tile lies in one row, and a 128×1 tile (Wgrad) never crosses a segment, so the tiles are exactly those of
+# quantizing each expert's rows alone. What runs per expert is one GEMM on views of the shared buffers,
+# written into slices of one output: no pad, copy or quantizer call per expert (an expert with no token
+# runs nothing). The one layout that slicing cannot give: cuBLAS wants an expert's 1×128 scales (rows, K/128)
+# column-major with leading dim `rows`, and a row slice of the whole (M, K/128) keeps leading dim M, so the
+# scales of the GEMMs' a operands are rearranged segment by segment in one scatter (_segment_scales).
+
+
+class Segments(NamedTuple):
+    bounds: list[tuple[int, int]]  # (first row, rows) of each expert, on the host
+    row_start: Tensor | None  # (M,) first row of the segment each row is in, on the device (None: one segment)
+    row_count: Tensor | None  # (M,) rows of that segment
+
+
+def _one(x2: Tensor) -> Segments:
+    return Segments([(0, x2.shape[0])], None, None)  # one FFN or Linear: all rows, any number of them
+
+
+def _segment_scales(s: Tensor, seg: Segments) -> list[Tensor]:
+    """1×128 scales s (M, nk) -> per segment a (rows, nk) view with stride (1, rows)."""
+    if seg.row_start is None:
+        return [s]
+    M, nk = s.shape
+    start, rows = seg.row_start[:, None], seg.row_count[:, None]  # (M, 1) each
+    local = torch.arange(M, device=s.device)[:, None] - start  # (M, 1): row index inside its segment
+    dest = start * nk + torch.arange(nk, device=s.device) * rows + local  # (M, nk): where s[r, k] goes
+    flat = s.new_empty(M * nk).index_copy_(0, dest.flatten(), s.flatten())  # segment after segment, each (nk, rows)
+    return [flat[a * nk:(a + r) * nk].view(nk, r).t() for a, r in seg.bounds]
+
+
+def _grouped(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, seg: Segments, dtype: torch.dtype,
+             hw: HopperGemms) -> Tensor:
+    """out (M, Nb) = the rows of segment e times b[e]ᵀ: qa (M, Kp) 1×128, qb (E, Nb, Kp) 128×128 blocks."""
+    if seg.row_start is None:  # one segment (a Linear, one FFN): any number of rows
+        return fp8_gemm(qa, sa, qb[0], sb[0], dtype, hw)
+    out = qa.new_empty(qa.shape[0], qb.shape[1], dtype=dtype)  # (M, Nb)
+    for e, ((a, r), sa_e) in enumerate(zip(seg.bounds, _segment_scales(sa, seg))):
+        if r:
+            fp8_gemm(qa[a:a + r], sa_e, qb[e], sb[e], dtype, hw, out=out[a:a + r])
+    return out
+
+
+def _grouped_wgrad(dy: Tensor, qxT: Tensor, sxT: Tensor, seg: Segments, hw: HopperGemms) -> Tensor:
+    """dW[e] = dy[rows of e]ᵀ · x[rows of e] in fp32, (E, Np, Kp): dy (M, N) and xᵀ (qxT (Kp, Mp), sxT) tiled
+    128×1 along the tokens; an expert's operands are column slices of the whole, its tiles are whole tiles."""
     qdyT, sdyT = _k("quant_128x1", dy)(dy)  # (Np, Mp), (Np, Mp/128)
-    return fp8_gemm(qdyT, sdyT, qxT, sxT, torch.float32, hw)[:N, :K]  # (N, K)
+    if seg.row_start is None:
+        return fp8_gemm(qdyT, sdyT, qxT, sxT, torch.float32, hw)[None]
+    dw = dy.new_empty(len(seg.bounds), qdyT.shape[0], qxT.shape[0], dtype=torch.float32)  # (E, Np, Kp)
+    for e, (a, r) in enumerate(seg.bounds):
+        if r:
+            t = slice(a // TILE, (a + r) // TILE)
+            fp8_gemm(qdyT[:, a:a + r], sdyT[:, t], qxT[:, a:a + r], sxT[:, t], torch.float32, hw, out=dw[e])
+    return dw
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the FP8 Linear: Fprop, Dgrad and Wgrad of y = x Wᵀ
 
 
 class _Fp8LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, out_dtype: torch.dtype, hw: tuple[bool, bool],
+    def forward(ctx, x: Tensor, weight: Tensor, wc: WeightCache, out_dtype: torch.dtype, hw: HopperGemms,
                 pow2: bool, cache_hp: bool) -> Tensor:
         N, K = weight.shape
         x2 = x.reshape(-1, K)  # (M, K)
         qx, sx = _k("quant_1x128", x2)(x2, pow2)  # (M, Kp), (M, Kp/128)
-        qw, sw = _k("quant_128x128", weight)(weight)  # (Np, Kp), (Np/128, Kp/128)
-        y = fp8_gemm(qx, sx, qw, sw, out_dtype, hw)[:, :N]  # Fprop: (M, N)
+        (qw, sw), = wc.fwd  # (1, Np, Kp), (1, Np/128, Kp/128), quantized once per optimizer step
+        y = _grouped(qx, sx, qw, sw, _one(x2), out_dtype, hw)[:, :N]  # Fprop: (M, N)
         # the activation cache: x in FP8 (1 byte + 4/128 bytes of scale per value), or x itself (wo's input)
-        ctx.save_for_backward(*((x2,) if cache_hp else (qx, sx)), qw, sw)
-        ctx.meta = (x.shape, x.dtype, weight.dtype, hw, pow2, cache_hp)
+        ctx.save_for_backward(*((x2,) if cache_hp else (qx, sx)))
+        ctx.meta = (x.shape, x.dtype, weight.dtype, wc, hw, pow2, cache_hp)
         return y.reshape(*x.shape[:-1], N)  # (..., N)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        x_shape, x_dtype, w_dtype, hw, pow2, cache_hp = ctx.meta
-        *xs, qw, sw = ctx.saved_tensors
+        x_shape, x_dtype, w_dtype, wc, hw, pow2, cache_hp = ctx.meta
+        xs = ctx.saved_tensors
         N, K = dy.shape[-1], x_shape[-1]
         dy2 = dy.reshape(-1, N)  # (M, N)
         dx = dw = None
         with torch.autocast(dy.device.type, enabled=False):
-            if ctx.needs_input_grad[0]:
-                dx = _dgrad(dy2, qw, sw, K, x_dtype, hw).reshape(x_shape)  # (..., K)
-            if ctx.needs_input_grad[1]:
+            if ctx.needs_input_grad[0]:  # Dgrad, dx = dy·W: dy 1×128 along N, W's cached transposed blocks
+                (qwT, swT), = wc.bwd  # (1, Kp, Np)
+                qdy, sdy = _k("quant_1x128", dy2)(dy2)  # (M, Np), (M, Np/128)
+                dx = _grouped(qdy, sdy, qwT, swT, _one(dy2), x_dtype, hw)[:, :K].reshape(x_shape)  # (..., K)
+            if ctx.needs_input_grad[1]:  # Wgrad, dW = dyᵀ·x in fp32: both tiled 128×1 along the tokens
                 if cache_hp:
                     qxT, sxT = _k("quant_128x1", xs[0])(xs[0], pow2)  # (Kp, Mp), (Kp, Mp/128)
                 else:
                     qxT, sxT = _k("requant_128x1", xs[0])(*xs, pow2)  # 1×128 cache re-tiled 128×1
-                dw = _wgrad(dy2, qxT, sxT, N, K, hw).to(w_dtype)  # (N, K)
-        return dx, dw, None, None, None, None
+                dw = _grouped_wgrad(dy2, qxT, sxT, _one(dy2), hw)[0, :N, :K].to(w_dtype)  # (N, K)
+        return dx, dw, None, None, None, None, None
 
 
 def _out_dtype(x: Tensor) -> torch.dtype:
@@ -229,14 +346,23 @@ def _out_dtype(x: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
+def _check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"FP8 backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
 class Fp8Linear(nn.Linear):
     """Drop-in nn.Linear whose Fprop/Dgrad/Wgrad run in FP8 E4M3 with 1×128 / 128×128 scaling.
-    Same `weight` Parameter (kept in its dtype, fp32 = the master weight), same init, same state_dict."""
+    Same `weight` Parameter (kept in its dtype, fp32 = the master weight), same init, same state_dict.
+    backend: 'auto' | 'hopper' | 'emulated' (see hopper_gemms)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, dtype=None,
-                 pow2_scales: bool = False, cache_input_hp: bool = False):
+                 pow2_scales: bool = False, cache_input_hp: bool = False, backend: str = "auto"):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.pow2_scales, self.cache_input_hp = pow2_scales, cache_input_hp
+        self.backend = _check_backend(backend)
+        self.wc = WeightCache(lambda: [_quant_stack([self.weight.detach()])])
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, **kw) -> "Fp8Linear":
@@ -251,74 +377,116 @@ class Fp8Linear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         out_dtype = _out_dtype(x)
         with torch.autocast(x.device.type, enabled=False):  # we choose every dtype ourselves
-            y = _Fp8LinearFn.apply(x, self.weight, out_dtype, hopper_support(x.device), self.pow2_scales,
-                                   self.cache_input_hp)
+            y = _Fp8LinearFn.apply(x, self.weight, self.wc.get([self.weight]), out_dtype,
+                                   hopper_gemms(self.backend, x.device), self.pow2_scales, self.cache_input_hp)
         return y if self.bias is None else y + self.bias.to(y.dtype)  # in y's dtype, as nn.Linear under autocast
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", fp8=e4m3, pow2_scales={self.pow2_scales}, cache_hp={self.cache_input_hp}"
+        return super().extra_repr() + (f", fp8=e4m3, pow2_scales={self.pow2_scales}, "
+                                       f"cache_hp={self.cache_input_hp}, backend={self.backend}")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the fused SwiGLU FFN: y = W2 (silu(W1 x) ⊙ W3 x), caching x, W1x and W3x in FP8 and recomputing the rest
+# the fused SwiGLU FFN, y = W2 (silu(W1 x) ⊙ W3 x), for one FFN or for all routed experts of a layer at once.
+# Caches x and the SwiGLU inputs (W1x, W3x) in FP8 and recomputes the SwiGLU output in backward (§3.3.3).
 
 
 class _Fp8SwiGLUFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, out_dtype: torch.dtype,
-                hw: tuple[bool, bool]) -> Tensor:
-        F_, D = w1.shape
+    def forward(ctx, x: Tensor, seg: Segments, wc: WeightCache, out_dtype: torch.dtype, hw: HopperGemms,
+                F_: int, *weights: Tensor) -> Tensor:
+        D = x.shape[-1]
         x2 = x.reshape(-1, D)  # (M, D)
+        (qw13, sw13), (qw2, sw2) = wc.fwd  # (E, 2Fp, Dp), (E, Dp, Fp) and their block scales
+        Fp = qw2.shape[2]
         qx, sx = _k("quant_1x128", x2)(x2)  # (M, Dp), (M, Dp/128)
-        (qw1, sw1), (qw2, sw2), (qw3, sw3) = (_k("quant_128x128", w)(w) for w in (w1, w2, w3))
-        # W1 and W3 read the same x: stack them and run one GEMM of twice the width
-        qw13, sw13 = torch.cat([qw1, qw3]), torch.cat([sw1, sw3])  # (2Fp, Dp), (2Fp/128, Dp/128)
-        Fp = qw1.shape[0]
-        ab = fp8_gemm(qx, sx, qw13, sw13, out_dtype, hw)  # (M, 2Fp): [W1 x | W3 x]
+        ab = _grouped(qx, sx, qw13, sw13, seg, out_dtype, hw)  # (M, 2Fp): [W1 x | W3 x], one GEMM per FFN
         a, b = ab[:, :F_], ab[:, Fp:Fp + F_]  # gate pre-activation and up projection, (M, F) each
         qh, sh = _k("swiglu_quant", a)(a, b)  # silu(a)·b, born in FP8: (M, Fp), (M, Fp/128)
-        y = fp8_gemm(qh, sh, qw2, sw2, out_dtype, hw)[:, :D]  # (M, D)
+        y = _grouped(qh, sh, qw2, sw2, seg, out_dtype, hw)[:, :D]  # (M, D)
         qab, sab = _k("quant_1x128", ab)(ab)  # SwiGLU inputs cached in FP8 (§3.3.3); its output is not
-        ctx.save_for_backward(qx, sx, qab, sab, qw13, sw13, qw2, sw2)
-        ctx.meta = (x.shape, x.dtype, w1.dtype, hw, F_)
+        ctx.save_for_backward(qx, sx, qab, sab)
+        ctx.meta = (x.shape, x.dtype, weights[0].dtype, seg, wc, hw, F_)
         return y.reshape(x.shape)  # (..., D)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        x_shape, x_dtype, w_dtype, hw, F_ = ctx.meta
-        qx, sx, qab, sab, qw13, sw13, qw2, sw2 = ctx.saved_tensors
-        D, Fp = x_shape[-1], qw2.shape[1]
+        x_shape, x_dtype, w_dtype, seg, wc, hw, F_ = ctx.meta
+        qx, sx, qab, sab = ctx.saved_tensors
+        (qw13T, sw13T), (qw2T, sw2T) = wc.bwd  # (E, Dp, 2Fp), (E, Fp, Dp): the transposed blocks
+        D, Fp = x_shape[-1], qw2T.shape[1]
         dy2 = dy.reshape(-1, D)  # (M, D)
         with torch.autocast(dy.device.type, enabled=False):
             # padded width Fp throughout: the padding columns of a and b are zero, so are h, da and db there
             ab = _k("dequant_1x128", qab)(qab, sab)  # (M, 2Fp)
             a, b = ab[:, :Fp], ab[:, Fp:]
             h = _k("swiglu", a)(a, b)  # the SwiGLU output, recomputed (M, Fp)
-            dh = _dgrad(dy2, qw2, sw2, Fp, torch.float32, hw)  # W2's Dgrad (M, Fp)
+            qdy, sdy = _k("quant_1x128", dy2)(dy2)  # (M, Dp), (M, Dp/128)
+            dh = _grouped(qdy, sdy, qw2T, sw2T, seg, torch.float32, hw)  # W2's Dgrad (M, Fp)
             hT, shT = _k("quant_128x1", h)(h)  # (Fp, Mp), (Fp, Mp/128)
-            dw2 = _wgrad(dy2, hT, shT, D, F_, hw)  # W2's Wgrad (D, F)
+            dw2 = _grouped_wgrad(dy2, hT, shT, seg, hw)  # W2's Wgrad (E, Dp, Fp)
             dab = torch.cat(_k("swiglu_bwd", a)(a, b, dh), dim=1)  # [da | db] (M, 2Fp)
-            dx = _dgrad(dab, qw13, sw13, D, x_dtype, hw)  # dx = da·W1 + db·W3 in one GEMM, K = 2Fp: (M, D)
+            qdab, sdab = _k("quant_1x128", dab)(dab)  # (M, 2Fp), (M, 2Fp/128)
+            dx = _grouped(qdab, sdab, qw13T, sw13T, seg, x_dtype, hw)[:, :D]  # da·W1 + db·W3, one GEMM (K = 2Fp)
             qxT, sxT = _k("requant_128x1", qx)(qx, sx)  # x re-tiled 128×1 for the Wgrad
-            dw13 = _wgrad(dab, qxT, sxT, 2 * Fp, D, hw)  # [dW1 ; dW3] (2Fp, D)
-        dw1, dw3 = dw13[:F_], dw13[Fp:Fp + F_]
-        return dx.reshape(x_shape), dw1.to(w_dtype), dw2.to(w_dtype), dw3.to(w_dtype), None, None
+            dw13 = _grouped_wgrad(dab, qxT, sxT, seg, hw)  # [dW1 ; dW3] (E, 2Fp, Dp)
+        grads = []
+        for e, (_, r) in enumerate(seg.bounds):  # an expert that saw no token gets no gradient (as with nn.Linear)
+            grads += [dw13[e, :F_, :D].to(w_dtype), dw2[e, :D, :F_].to(w_dtype),
+                      dw13[e, Fp:Fp + F_, :D].to(w_dtype)] if r else [None] * 3
+        return (dx.reshape(x_shape), None, None, None, None, None, *grads)
 
 
 class Fp8SwiGLU(nn.Module):
     """model.MLP in FP8: the same w1/w2/w3 children (Fp8Linear, so the same state_dict keys), one fused
     autograd function for the whole FFN."""
 
-    def __init__(self, w1: nn.Linear, w2: nn.Linear, w3: nn.Linear):
+    def __init__(self, w1: nn.Linear, w2: nn.Linear, w3: nn.Linear, backend: str = "auto"):
         super().__init__()
-        self.w1, self.w2, self.w3 = (Fp8Linear.from_linear(w) for w in (w1, w2, w3))
+        self.w1, self.w2, self.w3 = (Fp8Linear.from_linear(w, backend=backend) for w in (w1, w2, w3))
+        self.backend = _check_backend(backend)
+        self.wc = WeightCache(lambda: _swiglu_weights([self]))
 
     @torch.compiler.disable  # opaque to an outer torch.compile, as Fp8Linear.forward
     def forward(self, x: Tensor) -> Tensor:
-        out_dtype = _out_dtype(x)
+        out_dtype, ws = _out_dtype(x), [self.w1.weight, self.w2.weight, self.w3.weight]
         with torch.autocast(x.device.type, enabled=False):
-            return _Fp8SwiGLUFn.apply(x, self.w1.weight, self.w2.weight, self.w3.weight, out_dtype,
-                                      hopper_support(x.device))
+            return _Fp8SwiGLUFn.apply(x, _one(x.reshape(-1, x.shape[-1])), self.wc.get(ws), out_dtype, hopper_gemms(self.backend, x.device),
+                                      ws[0].shape[0], *ws)
+
+
+class Fp8Experts(nn.ModuleList):
+    """model.MoE.experts in FP8: the same Fp8SwiGLU children (experts[e](x) runs expert e alone: the readable
+    per-expert reference), plus `grouped`, which runs all of them on expert-sorted tokens in one call."""
+
+    def __init__(self, experts: nn.ModuleList, backend: str = "auto"):
+        super().__init__(Fp8SwiGLU(m.w1, m.w2, m.w3, backend) for m in experts)
+        self.backend = _check_backend(backend)
+        self.wc = WeightCache(lambda: _swiglu_weights(list(self)))  # all experts' weights stacked, (E, ...)
+
+    @torch.compiler.disable
+    def grouped(self, xs: Tensor, counts: Tensor) -> Tensor:
+        """xs (N*K, D) the routed (token, expert) pairs sorted by expert, counts (E,) pairs per expert on the
+        device -> (N*K, D) each pair through its expert. Reads the E counts on the host once."""
+        E, dev = len(self), xs.device
+        padded = (counts + TILE - 1) // TILE * TILE  # (E,) each segment rounded up to whole 128-row tiles
+        ends = padded.cumsum(0)
+        shift = (ends - padded) - (counts.cumsum(0) - counts)  # (E,) padded start − sorted start of each expert
+        # row of each sorted pair in the padded buffer: its own index, moved by its expert's shift
+        expert_of = torch.repeat_interleave(torch.arange(E, device=dev), counts, output_size=xs.shape[0])
+        dest = torch.arange(xs.shape[0], device=dev) + shift[expert_of]  # (N*K,)
+        sizes = padded.tolist()  # the one host read per layer: segment bounds for slicing
+        M = sum(sizes)
+        starts = [sum(sizes[:e]) for e in range(E)]
+        seg = Segments(list(zip(starts, sizes)), torch.repeat_interleave(ends - padded, padded, output_size=M),
+                       torch.repeat_interleave(padded, padded, output_size=M))
+        out_dtype = _out_dtype(xs)
+        xp = xs.new_zeros(M, xs.shape[1], dtype=out_dtype).index_copy(0, dest, xs.to(out_dtype))  # (M, D)
+        ws = [w for m in self for w in (m.w1.weight, m.w2.weight, m.w3.weight)]
+        with torch.autocast(dev.type, enabled=False):
+            yp = _Fp8SwiGLUFn.apply(xp, seg, self.wc.get(ws), out_dtype, hopper_gemms(self.backend, dev),
+                                    ws[0].shape[0], *ws)  # (M, D)
+        return yp[dest]  # (N*K, D), padding rows dropped
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -331,26 +499,32 @@ def _is_swiglu(m: nn.Module) -> bool:
     return names == {"w1", "w2", "w3"} and all(type(c) is nn.Linear and c.bias is None for c in m.children())
 
 
-def convert_to_fp8(model: nn.Module, fused_swiglu: bool = True) -> nn.Module:
+def convert_to_fp8(model: nn.Module, backend: str = "auto", fused_swiglu: bool = True) -> nn.Module:
     """Swap, in place, the nn.Linear layers that DeepSeek-V3 runs in FP8: every projection inside
     model.layers and model.mtp (attention wq/wq_a/wq_b/wkv_a/wkv_b/wo, the SwiGLU w1/w2/w3 of dense FFNs,
     routed and shared experts, MTP's eh_proj). Left in BF16/FP32: the embedding, the output head, the MoE
     gate (not an nn.Linear), the norms and attention's softmax math. Parameters are the same objects, so
-    names, state_dict keys and optimizer references are unchanged. Call after model.to(device), before
-    torch.compile (the hardware probe must run eagerly). Returns the model."""
+    names, state_dict keys and optimizer references are unchanged. A MoE's `experts` list becomes an
+    Fp8Experts (model.MoE's 'grouped' path then runs the experts in one FP8 call). backend: 'auto' (the
+    hardware GEMM where its probe passes, else emulated), 'hopper' (error if it does not work here) or
+    'emulated' (plain-PyTorch GEMM, any device); stored on each layer. Call after model.to(device), before
+    torch.compile (the hardware probe runs eagerly). Returns the model."""
+    _check_backend(backend)
     roots = [getattr(model, n) for n in ("layers", "mtp") if isinstance(getattr(model, n, None), nn.Module)]
     for parent in [m for r in roots for m in r.modules()]:
         for name, child in list(parent.named_children()):
-            if fused_swiglu and _is_swiglu(child):
-                setattr(parent, name, Fp8SwiGLU(child.w1, child.w2, child.w3))
+            if fused_swiglu and name == "experts" and type(child) is nn.ModuleList and all(map(_is_swiglu, child)):
+                setattr(parent, name, Fp8Experts(child, backend))
+            elif fused_swiglu and _is_swiglu(child):
+                setattr(parent, name, Fp8SwiGLU(child.w1, child.w2, child.w3, backend))
             elif type(child) is nn.Linear:
                 # §3.3.3: the input of the linear after attention is kept in higher precision with
                 # power-of-2 scales (attention's backward reads it too)
                 hp = name == "wo"
-                setattr(parent, name, Fp8Linear.from_linear(child, pow2_scales=hp, cache_input_hp=hp))
+                setattr(parent, name, Fp8Linear.from_linear(child, pow2_scales=hp, cache_input_hp=hp, backend=backend))
     p = next(model.parameters(), None)
-    if p is not None and p.is_cuda:
-        hopper_support(p.device)  # probe now, eagerly, and cache the answer
+    if p is not None:
+        hopper_gemms(backend, p.device)  # probe now, eagerly (and fail now for 'hopper' where it cannot run)
     return model
 
 
@@ -361,7 +535,8 @@ def convert_to_fp8(model: nn.Module, fused_swiglu: bool = True) -> nn.Module:
 class AdamWBF16(torch.optim.Optimizer):
     """torch.optim.AdamW's update (decoupled weight decay, bias correction) with exp_avg and exp_avg_sq
     stored in BF16 (half the optimizer memory). FP32 parameters are their own master weights; a BF16/FP16
-    parameter gets an FP32 master copy in its state, and the parameter is a rounded copy of it."""
+    parameter gets an FP32 master copy in its state, and the parameter is a rounded copy of it. The update
+    is one fused pass per parameter (kernels.adamw_bf16, compiled on a GPU)."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.0):
@@ -374,44 +549,30 @@ class AdamWBF16(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            ps = [p for p in group["params"] if p.grad is not None]
-            for p in ps:
+            (b1, b2), lr_wd = group["betas"], {}
+            for p in group["params"]:
+                if p.grad is None:  # e.g. an expert that saw no token: no update, its step count stays
+                    continue
                 st = self.state[p]
                 if not st:
-                    st["step"] = 0
-                    st["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16)
-                    st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.bfloat16)
+                    st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)  # a tensor: see kernels
+                    st["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16, memory_format=torch.contiguous_format)
+                    st["exp_avg_sq"] = torch.zeros_like(st["exp_avg"])
                     if p.dtype != torch.float32:
                         st["master"] = p.detach().float()
-                st["step"] += 1  # per parameter: an expert that saw no token has no grad and keeps its count
-            if not ps:
-                continue
-            # one _foreach_ kernel per line for the whole group instead of one kernel per parameter
-            sts = [self.state[p] for p in ps]
-            ws = [st.get("master", p) for st, p in zip(sts, ps)]  # the FP32 weights the update is applied to
-            gs = [p.grad.float() for p in ps]
-            # the moments are updated in fp32 from their BF16 copies, then stored back in BF16
-            ms = [st["exp_avg"].float() for st in sts]
-            vs = [st["exp_avg_sq"].float() for st in sts]
-            torch._foreach_lerp_(ms, gs, 1 - b1)  # m = β1 m + (1-β1) g
-            torch._foreach_mul_(vs, b2)
-            torch._foreach_addcmul_(vs, gs, gs, value=1 - b2)  # v = β2 v + (1-β2) g²
-            torch._foreach_copy_([st["exp_avg"] for st in sts], ms)
-            torch._foreach_copy_([st["exp_avg_sq"] for st in sts], vs)
-            torch._foreach_mul_(ws, 1 - lr * wd)  # decoupled weight decay
-            denom = torch._foreach_sqrt(vs)  # sqrt(v / (1-β2^t)) + eps, with each parameter's own t
-            torch._foreach_div_(denom, [math.sqrt(1 - b2 ** st["step"]) for st in sts])
-            torch._foreach_add_(denom, eps)
-            torch._foreach_addcdiv_(ws, ms, denom, [-lr / (1 - b1 ** st["step"]) for st in sts])
-            for w, p in zip(ws, ps):
-                if w is not p:
+                if p.device not in lr_wd:  # lr changes every step: a device tensor, not a constant of the kernel
+                    lr_wd[p.device] = torch.tensor([group["lr"], group["weight_decay"]], device=p.device)
+                w = st.get("master", p.detach())  # detach shares p's storage and version counter
+                update = kernels.adamw_bf16 if p.is_cuda else kernels.adamw_bf16_ref
+                update(w, p.grad.detach().contiguous(), st["exp_avg"], st["exp_avg_sq"], st["step"],
+                       lr_wd[p.device], b1, b2, group["eps"])
+                if "master" in st:
                     p.copy_(w)
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
-        # torch casts floating state to the parameter's dtype on load: undo it for the BF16 moments and
-        # keep FP32 masters of low-precision parameters at full precision
+        # torch casts floating state to the parameter's dtype on load: undo it for the BF16 moments, keep FP32
+        # masters of low-precision parameters at full precision, and keep the step an fp32 tensor on the device
         saved = {i: s["master"] for i, s in state_dict["state"].items() if "master" in s}
         super().load_state_dict(state_dict)
         ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
@@ -421,5 +582,7 @@ class AdamWBF16(torch.optim.Optimizer):
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in st:
                     st[key] = st[key].to(torch.bfloat16)
+            if "step" in st:  # an int in checkpoints written before the step became a tensor
+                st["step"] = torch.as_tensor(st["step"], dtype=torch.float32).to(p.device)
             if i in saved:
                 st["master"] = saved[i].to(device=p.device, dtype=torch.float32)

@@ -9,7 +9,8 @@ memory, which is all a memory-bound kernel needs.
 
 DeepSeek-V3 report sections: §3.3.2 (fine-grained quantization: 1×128 activation tiles, 128×128 weight
 blocks, online max-abs scales, E4M3 everywhere), §3.3.3 (128×1 tiles for the Wgrad operands; power-of-2
-scales), §2.1.1 (RoPE on the decoupled key/query), SwiGLU of the FFNs (§2.1.2) and RMSNorm.
+scales), the SwiGLU of the FFNs (§2.1.2) fused with its FP8 quantization, and the AdamW update with BF16
+moments (§3.3.3) as one pass per parameter.
 
 Scale convention: every quantizer returns FP8 data `q` and fp32 *dequantization* scales `s` with
 x ≈ q * s (s = amax / 448 per tile), i.e. the scale the FP8 GEMM multiplies its partial sums by.
@@ -28,18 +29,18 @@ Simplifications vs. the real thing:
 - Out-of-range values are clamped to ±448 before the cast (CUDA's cast to e4m3fn gives NaN, not saturation).
 - No fused transpose of FP8 data in registers: the 128×1 quantizer writes xᵀ with an ordinary transpose
   that inductor folds into its store.
-- NOTE: only the quantizers and the SwiGLU kernels are used by the training path (fp8.py). model.py writes its
-  RMSNorm and RoPE inline (train.py's torch.compile of the model fuses them there); rmsnorm/rope here are
-  the same maths as standalone kernels, checked against float64 in tests/test_kernels.py.
+- Only what fp8.py's training path calls lives here. RMSNorm and RoPE have one implementation each, in
+  model.py (train.py's torch.compile of the model fuses them there).
 - Speed: on an H200 (M=16384, K=7168) the compiled quantizers move 41% (1×128), 28% (128×1), 16% (requant
-  128×1), 58% (128×128) and 33% (SwiGLU+1×128) of the measured copy bandwidth; the paper's hand-written
+  128×1), 58% (128×128) and 33% (SwiGLU+1×128) of the measured copy bandwidth (the 1×128 figure with the
+  autotuning it no longer gets, see quant_1x128 below); the paper's hand-written
   kernels do better. Inductor's 128-element segmented reductions and transposed stores are the limit, and
   the dynamic number of rows (below) costs 20-25% of the throughput of a kernel compiled for one shape.
 
 Run: python -m pytest tests/test_kernels.py -q
 
 Dimension legend: M rows (tokens, B·T), K input features (the reduction dim of Fprop), N output features,
-Mp/Kp/Np the same rounded up to a multiple of 128; B batch, T time, H heads, Dr RoPE head dim.
+Mp/Kp/Np the same rounded up to a multiple of 128.
 """
 import functools
 
@@ -155,15 +156,11 @@ def dequant_1x128_ref(q: Tensor, s: Tensor, core=_dq_1x128) -> Tensor:
     return core(_tiles_1x128(q), s)
 
 
-def _dq_128x128(q: Tensor, s: Tensor) -> Tensor:
-    # q (Np/128, 128, Kp/128, 128), s (Np/128, Kp/128) -> fp32 (Np, Kp)
-    return (q.float() * s[:, None, :, None]).flatten(0, 1).flatten(1)
-
-
-def dequant_128x128_ref(q: Tensor, s: Tensor, core=_dq_128x128) -> Tensor:
-    """q (Np, Kp) e4m3, s (Np/128, Kp/128) -> fp32 (Np, Kp)."""
+def dequant_128x128_ref(q: Tensor, s: Tensor) -> Tensor:
+    """q (Np, Kp) e4m3, s (Np/128, Kp/128) -> fp32 (Np, Kp). Not on the training path (weights are never
+    dequantized there); the tests' way back from FP8 to numbers."""
     Np, Kp = q.shape
-    return core(q.view(Np // TILE, TILE, Kp // TILE, TILE), s)
+    return (q.float().view(Np // TILE, TILE, Kp // TILE, TILE) * s[:, None, :, None]).view(Np, Kp)
 
 
 def _rq_128x1(q: Tensor, s: Tensor, pow2: bool) -> tuple[Tensor, Tensor]:
@@ -182,15 +179,7 @@ def requant_128x1_ref(q: Tensor, s: Tensor, pow2: bool = False, core=_rq_128x1) 
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the model's element-wise ops: RMSNorm, SwiGLU (+ quantized output), RoPE
-
-
-def rmsnorm_ref(x: Tensor, weight: Tensor, eps: float = 1e-6) -> Tensor:
-    """x (..., D), weight (D,) -> (..., D) in x's dtype; statistics in fp32 (the paper keeps norms in
-    high precision, §3.3)."""
-    xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps)  # (..., D)
-    return (y * weight.float()).to(x.dtype)
+# SwiGLU's element-wise part (+ its output quantized in the same pass) and its backward
 
 
 def swiglu_ref(a: Tensor, b: Tensor) -> Tensor:
@@ -220,23 +209,25 @@ def swiglu_bwd_ref(a: Tensor, b: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:
     return da.to(a.dtype), (g * silu).to(b.dtype)
 
 
-def rope_ref(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotary embedding on *interleaved* pairs (x0,x1),(x2,x3),... — the official DeepSeek-V3 layout, the
-    real form of multiplying by the complex number freqs_cis = cos + i·sin.
-    x (B, T, H, Dr), cos/sin (T, Dr/2) -> (B, T, H, Dr) in x's dtype."""
-    B, T, H, Dr = x.shape
-    xp = x.float().view(B, T, H, Dr // 2, 2)  # (B, T, H, Dr/2, 2)
-    x0, x1 = xp[..., 0], xp[..., 1]  # (B, T, H, Dr/2) each
-    c, s = cos.view(1, T, 1, Dr // 2), sin.view(1, T, 1, Dr // 2)  # (1, T, 1, Dr/2) each
-    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)  # (B, T, H, Dr/2, 2)
-    return out.view(B, T, H, Dr).to(x.dtype)
+# ----------------------------------------------------------------------------------------------------------
+# the optimizer's update (§3.3.3: BF16 moments, FP32 master weights), one pass over memory per parameter
 
 
-def apply_rope(x: Tensor, freqs_cis: Tensor, compiled: bool = False) -> Tensor:
-    """Entry taking model.py's table: freqs_cis (T, Dr/2, 2) holding (cos, sin), or the official code's
-    complex (T, Dr/2). The split into cos/sin happens outside the kernel (inductor has no complex codegen)."""
-    fr = torch.view_as_real(freqs_cis) if freqs_cis.is_complex() else freqs_cis  # (T, Dr/2, 2)
-    return (rope if compiled else rope_ref)(x, fr[..., 0].contiguous(), fr[..., 1].contiguous())
+def adamw_bf16_ref(w: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, lr_wd: Tensor,
+                   b1: float, b2: float, eps: float) -> None:
+    """One torch.optim.AdamW step, in place: w the fp32 (master) weight, g its gradient, m and v the moments
+    stored in BF16 (updated in fp32, stored rounded), step a 0-d fp32 count (incremented here), lr_wd (2,)
+    fp32 [lr, weight decay]. lr and the step are tensors, so a new learning rate is not a new compiled kernel.
+    Reads 4+4+2+2 and writes 4+2+2 bytes per parameter, where a chain of _foreach_ passes moved ~5× that."""
+    step.add_(1)
+    gf = g.float()
+    mf = torch.lerp(m.float(), gf, 1 - b1)  # m = β1 m + (1-β1) g
+    vf = v.float() * b2 + (1 - b2) * gf * gf  # v = β2 v + (1-β2) g²
+    m.copy_(mf)
+    v.copy_(vf)
+    lr, wd = lr_wd[0], lr_wd[1]
+    denom = (vf / (1 - b2 ** step)).sqrt() + eps  # sqrt(v / (1-β2^t)) + eps
+    w.mul_(1 - lr * wd).sub_(lr / (1 - b1 ** step) * mf / denom)  # decoupled decay, then the Adam step
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -252,10 +243,11 @@ def apply_rope(x: Tensor, freqs_cis: Tensor, compiled: bool = False) -> Tensor:
 # compiled in. So the split DeepGEMM makes too (N and K fixed when a kernel is compiled, M a runtime value):
 # the number of rows (tokens, or tiles of 128 tokens) is dynamic, every other size is static. `_compile`
 # marks dim 0 of every input dynamic and the rest static (weights: all static), detaches the inputs
-# (requires_grad is part of a compiled graph's guard), and the limit is raised for the variants that remain
-# different kernels: each feature width, the input dtype (BF16 activations, FP32 weights), pow2 on or off,
-# a contiguous input or a column slice of a wider one.
-torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+# (requires_grad is part of a compiled graph's guard), and raises the recompile limit, only while one of
+# these kernels runs (importing this file changes no global setting), for the variants that remain different
+# kernels: each feature width, the input dtype (BF16 activations, FP32 weights), pow2 on or off, a
+# contiguous input or a column slice of a wider one.
+RECOMPILE_LIMIT = 64
 
 
 def _compile(fn, dynamic_rows: bool = True, **options):
@@ -270,7 +262,8 @@ def _compile(fn, dynamic_rows: bool = True, **options):
                     torch._dynamo.maybe_mark_dynamic(a, 0)
                 for d in range(1 if dynamic_rows else 0, a.dim()):
                     torch._dynamo.mark_static(a, d)
-        return compiled(*args)
+        with torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)):
+            return compiled(*args)
     return run
 
 
@@ -279,16 +272,27 @@ def _with_core(ref, core):
     return functools.update_wrapper(functools.partial(ref, core=core), ref)
 
 
-# coordinate-descent tuning of the generated reduction: 0.193 -> 0.148 ms for M=16384, K=7168 on an H200
-# (compiled for that one shape); it did not help quant_128x1, so only the 1×128 quantizer uses it
-quant_1x128 = _with_core(quant_1x128_ref, _compile(_q_1x128, coordinate_descent_tuning=True))
+# No autotuning: coordinate-descent tuning made quant_1x128 faster (0.193 -> 0.148 ms for M=16384, K=7168 on an
+# H200, compiled for that one shape) but runs again for every width and dtype at the first FP8 step, which took
+# 97 s on the v3-width preset with it (bench/bench_fp8_train.py, 2026-12-01); README gives the time without it.
+quant_1x128 = _with_core(quant_1x128_ref, _compile(_q_1x128))
 quant_128x1 = _with_core(quant_128x1_ref, _compile(_q_128x1))
 quant_128x128 = _with_core(quant_128x128_ref, _compile(_q_128x128, dynamic_rows=False))  # weights
 requant_128x1 = _with_core(requant_128x1_ref, _compile(_rq_128x1))
 dequant_1x128 = _with_core(dequant_1x128_ref, _compile(_dq_1x128))
-dequant_128x128 = _with_core(dequant_128x128_ref, _compile(_dq_128x128, dynamic_rows=False))
 swiglu_quant = _with_core(swiglu_quant_ref, _compile(_swiglu_q))
 swiglu = _compile(swiglu_ref)  # element-wise only: no tiles, no padding
 swiglu_bwd = _compile(swiglu_bwd_ref)
-rmsnorm = _compile(rmsnorm_ref)
-rope = torch.compile(rope_ref)  # its Dr // 2 would be symbolic arithmetic again; standalone, shapes fixed
+
+
+def _flat_update(fn):
+    # every parameter flattened to 1-D with a dynamic length: one compiled kernel for all shapes
+    compiled = torch.compile(fn, dynamic=True)
+
+    @functools.wraps(fn)
+    def run(w, g, m, v, step, lr_wd, b1, b2, eps):
+        return compiled(w.view(-1), g.view(-1), m.view(-1), v.view(-1), step, lr_wd, b1, b2, eps)
+    return run
+
+
+adamw_bf16 = _flat_update(adamw_bf16_ref)

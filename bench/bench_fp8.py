@@ -69,7 +69,7 @@ def section(name, fn):
 def probe():
     """Which blockwise scale layouts torch._scaled_mm accepts here, and hopper == emulated for each GEMM."""
     dev = torch.device("cuda")
-    print(f"hopper_support (Fprop/Dgrad, Wgrad): {fp8.hopper_support(dev)}\n")
+    print(f"hopper_gemms: {fp8.hopper_gemms('auto', dev)}\n")
     rows = []
 
     def plain_ld(qa, sa, qb, sb, out_dtype):  # the call as documented, without fp8.gemm_hopper's paddings
@@ -101,9 +101,11 @@ def probe():
         x = torch.randn(4, 512, D_in, device=dev, requires_grad=True)
         dy = torch.randn(4, 512, D_out, device=dev)
         res = {}
-        for tag, backend, compiled in [("emulated", "emulated", False), ("hopper", "auto", False),
-                                       ("hopper+compile", "auto", True)]:
-            fp8.BACKEND = backend
+        for tag, backend, compiled in [("emulated", "emulated", False), ("hopper", "hopper", False),
+                                       ("hopper+compile", "hopper", True)]:
+            for mod in m.modules():  # the back end is an attribute of each FP8 layer
+                if hasattr(mod, "backend"):
+                    mod.backend = backend
             f = torch.compile(m) if compiled else m
             x.grad = None
             m.zero_grad()
@@ -111,7 +113,6 @@ def probe():
                 y = f(x)
             y.backward(dy)
             res[tag] = [y.float(), x.grad.float()] + [p.grad.float() for p in m.parameters()]
-        fp8.BACKEND = "auto"
         for tag in ("hopper", "hopper+compile"):
             errs = ", ".join(f"{rel_err(a, b):.1e}" for a, b in zip(res[tag], res["emulated"]))
             print(f"{name} {tag} vs emulated (y, dx, dW...; bf16 outputs): {errs}")
@@ -143,9 +144,9 @@ def smoke():
     losses = {}
     hopper = fp8.gemm_hopper
 
-    def loud_hopper(qa, sa, qb, sb, out_dtype):  # name the operands if cuBLAS refuses them
+    def loud_hopper(qa, sa, qb, sb, out_dtype, out=None):  # name the operands if cuBLAS refuses them
         try:
-            return hopper(qa, sa, qb, sb, out_dtype)
+            return hopper(qa, sa, qb, sb, out_dtype, out)
         except RuntimeError:
             print(f"gemm_hopper failed: qa {tuple(qa.shape)}, sa {tuple(sa.shape)} {sa.stride()}, qb {tuple(qb.shape)}"
                   f", sb {tuple(sb.shape)} {sb.stride()}, {out_dtype}")

@@ -1,0 +1,172 @@
+"""
+FP8 vs BF16 training, one command: trains a preset for a fixed number of steps in BF16 and in FP8 (§3.3) from
+the same seed and the same batches, plus BF16 from a second seed (the noise yardstick), and prints a markdown
+table: ms/step, tokens/s, MFU, peak memory, first-step time, and the FP8-vs-BF16 relative loss gap averaged over
+the last steps next to the BF16-vs-BF16 gap between the two seeds.
+
+The loop is train.py's step (bf16 autocast, gradient clipping, the router-bias update after every step) without
+evaluation or checkpoints; BF16 uses fused torch.optim.AdamW, FP8 uses convert_to_fp8 + fp8.AdamWBF16 (BF16
+moments), as `train.py --fp8=True` does. The second seed changes the initial weights only: both BF16 runs see the
+same batches, so their gap is what a different initialization alone moves the loss by.
+
+Run:  python bench/bench_fp8_train.py --config gpu --steps=300
+      python bench/bench_fp8_train.py --config v3-width --steps=30 --runs=bf16,fp8 --profile=fp8
+Options: --steps, --last (steps the loss gap averages over; default: the last 20%), --compile (default: the
+preset's), --runs (any of bf16, bf16-seed2, fp8, in order), --profile=RUN (one step of that run under
+torch.profiler: the ops with the most GPU time), --out=FILE.json (every run's per-step losses and times),
+and any train.py key (e.g. --batch_size=4).
+Timings: median step time over the steps after the first 3 (each step ends with a device sync), tokens/s from
+that; MFU counts activated parameters + attention (model.flops_per_token) against the dense BF16 peak, for FP8
+runs too, so the two MFU columns compare like the step times do.
+"""
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+import fp8  # noqa: E402
+from config import MODEL_DEFAULTS, PRESETS, TRAIN_DEFAULTS, die, lr_at, parse_or_exit, to_model_args  # noqa: E402
+from model import Transformer  # noqa: E402
+
+BENCH_DEFAULTS = dict(steps=300, last=0, runs="bf16,bf16-seed2,fp8", profile="", out="", seed2=4242)
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense BF16 FLOP/s per GPU, train.py's MFU denominator
+
+
+def run(cfg: dict, tag: str, device: str, profile: bool) -> dict:
+    """Train cfg for cfg['steps'] steps as `tag` (bf16 | bf16-seed2 | fp8); returns the measurements."""
+    use_fp8 = tag == "fp8"
+    torch.manual_seed(cfg["seed2"] if tag == "bf16-seed2" else cfg["seed"])
+    args = to_model_args(cfg)
+    meta = data.prepare(cfg["data"], cfg["vocab_size"])
+    args.vocab_size = meta["vocab_size"]
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    with torch.device(device):  # initialized on the GPU: a 4.5B-parameter model takes minutes on the CPU
+        model = Transformer(args)
+    if use_fp8:
+        fp8.convert_to_fp8(model)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [dict(params=decay, weight_decay=cfg["weight_decay"]), dict(params=no_decay, weight_decay=0.0)]
+    betas = (cfg["beta1"], cfg["beta2"])
+    opt = fp8.AdamWBF16(groups, lr=cfg["lr"], betas=betas) if use_fp8 else \
+        torch.optim.AdamW(groups, lr=cfg["lr"], betas=betas, fused=cuda)
+    step_model = torch.compile(model) if cfg["compile"] else model
+    train_data = data.load_tokens(meta["train_bin"])
+    gen = torch.Generator().manual_seed(cfg["seed"] + 1000)  # the same batches for every run
+    B, T, A = cfg["batch_size"], cfg["seq_len"], cfg["grad_accum"]
+    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16)
+
+    def step(it):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(it, cfg)
+        total = torch.zeros((), device=device)
+        for _ in range(A):
+            x, y = data.get_batch(train_data, B, T, gen, device)
+            with autocast:
+                _, losses = step_model(x, y)
+            (losses["loss"] / A).backward()
+            total += losses["ce"].detach() / A
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.update_router_biases()
+        return total
+
+    losses, times, prof_table = [], [], None
+    prof_it = min(5, cfg["steps"] - 1) if profile else -1
+    for it in range(cfg["steps"]):
+        prof = None
+        if it == prof_it:
+            from torch.profiler import ProfilerActivity, profile as torch_profile
+            prof = torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+        t = time.perf_counter()
+        with prof or nullcontext():
+            loss = step(it).item()  # .item() syncs: the step is done
+        times.append(time.perf_counter() - t)
+        losses.append(loss)
+        if prof is not None:
+            prof_table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=25, max_name_column_width=60)
+        if it % 50 == 0 or it == cfg["steps"] - 1:
+            print(f"  {tag} step {it + 1}/{cfg['steps']}: loss {loss:.4f}, {times[-1] * 1000:.0f} ms", flush=True)
+    n = model.num_params()
+    timed = [t for i, t in enumerate(times) if i != prof_it]  # the profiled step ran slower
+    timed = timed[3:] if len(timed) > 6 else timed[1:] or timed
+    ms = 1000 * statistics.median(timed)
+    tok_s = B * T * A / (ms / 1000)
+    peak = next((v for k, v in PEAK_BF16.items() if k in torch.cuda.get_device_name()), None) if cuda else None
+    res = dict(tag=tag, ms=ms, tok_s=tok_s, mfu=model.flops_per_token(T) * tok_s / peak if peak else None,
+               peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"), first_s=times[0], losses=losses,
+               times=times, params=n, profile=prof_table)
+    print(f"  {tag}: {ms:.0f} ms/step, {tok_s:,.0f} tokens/s, peak {res['peak_gib']:.1f} GiB, "
+          f"first step {times[0]:.1f} s", flush=True)
+    del model, opt, step_model
+    if cuda:
+        torch.cuda.empty_cache()
+    return res
+
+
+def rel_gap(a: list[float], b: list[float], last: int) -> float:
+    """|mean(a) − mean(b)| / mean(b) over the last `last` steps."""
+    ma, mb = statistics.mean(a[-last:]), statistics.mean(b[-last:])
+    return abs(ma - mb) / mb
+
+
+def main():
+    cfg = parse_or_exit("bench_fp8_train.py", sys.argv[1:], {**TRAIN_DEFAULTS, **MODEL_DEFAULTS, **BENCH_DEFAULTS},
+                        PRESETS, "gpu")
+    device = cfg["device"] if cfg["device"] != "auto" else "cuda"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        die("bench_fp8_train.py", "needs a CUDA GPU (--device=cpu runs it slowly, as a smoke test)")
+    tags = cfg["runs"].split(",")
+    if not tags or any(t not in ("bf16", "bf16-seed2", "fp8") for t in tags):
+        die("bench_fp8_train.py", f"--runs takes bf16, bf16-seed2, fp8; got {cfg['runs']!r}")
+    if cfg["steps"] < 1 or cfg["last"] < 0:
+        die("bench_fp8_train.py", f"--steps must be >= 1 and --last >= 0, got {cfg['steps']} and {cfg['last']}")
+    cfg["max_iters"] = cfg["steps"]  # the LR schedule (warm-up, constant, decay) spans the benchmark
+    last = cfg["last"] or max(1, cfg["steps"] // 5)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    cmd = "python bench/bench_fp8_train.py " + " ".join(sys.argv[1:])
+    name = torch.cuda.get_device_name() if device.startswith("cuda") else "CPU"
+    print(f"# {cmd}\n{name}, torch {torch.__version__}, {datetime.date.today()}; "
+          f"preset {cfg['config']}, {cfg['steps']} steps of {cfg['batch_size'] * cfg['seq_len'] * cfg['grad_accum']:,} "
+          f"tokens, compile={cfg['compile']}\n", flush=True)
+    res = {t: run(cfg, t, device, t == cfg["profile"]) for t in tags}
+    n = next(iter(res.values()))["params"]
+    print(f"\nparameters: {n['total'] / 1e9:.2f}B total, {n['activated'] / 1e9:.2f}B activated "
+          f"(+{n['mtp'] / 1e9:.2f}B MTP, {n['mtp_activated'] / 1e9:.2f}B activated)\n")
+    for r in res.values():
+        if r["profile"]:
+            print(f"one {r['tag']} step under torch.profiler (step 6):\n\n```\n{r['profile']}\n```\n")
+    base = res.get("bf16")
+    print("| run | ms/step | tokens/s | MFU | peak memory | first step | vs BF16 speed | "
+          f"loss, mean of last {last} | loss gap vs BF16 |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in res.values():
+        speed = f"{r['tok_s'] / base['tok_s']:.2f}x" if base else "-"
+        gap = f"{100 * rel_gap(r['losses'], base['losses'], last):.3f}%" if base and r is not base else "-"
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
+        print(f"| {r['tag']} | {r['ms']:.0f} | {r['tok_s']:,.0f} | {mfu} | {r['peak_gib']:.1f} GiB | "
+              f"{r['first_s']:.1f} s | {speed} | {statistics.mean(r['losses'][-last:]):.4f} | {gap} |")
+    if base and "fp8" in res and "bf16-seed2" in res:
+        g8, gs = rel_gap(res["fp8"]["losses"], base["losses"], last), rel_gap(res["bf16-seed2"]["losses"], base["losses"], last)
+        print(f"\nFP8 vs BF16 loss gap {100 * g8:.3f}% (paper: < 0.25%); BF16 seed spread {100 * gs:.3f}%: "
+              f"FP8 is {'within' if g8 <= max(gs, 0.0025) else 'OUTSIDE'} max(0.25%, seed spread)")
+    if cfg["out"]:
+        with open(cfg["out"], "w") as f:
+            json.dump(dict(command=cmd, device=name, torch=torch.__version__,
+                           date=str(datetime.date.today()), cfg=cfg,
+                           runs={t: {k: v for k, v in r.items() if k != "profile"} for t, r in res.items()}), f)
+
+
+if __name__ == "__main__":
+    main()
