@@ -223,7 +223,8 @@ if cfg["fp8"]:   # §3.3.3: BF16 moments, FP32 master weights
     from fp8 import AdamWBF16
     optimizer = AdamWBF16(groups, lr=cfg["lr"], betas=betas)
 else:
-    optimizer = torch.optim.AdamW(groups, lr=cfg["lr"], betas=betas, fused=device_type == "cuda")
+    # fused: one kernel for all parameters instead of ~10 ops per tensor (on CPU too, torch >= 2.4)
+    optimizer = torch.optim.AdamW(groups, lr=cfg["lr"], betas=betas, fused=True)
 step, best_val = 0, float("inf")
 if cfg["resume"]:
     ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
