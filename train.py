@@ -15,15 +15,20 @@ Run:  python train.py --config small                     (2-core CPU, ~5 minutes
       python train.py --config gpu --compile=True        (one H100/H200)
       torchrun --nproc_per_node=8 train.py --config multi-gpu
       any field can be overridden: python train.py --config small --max_iters=100 --dim=64 --out_dir=out-x
+      a wall-clock budget instead of a step count: python train.py --config small --time_budget=120
 """
+import time
+
+T_LAUNCH = time.time()   # --time_budget counts from here: imports, data preparation and the end of the run included
+
 import ast
+import io
 import json
 import math
 import os
 import shutil
 import signal
 import sys
-import time
 from contextlib import nullcontext
 from dataclasses import asdict, fields
 
@@ -47,6 +52,8 @@ DEFAULTS = dict(
     # optimizer and schedule (§4.2): warm-up, constant, then cosine decay over the last decay_frac of steps
     max_iters=1000, lr=3e-3, min_lr=3e-4, warmup_iters=50, decay_frac=0.4, weight_decay=0.1,
     beta1=0.9, beta2=0.95, grad_clip=1.0,
+    # > 0: launch to exit in this many seconds; the schedule's horizon follows the measured step time (max_iters caps it)
+    time_budget=0.0,
     # system
     device="auto", dtype="auto", compile=False, fp8=False, seed=1337,
 )
@@ -120,7 +127,7 @@ def parse_config(argv: list[str]) -> dict:
 
 POSITIVE = ("batch_size", "seq_len", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval",
             "lr", "grad_clip")
-NON_NEGATIVE = ("sample_tokens", "warmup_iters", "min_lr", "weight_decay")
+NON_NEGATIVE = ("sample_tokens", "warmup_iters", "min_lr", "weight_decay", "time_budget")
 
 
 def check_ranges(cfg: dict) -> None:
@@ -242,14 +249,16 @@ if cfg["resume"]:
 step_model = torch.compile(model) if cfg["compile"] else model   # same parameters, compiled forward
 
 
-def lr_at(it: int) -> float:
-    """§4.2: linear warm-up, constant, then cosine decay to min_lr over the last decay_frac of training."""
+def lr_at(it: int, horizon: int | None = None) -> float:
+    """§4.2: linear warm-up, constant, then cosine decay to min_lr over the last decay_frac of training, which
+    ends at `horizon` steps (max_iters; under --time_budget the step the budget is measured to reach)."""
+    horizon = cfg["max_iters"] if horizon is None else horizon
     if it < cfg["warmup_iters"]:
         return cfg["lr"] * (it + 1) / cfg["warmup_iters"]
-    decay_start = int(cfg["max_iters"] * (1 - cfg["decay_frac"]))
+    decay_start = int(horizon * (1 - cfg["decay_frac"]))
     if it < decay_start:
         return cfg["lr"]
-    progress = min(1.0, (it - decay_start) / max(1, cfg["max_iters"] - decay_start))
+    progress = min(1.0, (it - decay_start) / max(1, horizon - decay_start))
     return cfg["min_lr"] + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg["lr"] - cfg["min_lr"])
 
 
@@ -262,12 +271,12 @@ peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name
 
 
 @torch.no_grad()
-def evaluate() -> dict:
+def evaluate(n_batches: int | None = None) -> dict:
     """Main-model CE on the same eval_iters val batches every time (a fixed generator), so evals compare."""
     model.eval()
     gen = torch.Generator().manual_seed(cfg["seed"] + 7)
     losses, loads = [], 0
-    for _ in range(cfg["eval_iters"]):
+    for _ in range(n_batches or cfg["eval_iters"]):
         x, y = D.get_batch(val_data, B, T, gen, device)
         with autocast:
             _, loss = model(x, y)
@@ -311,6 +320,31 @@ def log_metrics(record: dict):
             f.write(json.dumps(record) + "\n")
 
 
+def end_cost() -> float:
+    """Seconds one eval + sample + checkpoint takes, measured before training (--time_budget reserves it for the
+    end and for each eval on the way): 2 val batches, an 8-token sample and an in-memory save of the weights,
+    scaled to eval_iters, sample_tokens and weights + 2 Adam moments, plus a 25% margin. Changes no state."""
+    t0 = time.time()
+    evaluate(n_batches=2)
+    t1 = time.time()
+    if cfg["sample_tokens"]:
+        sample_text(8)
+    t2 = time.time()
+    torch.save(model.state_dict(), io.BytesIO())
+    t3 = time.time()
+    return 1.25 * ((t1 - t0) / 2 * cfg["eval_iters"] + (t2 - t1) / 8 * cfg["sample_tokens"] + 3 * (t3 - t2))
+
+
+def fit_horizon(step: int, speed: list, end_s: float) -> int:
+    """--time_budget: the step at which training must stop so that the evals still due and the end of the run fit
+    in the budget, at the measured speed (seconds per step over the recent log windows)."""
+    per_step = sum(sec for _, sec in speed) / sum(n for n, _ in speed)
+    left = T_LAUNCH + cfg["time_budget"] - time.time() - end_s
+    horizon = step + int(left / per_step)
+    evals_due = max(0, (horizon - 1) // cfg["eval_interval"] - step // cfg["eval_interval"])  # mid-run evals
+    return min(cfg["max_iters"], step + max(0, int((left - evals_due * end_s) / per_step)))
+
+
 # -----------------------------------------------------------------------------
 # the training loop
 
@@ -330,9 +364,9 @@ if master:
           f"{f', {world} ranks' if ddp else ''}")
 
 
-def train_step(it: int) -> torch.Tensor:
+def train_step(it: int, horizon: int) -> torch.Tensor:
     for g in optimizer.param_groups:
-        g["lr"] = lr_at(it)
+        g["lr"] = lr_at(it, horizon)
     total = torch.zeros((), device=device)
     for _ in range(cfg["grad_accum"]):
         x, y = D.get_batch(train_data, B, T, train_gen, device)
@@ -364,13 +398,23 @@ def on_sigint(signum, frame):   # Ctrl-C: finish the current step, then save and
 
 
 signal.signal(signal.SIGINT, on_sigint)
-bar = tqdm(total=cfg["max_iters"], initial=step, disable=not master, dynamic_ncols=True, mininterval=1.0)
+horizon, speed, end_s = cfg["max_iters"], [], 0.0   # the step training ends at; (steps, seconds) per log window
+if cfg["time_budget"]:
+    end_s = end_cost()
+    used = time.time() - T_LAUNCH
+    if master:
+        print(f"time budget {cfg['time_budget']:.0f} s: {used:.1f} s used by start-up, ~{end_s:.1f} s kept for "
+              f"each eval/sample/checkpoint; the LR schedule ends where the measured step time reaches the budget")
+    if used + end_s >= cfg["time_budget"]:
+        fail(f"--time_budget={cfg['time_budget']:g} leaves no time to train: start-up took {used:.1f} s and the "
+             f"final eval/sample/checkpoint needs ~{end_s:.1f} s")
+bar = tqdm(total=horizon, initial=step, disable=not master, dynamic_ncols=True, mininterval=1.0)
 window, t_window, last_good = [], time.time(), step
-while step < cfg["max_iters"] and not interrupted:
-    loss = train_step(step)
+while step < horizon and not interrupted:
+    loss = train_step(step, horizon)
     window.append(loss)
     step += 1
-    if step % cfg["log_interval"] == 0 or step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]:
+    if step % cfg["log_interval"] == 0 or step % cfg["eval_interval"] == 0 or step >= horizon:
         losses = torch.stack(window).cpu()   # one host sync per log interval, not per step
         bad = (~torch.isfinite(losses)).nonzero()
         if len(bad):
@@ -378,15 +422,23 @@ while step < cfg["max_iters"] and not interrupted:
             fail(f"non-finite loss at step {step - len(window) + int(bad[0]) + 1}; stopping, the last good "
                  f"checkpoint (step {last_good}) is kept in {cfg['out_dir']}", code=1)
         dt = (time.time() - t_window) / len(window)
+        speed.append((len(window), dt * len(window)))
+        if cfg["time_budget"] and len(speed) > 1:   # re-fit the horizon; the launch's first window is the warm-up
+            horizon = fit_horizon(step, speed[1:][-50:], end_s)
+            if ddp:   # every rank must stop at the same step: rank 0's clock decides
+                h = torch.tensor(horizon, device=device)
+                dist.broadcast(h, src=0)
+                horizon = int(h)
+            bar.total = horizon
         tok_s = B * T * cfg["grad_accum"] * world / dt
         maxvio = model.expert_load()[1].mean().item()
         mfu = f" | mfu {100 * flops_per_token * tok_s / world / peak:.1f}%" if peak else ""
         bar.set_postfix_str(f"loss {losses[-1]:.4f} | {dt * 1000:.0f} ms | {tok_s:,.0f} tok/s{mfu} | maxvio {maxvio:.2f}")
         bar.update(len(window))
-        log_metrics(dict(step=step, loss=losses[-1].item(), lr=lr_at(step - 1), ms=dt * 1000, tok_s=tok_s,
+        log_metrics(dict(step=step, loss=losses[-1].item(), lr=optimizer.param_groups[0]["lr"], ms=dt * 1000, tok_s=tok_s,
                          maxvio=maxvio))
         window, t_window = [], time.time()
-    if step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]:
+    if step % cfg["eval_interval"] == 0 or step >= horizon:
         ev = evaluate()
         if not math.isfinite(ev["val_loss"]):   # the last update broke the weights: do not save them
             bar.close()
@@ -403,6 +455,10 @@ while step < cfg["max_iters"] and not interrupted:
         last_good = step
         t_window = time.time()   # keep eval time out of tokens/s
 bar.close()
+if not interrupted:
+    log_metrics(dict(step=step, elapsed=time.time() - T_LAUNCH))   # launch to the last checkpoint written
+    if master:
+        print(f"done: {step} steps, {time.time() - T_LAUNCH:.1f} s from launch")
 if interrupted:
     save_checkpoint()
     if master:

@@ -146,7 +146,7 @@ def main(argv):
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([dict(params=decay, weight_decay=cfg["weight_decay"]),
                              dict(params=no_decay, weight_decay=0.0)], lr=cfg["lr"],
-                            betas=(cfg["beta1"], cfg["beta2"]), **cfg.get("adamw_options", {}))
+                            betas=(cfg["beta1"], cfg["beta2"]), fused=True)   # as train.py
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg["dtype"] == "bfloat16")
     train = D.load_tokens(meta["train_bin"])
     gen = torch.Generator().manual_seed(cfg["seed"])

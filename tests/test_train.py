@@ -148,3 +148,27 @@ def test_fp8_training_with_grad_accumulation(tmp_path):
     moments = [t for s in ckpt["optimizer"]["state"].values() for t in s.values() if torch.is_tensor(t) and t.dim()]
     assert moments and all(t.dtype == torch.bfloat16 for t in moments)
     assert sorted(train_losses(out)) == [1, 2, 3]
+
+
+def test_time_budget_fits_the_schedule_to_the_clock(tmp_path):
+    # --time_budget: the run stops by itself (max_iters only caps it), its LR schedule has decayed to min_lr by
+    # the last step (the horizon followed the measured step time), the final eval and checkpoint are at that
+    # step, and launch -> last checkpoint fits the budget. The budget is twice what a 10-step run takes here,
+    # launch to exit, so the test means the same on a fast and on a loaded machine: more than 10 steps must fit.
+    t0 = time.time()
+    run("--config", "small", *TINY, "--max_iters=10", "--eval_interval=10", f"--out_dir={tmp_path / 'ten'}")
+    budget = round(2 * (time.time() - t0)) + 1
+    out = str(tmp_path / "out")
+    p = run("--config", "small", *TINY, f"--time_budget={budget}", "--max_iters=1000000", "--eval_interval=1000000",
+            "--decay_frac=0.5", "--lr=1e-3", "--min_lr=1e-4", f"--out_dir={out}")
+    assert f"time budget {budget} s" in p.stdout
+    rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    steps = [r for r in rows if "loss" in r]
+    last = steps[-1]["step"]
+    assert 10 < last < 1000000, last
+    assert [r["step"] for r in rows if "val_bpb" in r] == [last]
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == last
+    assert rows[-1]["elapsed"] <= budget * 1.1, (rows[-1]["elapsed"], budget)
+    lrs = [r["lr"] for r in steps]
+    assert lrs[-1] < 1e-4 + 0.1 * (1e-3 - 1e-4), lrs[-5:]           # the decay reached its end ...
+    assert max(lrs) == 1e-3 and lrs.index(1e-3) < last // 2        # ... after a constant phase at the peak
