@@ -19,11 +19,22 @@ format, one "base64(token bytes) rank" per line, and the files are served throug
 
 Run: python data.py [--data=PATH.txt] [--vocab_size=4096] [--cache_dir=DIR]   (prepares the data, prints stats)
 """
-import base64, hashlib, heapq, importlib.metadata, json, math, os, re, shutil, sys, tempfile, time
+import base64
+import hashlib
+import heapq
+import importlib.metadata
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
 from collections import Counter, defaultdict
 
 import numpy as np
-import regex  # tiktoken depends on it and uses it for the same pattern; the stdlib `re` has no \p{L}
+import regex  # the stdlib `re` has no \p{L}; tiktoken uses the same pattern (requirements.txt lists it)
 import tiktoken
 import torch
 
@@ -83,7 +94,8 @@ def markdown_to_play(md: str) -> str:
             if line:
                 direction.append(line)
             if not line or line[-1] in "_*":  # closed by its emphasis marker (or, defensively, a blank line)
-                flush(); direction = None
+                flush()
+                direction = None
             continue
         if not line:
             out.append("")
@@ -94,7 +106,8 @@ def markdown_to_play(md: str) -> str:
         elif line[0] in "_*":  # _Enter HORATIO_, *Sound a horn.*, _\[Aside]_
             direction = [line]
             if len(line) > 1 and line[-1] in "_*":
-                flush(); direction = None
+                flush()
+                direction = None
         else:
             out.append(_inline(line))
     if direction:  # a stage direction left open at the end of the file
@@ -120,9 +133,11 @@ def _merge(ids: list[int], pair: tuple[int, int], new: int) -> list[int]:
     out, i = [], 0
     while i < len(ids):  # left to right, as tiktoken does: "a a a" -> "aa a"
         if i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]:
-            out.append(new); i += 2
+            out.append(new)
+            i += 2
         else:
-            out.append(ids[i]); i += 1
+            out.append(ids[i])
+            i += 1
     return out
 
 
@@ -160,7 +175,9 @@ def train_bpe(docs: list[str], vocab_size: int) -> list[tuple[int, int]]:
         b = token_bytes[p[0]] + token_bytes[p[1]]
         # tiktoken ranks tokens by their bytes, so two merges that make the same bytes could not be told apart.
         assert b not in seen, f"BPE produced a duplicate token {b!r}"
-        merges.append(p); token_bytes.append(b); seen.add(b)
+        merges.append(p)
+        token_bytes.append(b)
+        seen.add(b)
         created = set()
         for i in sorted(where.pop(p)):  # only the chunks that contain the pair are touched
             old = words[i]
@@ -352,20 +369,13 @@ def bits_per_byte(mean_loss_nats: float, n_tokens: int, n_bytes: int) -> float:
 # ----------------------------------------------------------------------------- CLI
 
 if __name__ == "__main__":
-    args = dict(data=None, vocab_size=4096, cache_dir=CACHE_DIR)
-    for a in sys.argv[1:]:
-        k, eq, v = a.removeprefix("--").partition("=")
-        if not a.startswith("--") or not eq or k not in args or (k == "vocab_size" and not v.isdigit()):
-            print(f"usage: python data.py [--data=PATH.txt] [--vocab_size=INT] [--cache_dir=DIR]; bad argument {a!r}",
-                  file=sys.stderr)
-            sys.exit(2)
-        args[k] = int(v) if k == "vocab_size" else v
+    from config import die, parse_or_exit
+    args = parse_or_exit("data.py", sys.argv[1:], dict(data=None, vocab_size=4096, cache_dir=CACHE_DIR))
     t0 = time.time()
     try:
         m = prepare(**args)
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        die("data.py", str(e))
     print(f"{m['name']}: vocab {m['vocab_size']} ({m['dtype']}), tokenizer trained in {m['tokenizer_seconds']:.1f} s, "
           f"encoded in {m['encode_seconds']:.1f} s (this call: {time.time() - t0:.1f} s)")
     for s in ("train", "val"):

@@ -5,9 +5,11 @@ The official code (github.com/deepseek-ai/DualPipe) needs CUDA + NCCL and has no
 schedule is an explicit list of ops per rank, next to the 1F1B and ZB1P baselines, and then it is
   1. simulated: per-op costs + data dependencies -> timeline, bubble, activation peak, parameter copies (Table 2);
   2. overlapped: in an F&B pair one micro-batch's all-to-all hides behind the other's attention/MLP (Figure 4);
-  3. drawn: the timeline as an SVG (ranks x time), like the paper's Figure 5;
-  4. executed for real, on virtual ranks in one process or on real ranks over torch.distributed (gloo / NCCL),
-     with Blocks of model.py as stages, and checked against ordinary non-pipelined forward/backward.
+  3. executed for real, on virtual ranks in one process or on real ranks over torch.distributed (gloo / NCCL),
+     with slices of model.py's Transformer as stages (Transformer.pipeline_stage).
+This file is the algorithm. dualpipe_demo.py prints the Table 2 comparison, draws the timelines as an SVG (the
+paper's Figure 5) and runs the executors on real ranks under torchrun; tests/test_dualpipe.py checks the
+executors against ordinary non-pipelined forward/backward (tests/dualpipe_harness.py).
 
 Ops and costs (Table 2's symbols: F forward chunk, B *full* backward chunk, W weight-grad chunk, F&B pair):
   F   forward of one micro-batch through one stage                              cost F
@@ -19,7 +21,7 @@ Bubble, as measured here: makespan (time 0 to the end of the last op on any rank
 sum of its op costs; an FB pair counts once, at cost F&B), for the worst rank. This reproduces Table 2 exactly
 (tests: 14 (PP, N) pairs x 5 cost sets) when B-W = F and W <= F, as in the paper's figure (F=1, B=2, W=1, F&B=3),
 with zero p2p latency; other costs deviate and we print the deviation rather than hide it (ZB1P, for instance,
-becomes (PP-1)·max(F+B-2W, F, B-W); try `python dualpipe.py --B=1.5`). A p2p latency adds to every bubble.
+becomes (PP-1)·max(F+B-2W, F, B-W); try `python dualpipe_demo.py --B=1.5`). A p2p latency adds to every bubble.
 Activations: micro-batch-stage activations alive on a rank (F adds one, BW or W frees it; in an FB both are alive).
 B/W split cost: B + W run exactly the GEMMs of one BW (counted in the tests); what ZB pays is memory, each Linear's
 input and output gradient held from B until its W.
@@ -33,15 +35,13 @@ Simplifications vs. the real thing:
     model.py's 'sorted' MoE path (nn.Linear calls), as its 'grouped' GEMM would compute their dW inside B;
   - p2p message order comes from the simulated timeline (one global order that both ends of every link follow)
     instead of the official code's hand-paired batched sends; no rank_mapping, no sub-groups; no DualPipeV;
-  - the real-rank flag is --ranks, not --run: torchrun's own parser would take --run for its --run-path.
-Run: python dualpipe.py [--pp=4 --nmb=12 --B=1.5 --exec]  |  torchrun --nproc_per_node=4 dualpipe.py --ranks
+Run: python dualpipe_demo.py [--pp=4 --nmb=12 --B=1.5 --exec]  |  torchrun --nproc_per_node=4 dualpipe_demo.py --ranks
+     (python dualpipe.py ... runs the same demo)
 
 Legend: PP ranks (= stages), N micro-batches, r rank, s stage, d direction (0 enters at rank 0, 1 at rank PP-1),
 mb micro-batch index inside its direction; tensors: Bm micro-batch size, T tokens, D model dim, V vocab.
 """
-import ast
 import copy
-import os
 import sys
 from collections import deque
 from dataclasses import dataclass
@@ -49,7 +49,6 @@ from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 
 # -----------------------------------------------------------------------------
@@ -131,7 +130,7 @@ def schedule_dualpipe(pp: int, nmb: int) -> Schedule:
     for r in range(pp):
         h = min(r, pp - 1 - r)
         near, far, middle = int(r >= half), int(r < half), h == half - 1
-        nf, nb, wq, ops = [0, 0], [0, 0], deque(), []       # next F / B micro-batch per direction, W queue
+        nf, nb, w_queue, ops = [0, 0], [0, 0], deque(), []  # next F / B micro-batch per direction, W's due
 
         def f(d: int) -> None:
             ops.append(Op("F", d, nf[d]))
@@ -140,11 +139,11 @@ def schedule_dualpipe(pp: int, nmb: int) -> Schedule:
         def b(d: int, split: bool) -> None:                  # split: B now, its W later (FIFO, like the official)
             ops.append(Op("B" if split else "BW", d, nb[d]))
             if split:
-                wq.append((d, nb[d]))
+                w_queue.append((d, nb[d]))
             nb[d] += 1
 
         def w() -> None:                                    # the weight grads of the oldest split B
-            ops.append(Op("W", *wq.popleft()))
+            ops.append(Op("W", *w_queue.popleft()))
 
         def fb(fd: int, bd: int) -> None:                    # overlapped pair: its backward is never split
             ops.append(Op("FB", fd, nf[fd], bd, nb[bd]))
@@ -186,7 +185,7 @@ def schedule_dualpipe(pp: int, nmb: int) -> Schedule:
         # Step 8: nW -- the trailing W's
         for _ in range(h + 1):
             w()
-        assert not wq and nf == [per_dir] * 2 and nb == [per_dir] * 2, (r, nf, nb, len(wq))
+        assert not w_queue and nf == [per_dir] * 2 and nb == [per_dir] * 2, (r, nf, nb, len(w_queue))
         sched.append(ops)
     return sched
 
@@ -312,105 +311,13 @@ def simulate(sched: Schedule, c: Costs = Costs()) -> Timeline:
 
 
 # -----------------------------------------------------------------------------
-# 3. The picture: ranks x time, one colour per op kind and direction (the paper's Figure 5 style)
-
-COLORS = {("F", 0): "#f6b26b", ("F", 1): "#ffe08a", ("BW", 0): "#6aa84f", ("BW", 1): "#b6d7a8",
-          ("B", 0): "#3d85c6", ("B", 1): "#9fc5e8", ("W", 0): "#8e7cc3", ("W", 1): "#cdc3ea"}
-CSS = ("rect{stroke:#fff;stroke-width:.5} text{font-size:9px;text-anchor:middle} .s{font-size:7px} "
-       ".l{font-size:10px;text-anchor:start} .h{font-size:11px;text-anchor:start;font-weight:bold} "
-       ".fb{fill:none;stroke:#000;stroke-width:1.2}" + "".join(f" .{k}{d}{{fill:{c}}}" for (k, d), c in COLORS.items()))
-
-
-def _box(x: float, y: float, w: float, h: float, cls: str, label: object = "", small: bool = False) -> str:
-    s = f'<rect x="{x:.1f}" y="{y:.1f}" width="{w:.1f}" height="{h:g}" class="{cls}"/>'
-    if label != "" and w >= 8:
-        cls = ' class="s"' if small else ""
-        s += f'<text x="{x + w / 2:.1f}" y="{y + h / 2 + 3:.1f}"{cls}>{label}</text>'
-    return s
-
-
-def _text(x: float, y: float, s: str, cls: str = "l") -> str:
-    return f'<text x="{x:.1f}" y="{y:.1f}" class="{cls}">{s}</text>'
-
-
-def svg_figure(panels: list[tuple[str, Timeline]], pair: Costs | None = None, width: float = 1300.0) -> str:
-    """Timelines on one shared time scale (so bubbles compare by length), then a close-up of one F&B pair."""
-    x0, row, y = 52.0, 18.0, 8.0
-    scale = (width - x0 - 10) / max(tl.makespan for _, tl in panels)
-    out = [f"<style>{CSS}</style>", '<rect width="100%" height="100%" style="fill:#fff;stroke:none"/>']
-    legend = [("F", "forward F"), ("BW", "full backward"), ("B", "input backward B"), ("W", "weight backward W")]
-    for i, ((kind, what), d) in enumerate((k, d) for k in legend for d in (0, 1)):
-        out += [_box(x0 + 145 * i, y, 14, 12, f"{kind}{d}"), _text(x0 + 145 * i + 18, y + 10, f"{what} ({('&gt;', '&lt;')[d]})")]
-    out.append(_text(x0, y + 28, "direction 0 (&gt;) enters at rank 0, direction 1 (&lt;) at the last rank; number = micro-batch "
-                                 "in its direction; framed = overlapped F&amp;B pair (F on top, full backward below)"))
-    y += 40
-    for title, tl in panels:
-        out.append(_text(x0, y + 11, f"{title}: makespan {tl.makespan:g}, bubble {max(tl.bubble):g}", "h"))
-        y += 16
-        for r, spans in enumerate(tl.spans):
-            out.append(_text(4, y + 12, f"rank {r}"))
-            for op, t0, t1 in spans:
-                x, w = x0 + t0 * scale, (t1 - t0) * scale
-                if op.kind == "FB":
-                    fo, bo = op.halves()
-                    out += [_box(x, y, w, row / 2, f"F{fo.d}", fo.mb, True),
-                            _box(x, y + row / 2, w, row / 2, f"BW{bo.d}", bo.mb, True), _box(x, y, w, row, "fb")]
-                else:
-                    out.append(_box(x, y, w, row, f"{op.kind}{op.d}", op.mb))
-            y += row + 2
-        y += 14
-    if pair is not None:   # one F&B pair on its two streams: what the overlap hides
-        ps = 600 / pair_time(pair, False)[0]
-        for overlap in (False, True):
-            t, pieces = pair_time(pair, overlap)
-            out.append(_text(x0, y + 11, f"one F&amp;B pair, {'overlapped' if overlap else 'serialized'}: {t:g} "
-                                         f"(F={pair.F:g}, F&amp;B compute={pair.FB:g}, all-to-all {pair.a2a:g} each)", "h"))
-            y += 16
-            for stream in (0, 1):
-                out.append(_text(4, y + 12, ("compute", "all-to-all")[stream]))
-                out += [_box(x0 + t0 * ps, y, (t1 - t0) * ps, row, "F0" if ch == "F" else "BW0", f"{name} ({ch})")
-                        for st, ch, name, t0, t1 in pieces if st == stream and t1 > t0]
-                y += row + 2
-            y += 8
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{y + 6:.0f}" '
-            f'font-family="sans-serif">' + "".join(out) + "</svg>\n")
-
-
-# -----------------------------------------------------------------------------
-# 4. Executor: the same schedules run for real, on model.py's Blocks
-
-class Stage(nn.Module):
-    """Stage s of PP: [embedding] + its share of the Blocks + [final norm + head]. Holds the model's own modules
-    (no copy); the executor deep-copies a Stage for every rank that runs it."""
-
-    def __init__(self, model: nn.Module, s: int, pp: int):
-        super().__init__()
-        n = len(model.layers)
-        self.embed = model.embed if s == 0 else None
-        self.layers = nn.ModuleList(model.layers[s * n // pp:(s + 1) * n // pp])
-        self.norm, self.head = (model.norm, model.head) if s == pp - 1 else (None, None)
-        self.register_buffer("freqs_cis", model.freqs_cis, persistent=False)   # (max_seq_len, Dr/2, 2)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: tokens (Bm, T) on stage 0, else hidden states (Bm, T, D) -> (Bm, T, D), or logits (Bm, T, V) last."""
-        h = self.embed(x) if self.embed is not None else x        # (Bm, T, D)
-        freqs = self.freqs_cis[:h.size(1)]                          # (T, Dr/2, 2), positions 0..T-1 as the model
-        for layer in self.layers:
-            h = layer(h, freqs)                                     # (Bm, T, D)
-        return self.head(self.norm(h)) if self.head is not None else h   # (Bm, T, V) | (Bm, T, D)
-
-
-def stage_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    # model.Transformer.forward's cross-entropy, op for op, so the pipelined loss is bitwise the reference's
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
-
+# 3. Executor: the same schedules run for real, on slices of model.py's Transformer
 
 class Worker:
     """One pipeline rank: its stage copies (one per direction it serves, by d) and its micro-batches in flight.
     Messages are ('act' | 'grad', d, mb): ops put tensors in `outbox`, the transport fills `inbox`."""
 
-    def __init__(self, rank: int, pp: int, stages: dict[int, Stage], names: dict[int, list[str]],
+    def __init__(self, rank: int, pp: int, stages: dict[int, nn.Module], names: dict[int, list[str]],
                  tokens: torch.Tensor, targets: torch.Tensor):
         self.rank, self.pp, self.stages, self.names = rank, pp, stages, names
         self.tokens, self.targets = tokens, targets                  # (N, Bm, T) each, all micro-batches
@@ -449,12 +356,14 @@ class Worker:
         s, g = stage_of(self.pp, self.rank, d), d * self.per_dir + mb
         x = None if s == 0 else self.inbox.pop(("act", d, mb)).requires_grad_()   # (Bm, T, D) from stage s-1
         self.records = []
-        out = self.stages[d](self.tokens[g] if s == 0 else x)                     # (Bm, T, D) | (Bm, T, V)
-        records, self.records = self.records, None
-        if s == self.pp - 1:
-            out = stage_loss(out, self.targets[g])
+        stage, inp = self.stages[d], self.tokens[g] if s == 0 else x
+        if s == self.pp - 1:   # the model's own forward: trunk, head and cross-entropy, op for op the reference's
+            out = stage(inp, self.targets[g]).losses["ce"]
             self.losses[g] = out.detach()
         else:
+            out = stage.trunk(inp)                                                 # (Bm, T, D)
+        records, self.records = self.records, None
+        if s != self.pp - 1:
             self.outbox[("act", d, mb)] = out.detach()           # on the wire: the values, never the graph
         self.live[(d, mb)] = (x, out, records)
 
@@ -490,8 +399,9 @@ class Worker:
 
 def make_workers(name: str, model: nn.Module, pp: int, ranks: list[int], tokens: torch.Tensor,
                  targets: torch.Tensor) -> dict[int, Worker]:
-    """Each rank gets deep copies of its stages: one per direction (DualPipe: stages r and PP-1-r)."""
-    stages = [Stage(model, s, pp) for s in range(pp)]
+    """Each rank gets deep copies of its stages (Transformer.pipeline_stage): one per direction (DualPipe:
+    stages r and PP-1-r)."""
+    stages = [model.pipeline_stage(s, pp) for s in range(pp)]
     pname = {id(p): n for n, p in model.named_parameters()}
     dirs = (0, 1) if name == "dualpipe" else (0,)
     return {r: Worker(r, pp, {d: copy.deepcopy(stages[stage_of(pp, r, d)]) for d in dirs},
@@ -551,185 +461,6 @@ def run_virtual(name: str, model: nn.Module, pp: int, tokens: torch.Tensor, targ
     return torch.stack([losses[g] for g in range(len(tokens))]), grads
 
 
-def grad_diff(x: torch.Tensor, y: torch.Tensor) -> float:
-    # the official examples' check: 1 - 2<x,y>/(|x|^2+|y|^2), 0 iff x == y (direction and norm at once)
-    x, y = x.double(), y.double()
-    den = (x * x + y * y).sum().item()
-    return 0.0 if den == 0 else 1 - 2 * (x * y).sum().item() / den
-
-
-def tiny_setup(pp: int, nmb: int, seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32,
-               bm: int = 2, seq: int = 8) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    """A tiny DeepSeek-V3 (MLA + MoE, 2 Blocks per stage) and N micro-batches of random tokens, (N, Bm, T)."""
-    from model import ModelArgs, Transformer
-    torch.manual_seed(seed)
-    args = ModelArgs(vocab_size=64, dim=32, inter_dim=64, moe_inter_dim=16, n_layers=2 * pp, n_dense_layers=1,
-                     n_heads=2, n_routed_experts=4, n_shared_experts=1, n_activated_experts=2, n_expert_groups=2,
-                     n_limited_groups=1, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
-                     v_head_dim=8, max_seq_len=16, original_seq_len=16, n_mtp_depth=0, aux_alpha=0.0,
-                     init_std=0.1, attn_impl="naive",   # naive: wkv_b is used only through its nn.Linear
-                     moe_impl="sorted")   # sorted: each expert is nn.Linear calls, so W defers the experts' dW too
-    model = Transformer(args).to(device=device, dtype=dtype)
-    tokens = torch.randint(0, args.vocab_size, (nmb, bm, seq), device=device)
-    return model, tokens, torch.randint(0, args.vocab_size, (nmb, bm, seq), device=device)
-
-
-def check_against_reference(model: nn.Module, losses: torch.Tensor, grads: dict[str, torch.Tensor],
-                            tokens: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
-    """Ordinary training on the untouched model, one micro-batch after another, gradients summed.
-    Returns (max |loss - reference|, max grad_diff over all parameters)."""
-    model.zero_grad(set_to_none=True)
-    ref = []
-    for tok, tgt in zip(tokens, targets):
-        _, l = model(tok, tgt)
-        l["loss"].backward()             # = ce exactly: aux_alpha = 0 and no MTP add exact zeros
-        ref.append(l["ce"].detach())
-    zero = torch.zeros((), device=tokens.device)
-    return ((torch.stack(ref) - losses).abs().max().item(),
-            max(grad_diff(zero.expand_as(p) if p.grad is None else p.grad, grads.get(n, zero.expand_as(p)))
-                for n, p in model.named_parameters()))
-
-
-def run_ranks(names: list[str], nmb: int, seed: int) -> int:
-    """Real ranks (launched by torchrun): rank r plays its part of the program over torch.distributed p2p; then
-    gradients and losses are all-reduced (which sums DualPipe's two copies of a stage) and rank 0 checks them."""
-    import torch.distributed as dist
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
-    rank, pp, failed = dist.get_rank(), dist.get_world_size(), 0
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if backend == "nccl" else "cpu"
-    if backend == "nccl":
-        torch.cuda.set_device(device)
-    for name in names:
-        model, tokens, targets = tiny_setup(pp, nmb, seed, device)   # same seed: every rank builds the same model
-        worker = make_workers(name, model, pp, [rank], tokens, targets)
-        shape = (*tokens.shape[1:], model.args.dim)                  # (Bm, T, D): every message has this shape
-        sent = []
-
-        def send(src: int, dst: int, msg: tuple, t: torch.Tensor) -> None:
-            t = t.contiguous()
-            sent.append((dist.isend(t, dst), t))                     # keep t alive until its send completes
-
-        def recv(src: int, dst: int, msg: tuple) -> torch.Tensor:
-            buf = torch.empty(shape, dtype=model.embed.weight.dtype, device=device)
-            dist.recv(buf, src)
-            return buf
-
-        play(worker, SCHEDULES[name](pp, nmb), send, recv)
-        for req, _ in sent:
-            req.wait()
-        mine, params = worker[rank].grads(), list(model.named_parameters())
-        flat = torch.cat([mine.get(n, torch.zeros_like(p)).flatten() for n, p in params])   # zeros elsewhere:
-        losses = torch.zeros(nmb, device=device)                                             # the sums are exact
-        for g, l in worker[rank].losses.items():
-            losses[g] = l
-        dist.all_reduce(flat)
-        dist.all_reduce(losses)
-        ok = torch.ones(1, device=device)
-        if rank == 0:
-            grads = {n: g.view_as(p) for (n, p), g in zip(params, flat.split([p.numel() for _, p in params]))}
-            dl, dg = check_against_reference(model, losses, grads, tokens, targets)
-            ok[0] = float(dl == 0.0 and dg < 1e-12)
-            print(f"{'PASS' if ok.item() else 'FAIL'} {NAMES[name]} on {pp} ranks ({backend}), {nmb} micro-batches: "
-                  f"max |loss - reference| {dl:.3g}, max grad diff {dg:.3g} (limit 1e-12)", flush=True)
-        dist.broadcast(ok, 0)
-        failed += int(ok.item() == 0)
-    dist.destroy_process_group()
-    return int(failed > 0)
-
-
-# -----------------------------------------------------------------------------
-# 5. Command line: the Table 2 comparison, the overlap, the picture, the executors
-
-DEFAULTS = dict(pp=8, nmb=20, F=1.0, B=2.0, W=1.0, FB=3.0, p2p=0.0, a2a=0.5, svg="auto", schedule="all", seed=0,
-                exec=False, ranks=False)   # svg: auto = assets/dualpipe_pp{pp}.svg, empty = none
-
-
-def _die(msg: str) -> None:
-    print(f"dualpipe.py: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def parse_args(argv: list[str]) -> dict:
-    """--key=value (a Python literal, type-checked against DEFAULTS; bare --flag for booleans)."""
-    cfg = dict(DEFAULTS)
-    for a in argv:
-        key, eq, val = a[2:].partition("=") if a.startswith("--") else (a, "", "")
-        if key not in cfg:
-            _die(f"unknown option {a!r}; options: " + " ".join(f"--{k}" for k in cfg))
-        if not eq and not isinstance(cfg[key], bool):
-            _die(f"--{key} needs a value, e.g. --{key}={cfg[key]}")
-        try:
-            v = ast.literal_eval(val) if eq else True
-        except (ValueError, SyntaxError):
-            v = val
-        v = float(v) if isinstance(cfg[key], float) and type(v) is int else v
-        if type(v) is not type(cfg[key]):
-            _die(f"--{key} must be {type(cfg[key]).__name__}, got {val!r}")
-        cfg[key] = v
-    if cfg["schedule"] not in ("all", *SCHEDULES):
-        _die(f"--schedule must be all, {', '.join(SCHEDULES)}; got {cfg['schedule']!r}")
-    return cfg
-
-
-def report(sizes: list[tuple[int, int]], c: Costs) -> None:
-    """Table 2's formulas next to the simulated values, every schedule and size."""
-    print(f"costs F={c.F:g} B={c.B:g} W={c.W:g} F&B={c.FB:g} p2p={c.p2p:g}; bubble = makespan - busy time, worst rank;"
-          f" activations in micro-batch-stage units\n PP    N  schedule   bubble: formula  simulated  params f/s"
-          f"  activations f/s")
-    for pp, nmb in sizes:
-        for name, build in SCHEDULES.items():
-            (fb, fp, fa), tl = table2(name, pp, c), simulate(build(pp, nmb), c)
-            sb, sp, sa = max(tl.bubble), max(tl.params), max(tl.peak_act)
-            note = "" if abs(sb - fb) < 1e-9 else "   <- deviates from Table 2"
-            if note and name == "zb1p":
-                note += f" (= (PP-1)*max(F+B-2W, F, B-W) = {(pp - 1) * max(c.F + c.B - 2 * c.W, c.F, c.B - c.W):g})"
-            print(f"{pp:>3} {nmb:>4}  {NAMES[name]:<9} {fb:>16.2f} {sb:>10.2f}  {fp:>5}/{sp:<4}  {fa:>10}/{sa:<4}{note}".rstrip())
-
-
-def main(argv: list[str]) -> int:
-    cfg = parse_args(argv)
-    pp, nmb, names = cfg["pp"], cfg["nmb"], list(SCHEDULES) if cfg["schedule"] == "all" else [cfg["schedule"]]
-    try:
-        if cfg["ranks"]:
-            if "RANK" not in os.environ:
-                _die("--ranks needs real ranks: torchrun --nproc_per_node=PP dualpipe.py --ranks")
-            return run_ranks(names, nmb, cfg["seed"])
-        for n in SCHEDULES:
-            SCHEDULES[n](pp, nmb)                       # check the user's sizes before printing anything
-    except ValueError as e:
-        _die(str(e))
-    paper, user = Costs(), Costs(cfg["F"], cfg["B"], cfg["W"], cfg["FB"], cfg["p2p"])
-    sizes = [(8, 20)] + ([(pp, nmb)] if (pp, nmb) != (8, 20) else [])
-    for c in [paper] + ([user] if user != paper else []):
-        report(sizes, c)
-        print()
-    # the F&B overlap: MoE all-to-all added to every chunk, hidden (or not) inside the F&B pairs
-    comm = Costs(**{**user.__dict__, "a2a": cfg["a2a"]})
-    serial, overlapped = pair_time(comm, False)[0], pair_time(comm, True)[0]
-    print(f"F&B pair with all-to-all {comm.a2a:g} each (4 per pair): {serial:g} serialized, {overlapped:g} overlapped"
-          f" -> hides {serial - overlapped:g} of {4 * comm.a2a:g}")
-    tls = {n: simulate(SCHEDULES[n](pp, nmb), comm) for n in SCHEDULES}
-    no_overlap = simulate(schedule_dualpipe(pp, nmb), Costs(**{**comm.__dict__, "overlap": False}))
-    print(f"PP={pp} N={nmb} makespan with all-to-all: " + ", ".join(f"{NAMES[n]} {t.makespan:g}" for n, t in
-          tls.items()) + f" (DualPipe without the overlap: {no_overlap.makespan:g})")
-    if cfg["svg"]:
-        path = f"assets/dualpipe_pp{pp}.svg" if cfg["svg"] == "auto" else cfg["svg"]
-        panels = [(f"{NAMES[n]} PP={pp} N={nmb} (F={user.F:g} B={user.B:g} W={user.W:g} F&amp;B={user.FB:g})",
-                   simulate(SCHEDULES[n](pp, nmb), user)) for n in SCHEDULES]
-        panels += [(f"DualPipe with all-to-all {comm.a2a:g}, F&amp;B serialized", no_overlap),
-                   (f"DualPipe with all-to-all {comm.a2a:g}, F&amp;B overlapped", tls["dualpipe"])]
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with open(path, "w") as fh:
-            fh.write(svg_figure(panels, comm))
-        print(f"wrote {path}")
-    for n in names if cfg["exec"] else []:             # the single-process executor, tiny model, these sizes
-        model, tokens, targets = tiny_setup(pp, nmb, cfg["seed"])
-        dl, dg = check_against_reference(model, *run_virtual(n, model, pp, tokens, targets), tokens, targets)
-        print(f"{NAMES[n]} on {pp} virtual ranks, {nmb} micro-batches: max |loss - reference| {dl:.3g}, "
-              f"max grad diff {dg:.3g}")
-    return 0
-
-
-if __name__ == "__main__":
+if __name__ == "__main__":   # the old entry point: the demo (tables, SVG, executors) lives in dualpipe_demo.py
+    from dualpipe_demo import main
     sys.exit(main(sys.argv[1:]))

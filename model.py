@@ -7,7 +7,8 @@ Paper: DeepSeek-V3 Technical Report (arXiv 2412.19437). Sections implemented her
   §2.1.2 DeepSeekMoE + auxiliary-loss-free load balancing (12)-(16)  -> Gate, MoE
          complementary sequence-wise balance loss, eqs. (17)-(20)  -> MoE.sequence_balance_loss
          node-limited (here: group-limited) routing                -> Gate
-  §2.2   Multi-Token Prediction, eqs. (21)-(25)                  -> MTP, Transformer.forward
+  §2.2   Multi-Token Prediction, eqs. (21)-(25)                  -> MTP, Transformer.forward / mtp_forward
+  §3.2.1 a pipeline stage (a slice of the model, for dualpipe.py) -> Transformer.pipeline_stage
   §4.2   init std 0.006                                          -> Transformer._init_weights
   §4.3   YaRN long-context extension                             -> precompute_freqs_cis, MLA.softmax_scale
 Names follow the official inference code (github.com/deepseek-ai/DeepSeek-V3, inference/model.py) so a
@@ -21,6 +22,10 @@ Simplifications vs. the real thing:
     stacks them on the fly every forward, an extra copy that one stored (E, I, D) tensor would avoid;
   - no tensor parallelism, no FP8 here (fp8.py swaps the nn.Linear layers for FP8 ones).
 
+The API callers use: forward(tokens, targets) -> Output(logits, losses); trunk / logits (hidden states and
+their logits, for speculative decoding); setup_cache / rollback_cache / clear_cache (the generation cache);
+update_router_biases (after every optimizer step); set_impl (naive/absorb, grouped/sorted/loop).
+
 Run: python -m pytest tests/test_model.py   (python train.py --config small trains one)
 
 Dimension legend (used in every shape comment):
@@ -31,6 +36,7 @@ Dimension legend (used in every shape comment):
 """
 import math
 from dataclasses import dataclass, fields
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn as nn
@@ -178,9 +184,10 @@ def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
 # -----------------------------------------------------------------------------
 # Multi-head Latent Attention (§2.1.1)
 
-# MLA's query/key dim (Dn+Dr) differs from its value dim (Dv), which FlashAttention-2 does not support; on an
-# H200 cuDNN's fused attention is ~3.5x faster than the memory-efficient kernel PyTorch would otherwise pick
-# (SPEC.md), so ask for cuDNN first. On CPU only the math / flash-CPU kernels exist; the list changes nothing.
+# MLA's query/key dim (Dn+Dr) differs from its value dim (Dv), which FlashAttention-2 does not support. Measured on
+# an H200 at MLA's shapes (B=4, H=16, T=2048, qk 192, v 128, causal): cuDNN 0.21 ms forward / 1.17 ms fwd+bwd, the
+# memory-efficient kernel PyTorch would otherwise pick 0.74 / 7.2 ms; so ask for cuDNN first. On CPU only the math /
+# flash-CPU kernels exist; the list changes nothing.
 SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                  SDPBackend.MATH]
 
@@ -439,6 +446,17 @@ class MoE(nn.Module):
 # -----------------------------------------------------------------------------
 # Block, MTP module, Transformer
 
+class Output(NamedTuple):
+    """What Transformer.forward returns, always: `logits, losses = model(tokens, targets)`."""
+    logits: torch.Tensor        # (B, T, V) fp32
+    losses: dict | None         # None without targets; else loss, ce, mtp, mtp_k, balance (see forward)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token CE over positions whose target is not -1. logits (B, T, V), targets (B, T)."""
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+
+
 class Block(nn.Module):
     """Pre-norm block: x + MLA(norm(x)), then + FFN(norm(x)). Dense FFN for the first n_dense_layers.
 
@@ -476,10 +494,15 @@ class MTP(nn.Module):
         self.norm = RMSNorm(args.dim)
 
     def forward(self, h_prev, emb_next, freqs_cis, start_pos: int = 0):
-        """h_prev: (B, T, D) final-normed states of depth k-1; emb_next: (B, T, D) = Emb(t_{i+k}).
-        Returns the final-normed (B, T, D) states of depth k (fed to the head and to depth k+1)."""
+        """h_prev: (B, T, D) state of depth k-1 (depth 1: the main model's final-normed h); emb_next: (B, T, D)
+        = Emb(t_{i+k}). Returns h^k = TRM_k(h'^k) (B, T, D), the block's output, NOT normed: eq. (22)'s h^k is
+        what depth k+1 receives (its own hnorm is eq. (21)'s RMSNorm), and self.norm belongs to the head side
+        (eq. 23; the checkpoint's shared_head.norm) -- apply it with head_input() only where logits are made."""
         h = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))  # eq. (21): (B, T, D)
-        return self.norm(self.block(h, freqs_cis, start_pos))                           # eq. (22)
+        return self.block(h, freqs_cis, start_pos)                                      # eq. (22): (B, T, D)
+
+    def head_input(self, h_k: torch.Tensor) -> torch.Tensor:
+        return self.norm(h_k)                                                           # eq. (23): Head(RMSNorm(h^k))
 
 
 class Transformer(nn.Module):
@@ -503,56 +526,86 @@ class Transformer(nn.Module):
 
     # --- forward ---------------------------------------------------------------
 
-    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, start_pos: int = 0,
-                return_hidden: bool = False):
-        """tokens (B, T) int64 -> logits (B, T, V) fp32 for every position.
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, start_pos: int = 0) -> "Output":
+        """tokens (B, T) int64 -> Output(logits (B, T, V) fp32 for every position, losses).
 
-        With targets (B, T) (targets[:, t] = tokens[:, t+1], -1 = ignore) also returns a dict of losses:
-        'ce' main next-token loss, 'mtp' = λ/D Σ_k CE_k (eq. 25), 'mtp_k' the per-depth CE_k, 'balance' the
-        sequence-wise balance losses summed over MoE layers, and 'loss' their sum (what backward uses).
-        With return_hidden, also returns the final-normed hidden states h (B, T, D), the input of MTP depth 1.
+        losses is None without targets. With targets (B, T) (targets[:, t] = tokens[:, t+1], -1 = ignore) it is
+        a dict: 'ce' main next-token loss, 'mtp' = λ/D Σ_k CE_k (eq. 25), 'mtp_k' the per-depth CE_k, 'balance'
+        the sequence-wise balance losses summed over MoE layers, and 'loss' their sum (what backward uses).
+        The final-normed hidden states (the input of MTP depth 1) come from `trunk`, the logits of any hidden
+        states from `logits`: sample.py's speculative decoding calls those two instead.
         """
-        B, T = tokens.shape
-        assert tokens.dtype == torch.long, f"tokens must be int64, got {tokens.dtype}"
-        assert start_pos + T <= self.args.max_seq_len, \
-            f"sequence of {start_pos + T} positions exceeds max_seq_len={self.args.max_seq_len}"
-        freqs = self.freqs_cis[start_pos:start_pos + T]        # (T, Dr/2, 2)
-        x = self.embed(tokens)                                 # (B, T, D)
-        for layer in self.layers:
-            x = layer(x, freqs, start_pos)
-        h = self.norm(x)                                       # (B, T, D)
-        logits = at_least_fp32(self.head(h))                    # (B, T, V)
+        T = tokens.size(1)
+        h = self.trunk(tokens, start_pos)                       # (B, T, D)
+        logits = self.logits(h)                                 # (B, T, V)
         if targets is None:
-            return (logits, h) if return_hidden else logits
+            return Output(logits, None)
 
-        assert targets.shape == tokens.shape, f"targets {tuple(targets.shape)} != tokens {tuple(tokens.shape)}"
-        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        assert targets.shape == logits.shape[:2], f"targets {tuple(targets.shape)} != tokens {tuple(logits.shape[:2])}"
+        ce = cross_entropy(logits, targets)
         # MTP (eq. 21-25): depth k at position i sees t_{i+k} and predicts t_{i+k+1} = targets[i+k], so each
         # depth drops the last position: depth k covers positions 0..T-k-1 of the sequence.
         mtp_k, h_k = [], h
-        for k, module in enumerate(self.mtp, start=1):
+        for k in range(1, len(self.mtp) + 1):
             if T - k <= 0:
                 break
-            emb_next = self.embed(tokens[:, k:])                               # Emb(t_{i+k}), (B, T-k, D)
-            h_k = module(h_k[:, :T - k], emb_next, freqs[:T - k])              # (B, T-k, D)
-            logits_k = at_least_fp32(self.head(h_k))                           # shared head, (B, T-k, V)
-            mtp_k.append(F.cross_entropy(logits_k.flatten(0, 1), targets[:, k:].flatten(), ignore_index=-1))
+            logits_k, h_k = self.mtp_forward(k, h_k[:, :T - k], tokens[:, k:], start_pos)  # (B, T-k, V/D)
+            mtp_k.append(cross_entropy(logits_k, targets[:, k:]))
         mtp = self.args.mtp_lambda / len(self.mtp) * sum(mtp_k) if mtp_k else ce.new_zeros(())
         moes = [m for m in self.moe_layers() if m.balance_loss is not None]
         balance = sum(m.balance_loss for m in moes) if moes else ce.new_zeros(())
         for m in moes:
             m.balance_loss = None   # consumed: never let a stale graph leak into the next step
-        losses = dict(loss=ce + mtp + balance, ce=ce, mtp=mtp, mtp_k=mtp_k, balance=balance)
-        return (logits, losses, h) if return_hidden else (logits, losses)
+        return Output(logits, dict(loss=ce + mtp + balance, ce=ce, mtp=mtp, mtp_k=mtp_k, balance=balance))
+
+    def trunk(self, x: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
+        """tokens (B, T) int64 -> final-normed hidden states (B, T, D): embedding, every Block, final norm.
+
+        A pipeline stage (`pipeline_stage`) is a slice of this model and runs the same code: without the
+        embedding (not the first stage) x is the previous stage's (B, T, D) output; without the final norm (not
+        the last stage) the last Block's output is returned unnormed.
+        """
+        if self.embed is not None:
+            assert x.dtype == torch.long, f"tokens must be int64, got {x.dtype}"
+            x = self.embed(x)                                   # (B, T, D)
+        T = x.size(1)
+        assert start_pos + T <= self.args.max_seq_len, \
+            f"sequence of {start_pos + T} positions exceeds max_seq_len={self.args.max_seq_len}"
+        freqs = self.freqs_cis[start_pos:start_pos + T]        # (T, Dr/2, 2)
+        for layer in self.layers:
+            x = layer(x, freqs, start_pos)                     # (B, T, D)
+        return self.norm(x) if self.norm is not None else x
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """final-normed hidden states (B, T, D) -> logits (B, T, V) in (at least) fp32, through the shared head."""
+        return at_least_fp32(self.head(h))
 
     def mtp_forward(self, k: int, h_prev: torch.Tensor, next_tokens: torch.Tensor, start_pos: int = 0):
-        """One MTP depth k (1-based) for generation: h_prev (B, T, D) from depth k-1 at positions
-        start_pos.., next_tokens (B, T) the tokens one step further. Returns logits (B, T, V) and h_k."""
+        """MTP depth k (1-based): h_prev (B, T, D) from depth k-1 at positions start_pos.., next_tokens (B, T) the
+        tokens one step further. Returns its logits (B, T, V) and its states h_k (B, T, D), the input of depth
+        k+1. Training (forward) and speculative decoding (sample.py) both call it."""
         freqs = self.freqs_cis[start_pos:start_pos + next_tokens.size(1)]
-        h_k = self.mtp[k - 1](h_prev, self.embed(next_tokens), freqs, start_pos)
-        return at_least_fp32(self.head(h_k)), h_k
+        module = self.mtp[k - 1]
+        h_k = module(h_prev, self.embed(next_tokens), freqs, start_pos)   # eqs. (21)-(22), chained un-normed
+        return self.logits(module.head_input(h_k)), h_k                    # eq. (23): own norm, shared head
 
-    # --- generation cache -----------------------------------------------------
+    def pipeline_stage(self, s: int, pp: int) -> "Transformer":
+        """Stage s of a pp-stage pipeline (dualpipe.py): a Transformer holding THIS model's own modules (no copy)
+        for its share of the Blocks, plus the embedding on stage 0 and the final norm and head on the last.
+        Its `trunk` runs the stage; the last stage's forward(x, targets) gives the loss. No MTP modules.
+        NOTE: only the last stage collects balance losses (its own MoE layers): run pipelines with aux_alpha=0."""
+        n = len(self.layers)
+        stage = Transformer.__new__(Transformer)
+        nn.Module.__init__(stage)
+        stage.args = self.args
+        stage.embed = self.embed if s == 0 else None
+        stage.layers = nn.ModuleList(self.layers[s * n // pp:(s + 1) * n // pp])
+        stage.norm, stage.head = (self.norm, self.head) if s == pp - 1 else (None, None)
+        stage.mtp = nn.ModuleList()
+        stage.register_buffer("freqs_cis", self.freqs_cis, persistent=False)   # (max_seq_len, Dr/2, 2)
+        return stage
+
+    # --- generation cache: the model owns it; callers set it up, roll it back, clear it ------------------
 
     def setup_cache(self, batch_size: int, max_len: int | None = None):
         """Allocate the MLA cache in every block (main and MTP): only c_kv (Ckv) and k_R (Dr) per token."""
@@ -561,6 +614,27 @@ class Transformer(nn.Module):
         for attn in self.attn_modules():
             attn.kv_cache = torch.zeros(batch_size, max_len, attn.kv_lora_rank, dtype=p.dtype, device=p.device)
             attn.pe_cache = torch.zeros(batch_size, max_len, attn.dr, dtype=p.dtype, device=p.device)
+
+    def rollback_cache(self, start: int, end: int, depth: int = 0):
+        """Forget cache positions start..end-1 of the main model's blocks (depth 0) or of MTP depth k. The cache
+        is positional, so moving the position back alone would do; zeroing the slots makes it identical to a
+        cache that never saw them (sample.py's speculative decoding drops rejected drafts with it)."""
+        attns = [b.attn for b in self.layers] if depth == 0 else [self.mtp[depth - 1].block.attn]
+        for m in attns:
+            m.kv_cache[:, start:end].zero_()
+            m.pe_cache[:, start:end].zero_()
+
+    def cache_report(self) -> dict:
+        """Bytes per token of the latent cache that setup_cache allocates (measured on the real buffers): 'mla' for
+        the main blocks, 'mtp' for the MTP blocks, against 'mha', the per-head keys (Dn+Dr) and values (Dv) that
+        an ordinary multi-head attention cache would hold, all at the parameters' dtype."""
+        a, nbytes = self.args, self.embed.weight.element_size()
+        self.setup_cache(1, 1)
+        per_layer = [m.kv_cache[0, 0].numel() + m.pe_cache[0, 0].numel() for m in self.attn_modules()]
+        self.clear_cache()
+        mha = a.n_layers * a.n_heads * (a.qk_nope_head_dim + a.qk_rope_head_dim + a.v_head_dim) * nbytes
+        return dict(mla=sum(per_layer[:a.n_layers]) * nbytes, mtp=sum(per_layer[a.n_layers:]) * nbytes, mha=mha,
+                    dtype_bytes=nbytes)
 
     def clear_cache(self):
         for attn in self.attn_modules():
@@ -584,13 +658,20 @@ class Transformer(nn.Module):
         return [m for m in self.modules() if isinstance(m, MoE)]
 
     @torch.no_grad()
-    def update_router_biases(self):
-        """Call after every optimizer step: each MoE layer moves its bias by ±γ from the tokens it routed
-        since the last call (all micro-steps of the step), then starts counting afresh. In data-parallel
-        training all-reduce each `moe.load` first so every rank applies the same update."""
-        for moe in self.moe_layers():
-            if moe.load.sum() > 0:
-                moe.gate.update_bias(moe.load)
+    def update_router_biases(self, all_reduce: Callable[[torch.Tensor], object] | None = None):
+        """§2.1.2: call after every optimizer step. Each MoE layer moves its router bias by ±γ from the tokens it
+        routed since the last call (MoE.load, all micro-steps of the step), then starts counting afresh.
+        Data parallel: pass an in-place sum over the ranks (torch.distributed.all_reduce): the loads of all
+        layers are summed in one collective, so every rank applies the same update from the global load."""
+        moes = self.moe_layers()
+        if not moes:
+            return
+        loads = torch.stack([m.load for m in moes])          # (n_moe_layers, E) token counts
+        if all_reduce is not None:
+            all_reduce(loads)
+        for moe, load in zip(moes, loads):
+            if load.sum() > 0:
+                moe.gate.update_bias(load)
             moe.load.zero_()
 
     @torch.no_grad()

@@ -1,10 +1,10 @@
 """
-sample.py: generate text from a trained checkpoint with MLA's compressed KV cache, and with the MTP modules as
-the draft model of speculative decoding.
+Generate text from a trained checkpoint with MLA's compressed KV cache, and with the MTP modules as the draft
+model of speculative decoding.
 
 Paper: DeepSeek-V3 Technical Report (arXiv 2412.19437), sections used here:
   §2.1.1 MLA at inference: only c_kv (Ckv) and the shared RoPE key k_R (Dr) are cached per token and layer,
-         and W^UK / W^UV are absorbed into the query / output ("absorb", the default)  -> generate, cache_report
+         and W^UK / W^UV are absorbed into the query / output ("absorb", the default)  -> generate
   §2.2 + §5.4.3 the MTP modules, otherwise dropped at inference, draft the next tokens; the main model checks
          them in one forward (85-90% acceptance of the 2nd token, 1.8x tokens/s in V3)   -> generate_speculative
   Speculative sampling (Leviathan et al. 2023; Chen et al. 2023): keep a draft d ~ q with prob. min(1, p(d)/q(d)),
@@ -17,17 +17,19 @@ Simplifications vs. the real thing:
     latent cache) because the MTP modules read them; only the last ~2D positions are ever read again.
   - no sliding context: prompt + max_new_tokens must fit in max_seq_len (RoPE positions are absolute).
   - no torch.compile / CUDA graphs: decoding one sequence of a small model is bound by Python and kernel
-    launches (and one host sync per MoE layer, see model.py); bench/bench_sample.py measures it.
-
+    launches (and one host sync per MoE layer, see model.py); bench/bench_sample.py measures every path.
 Run: python sample.py --out_dir=out-small --prompt="ROMEO:" --max_new_tokens=300 [--speculative=True]
   (--prompt=FILE:path.txt reads the prompt from a file; the default prompt is <|endoftext|>, a new play)
-
 Dimension legend: B batch (always 1 here), T tokens in one call, S cache positions, V vocab, D model dim (dim).
 """
-import ast, codecs, os, sys, time
+import codecs
+import os
+import sys
+import time
 
 import torch
 
+from config import ConfigError, parse
 from model import ModelArgs, Transformer
 
 
@@ -77,29 +79,6 @@ def accept_or_resample(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, ge
     return accepted, torch.where(accepted, draft, draw(residual, gen))
 
 
-# -----------------------------------------------------------------------------
-# the cache: what it costs, and how to forget rejected positions
-
-def cache_report(model: Transformer) -> dict:
-    """Bytes per token of the latent cache actually allocated by model.setup_cache, and of the MHA cache that
-    naive MLA would need (per head: a (Dn+Dr)-dim key and a Dv-dim value), at the parameters' dtype."""
-    a, nbytes = model.args, model.embed.weight.element_size()
-    model.setup_cache(1, 1)   # measure the real buffers, not a formula
-    per_layer = [m.kv_cache[0, 0].numel() + m.pe_cache[0, 0].numel() for m in model.attn_modules()]
-    model.clear_cache()
-    mla = sum(per_layer[:a.n_layers]) * nbytes                               # n_layers x (Ckv + Dr)
-    mha = a.n_layers * a.n_heads * (a.qk_nope_head_dim + a.qk_rope_head_dim + a.v_head_dim) * nbytes
-    return dict(mla=mla, mha=mha, mtp=sum(per_layer[a.n_layers:]) * nbytes, dtype_bytes=nbytes)
-
-
-def rollback(attns, start: int, end: int):
-    """Forget cache positions start..end-1 of these MLA modules. The cache is positional, so decrementing the
-    position alone would do; zeroing the slots makes it identical to a cache that never saw them."""
-    for m in attns:
-        m.kv_cache[:, start:end].zero_()
-        m.pe_cache[:, start:end].zero_()
-
-
 def check_length(model: Transformer, n_prompt: int, max_new_tokens: int):
     if n_prompt < 1 or max_new_tokens < 1:
         raise SampleError(f"need a non-empty prompt and max_new_tokens >= 1 (got {n_prompt} tokens, {max_new_tokens})")
@@ -122,10 +101,10 @@ def generate(model, prompt: list[int], max_new_tokens: int, gen, temperature=1.0
     new, pos = [], 0
     while len(new) < max_new_tokens:
         if use_cache:
-            logits = model(seq[:, pos:], start_pos=pos)   # only tokens not yet cached: (1, T, V)
+            logits = model(seq[:, pos:], start_pos=pos).logits   # only tokens not yet cached: (1, T, V)
             pos = seq.size(1)
         else:
-            logits = model(seq)                           # the whole prefix again: (1, P+len(new), V)
+            logits = model(seq).logits                    # the whole prefix again: (1, P+len(new), V)
         tok = draw(probs_from_logits(logits[:, -1], temperature, top_k, top_p), gen)  # (1,)
         seq = torch.cat([seq, tok[:, None]], dim=1)       # (1, P+len(new)+1)
         new.append(tok.item())
@@ -159,10 +138,10 @@ def generate_speculative(model, prompt: list[int], max_new_tokens: int, gen, tem
     dev, sampling = model.embed.weight.device, (temperature, top_k, top_p)
     L = min(P + max_new_tokens + D, model.args.max_seq_len)  # cache length: room for the last round's drafts
     model.setup_cache(1, L)
-    main_attns = [b.attn for b in model.layers]
     hid = model.embed.weight.new_zeros(D + 1, 1, L, model.args.dim)  # h_{k,j}: depth k's state at position j (k=0: main)
 
-    logits, h = model(torch.tensor([prompt], device=dev), return_hidden=True)   # prefill: (1, P, V), (1, P, D)
+    h = model.trunk(torch.tensor([prompt], device=dev))        # prefill: (1, P, D) final-normed states
+    logits = model.logits(h)                                   # (1, P, V)
     hid[0, :, :P] = h
     seq = list(prompt) + [draw(probs_from_logits(logits[:, -1], *sampling), gen).item()]  # x_{n+1}
     if on_token:
@@ -183,7 +162,8 @@ def generate_speculative(model, prompt: list[int], max_new_tokens: int, gen, tem
             qs.append(probs_from_logits(logits_k[:, -1], *sampling))            # (1, V): q_k of x_{n+k+1}
             drafts.append(draw(qs[-1], gen).item())
         # 2. verify: one main forward over [x_{n+1}, d_1..d_d] at positions n+1..n+1+d
-        logits, h = model(torch.tensor([seq[-1:] + drafts], device=dev), start_pos=n + 1, return_hidden=True)
+        h = model.trunk(torch.tensor([seq[-1:] + drafts], device=dev), start_pos=n + 1)   # (1, d+1, D)
+        logits = model.logits(h)                                                # (1, d+1, V)
         forwards += 1
         hid[0, :, n + 1:n + 2 + d] = h                                          # (1, d+1, D)
         p = probs_from_logits(logits[0], *sampling)                             # (d+1, V): p[i] of x_{n+2+i}
@@ -202,8 +182,8 @@ def generate_speculative(model, prompt: list[int], max_new_tokens: int, gen, tem
         # 4. commit; depth k's slot j (j <= n) used x_{j+k}, which is committed iff j + k <= n + 1 + a
         for k in range(1, d + 1):
             valid[k] = min(n + 1, n + 2 + a - k)
-            rollback([model.mtp[k - 1].block.attn], valid[k], n + 1)
-        rollback(main_attns, n + 2 + a, n + 2 + d)                             # rejected positions n+2+a..n+1+d
+            model.rollback_cache(valid[k], n + 1, depth=k)
+        model.rollback_cache(n + 2 + a, n + 2 + d)                             # rejected positions n+2+a..n+1+d
         n += 1 + a
         seq += new
         if on_token:
@@ -248,38 +228,15 @@ DEFAULTS = dict(out_dir="out", prompt="<|endoftext|>", num_samples=1, max_new_to
                 draft_depth=0)
 
 
-def parse_args(argv: list[str], defaults: dict) -> dict:
-    """--key=value overrides, values read with ast.literal_eval (bare words stay strings), type-checked."""
-    cfg = dict(defaults)
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise SampleError(f"arguments look like --key=value, got {arg!r}")
-        key, val = arg[2:].split("=", 1)
-        if key not in cfg:
-            raise SampleError(f"unknown option --{key}; options: {', '.join(cfg)}")
-        try:
-            val = ast.literal_eval(val)
-        except (ValueError, SyntaxError):
-            pass   # a plain string such as --prompt=ROMEO or --device=cpu
-        want = type(defaults[key])
-        if want is float and type(val) is int:
-            val = float(val)
-        if type(val) is not want:
-            raise SampleError(f"--{key} must be of type {want.__name__}, got {val!r}")
-        cfg[key] = val
-    return cfg
-
-
 def main(argv: list[str]) -> int:
     try:
-        return run(parse_args(argv, DEFAULTS))
-    except SampleError as e:
+        return run(parse(argv, DEFAULTS))
+    except (ConfigError, SampleError) as e:   # bad input: one line, exit 2
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 2
 
 
-def run(cfg: dict) -> int:
-    c = cfg
+def run(c: dict) -> int:
     if c["temperature"] < 0 or c["top_k"] < 0 or not 0 < c["top_p"] <= 1 or c["num_samples"] < 1:
         raise SampleError("need temperature >= 0, top_k >= 0 (0 = off), 0 < top_p <= 1, num_samples >= 1")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if c["device"] == "auto" else c["device"]
@@ -299,7 +256,7 @@ def run(cfg: dict) -> int:
         except OSError as e:
             raise SampleError(f"cannot read prompt file {text[5:]}: {e.strerror}") from None
     prompt = enc.encode(text, allowed_special={"<|endoftext|>"})
-    a, n, cb = model.args, model.num_params(), cache_report(model)
+    a, n, cb = model.args, model.num_params(), model.cache_report()
     print(f"checkpoint {c['out_dir']}/ckpt.pt (step {ckpt.get('step', '?')}): {n['total'] / 1e6:.2f}M params "
           f"({n['activated'] / 1e6:.2f}M activated), {len(model.mtp)} MTP module(s); {device}, {dtype}, attn={c['attn']}")
     print(f"KV cache per token: {cb['mla']:,} bytes (MLA latent: {a.n_layers} layers x (Ckv {a.kv_lora_rank} + "
@@ -311,7 +268,7 @@ def run(cfg: dict) -> int:
     def stream(tok):
         print(utf8.decode(enc.decode_single_token_bytes(tok)), end="", flush=True)
 
-    tokens, secs, fwd, first = 0, 0.0, 0, None
+    tokens, secs, fwd = 0, 0.0, 0
     tried, acc = [0] * len(model.mtp), [0] * len(model.mtp)
     for i in range(c["num_samples"]):
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")   # a token may end mid-character
@@ -325,19 +282,13 @@ def run(cfg: dict) -> int:
         else:
             new, st = generate(model, prompt, c["max_new_tokens"], gen, **sampling, on_token=stream)
         secs += time.perf_counter() - t0
-        tokens, fwd, first = tokens + len(new), fwd + st["forwards"], first or new
+        tokens, fwd = tokens + len(new), fwd + st["forwards"]
     print(f"\n---------------\n{tokens} tokens in {secs:.2f} s: {tokens / secs:.1f} tokens/s "
           f"({'speculative' if c['speculative'] else 'plain'} decoding, prefill included)")
     if c["speculative"]:
         rates = ", ".join(f"depth {k}: {y}/{x} = {y / max(x, 1):.1%}" for k, (x, y) in enumerate(zip(tried, acc), 1))
-        print(f"acceptance (of drafts that reached verification) {rates}; {tokens / fwd:.2f} tokens per main forward")
-        # the same first sample again without speculation, for tokens/s (and, greedy, for the identical output)
-        gen.manual_seed(c["seed"])
-        t0 = time.perf_counter()
-        plain, _ = generate(model, prompt, c["max_new_tokens"], gen, **sampling)
-        dt = time.perf_counter() - t0
-        same = f"; greedy output identical: {plain == first}" if c["temperature"] == 0 else ""
-        print(f"without speculation (sample 1 again): {len(plain) / dt:.1f} tokens/s{same}")
+        print(f"acceptance (of drafts that reached verification) {rates}; {tokens / fwd:.2f} tokens per main forward"
+              " (speed against plain decoding: bench/bench_sample.py)")
     return 0
 
 

@@ -1,5 +1,6 @@
 """
-Train a DeepSeek-V3-style model: config presets, data, the training loop, evaluation, checkpoints.
+Train a DeepSeek-V3-style model: data, the training loop, evaluation, checkpoints (presets and the LR schedule:
+config.py).
 
 Paper: DeepSeek-V3 Technical Report (arXiv 2412.19437), §4.2 "Hyper-Parameters" (AdamW β=(0.9, 0.95),
 weight decay 0.1, gradient clipping 1.0, warm-up -> constant -> cosine decay of the learning rate, MTP loss
@@ -21,7 +22,6 @@ import time
 
 T_LAUNCH = time.time()   # --time_budget counts from here: imports, data preparation and the end of the run included
 
-import ast
 import io
 import json
 import math
@@ -30,129 +30,30 @@ import shutil
 import signal
 import sys
 from contextlib import nullcontext
-from dataclasses import asdict, fields
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import data as D
-from model import ModelArgs, Transformer
+import data
+from config import (MODEL_DEFAULTS, PRESETS, TRAIN_DEFAULTS, budget_horizon, check_train, die, lr_at, parse,
+                    to_model_args)
+from model import Transformer
 from sample import generate
 
 # -----------------------------------------------------------------------------
-# config: defaults, presets, command-line overrides
-
-DEFAULTS = dict(
-    # I/O
-    out_dir="out", data=None, eval_interval=100, eval_iters=20, log_interval=1, sample_tokens=200,
-    resume=False, overwrite=False,
-    # data and batch: tokens per optimizer step = batch_size * seq_len * grad_accum * world size
-    vocab_size=2048, batch_size=16, seq_len=128, grad_accum=1,
-    # optimizer and schedule (§4.2): warm-up, constant, then cosine decay over the last decay_frac of steps
-    max_iters=1000, lr=3e-3, min_lr=3e-4, warmup_iters=50, decay_frac=0.4, weight_decay=0.1,
-    beta1=0.9, beta2=0.95, grad_clip=1.0,
-    # > 0: launch to exit in this many seconds; the schedule's horizon follows the measured step time (max_iters caps it)
-    time_budget=0.0,
-    # system
-    device="auto", dtype="auto", compile=False, fp8=False, seed=1337,
-)
-MODEL_KEYS = {f.name for f in fields(ModelArgs)}
-PRESETS = {
-    # 1.88M total / 1.21M activated params (+0.42M MTP); 2-core CPU: ~265 ms/step, ~5 min for 1000 steps,
-    # val ~2.05 bits/byte. lr tried at 1000 steps: 1e-3 -> 2.060, 1.5e-3 -> 2.054, 3e-3 -> 2.068 bpb (6e-3 worse).
-    # init_std 0.02, not the paper's 0.006 (tuned for d=7168): at d=128, 300 steps reach 2.283 vs 2.391 bpb
-    "small": dict(
-        out_dir="out-small", max_iters=1000, eval_interval=250, vocab_size=2048, batch_size=16, seq_len=128,
-        lr=1.5e-3, min_lr=1.5e-4, warmup_iters=50,
-        dim=128, inter_dim=384, moe_inter_dim=96, n_layers=4, n_dense_layers=1, n_heads=4,
-        n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, n_expert_groups=4, n_limited_groups=2,
-        route_scale=1.0, q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16,
-        v_head_dim=32, max_seq_len=128, original_seq_len=128, n_mtp_depth=1, init_std=0.02),
-    # 631M total / 147M activated (+57M MTP) on one 80-141 GB GPU, bf16 autocast; H200: 150 ms/step compiled
-    "gpu": dict(
-        out_dir="out-gpu", max_iters=5000, eval_interval=500, eval_iters=40, log_interval=10, compile=True, vocab_size=8192,
-        batch_size=32, seq_len=1024, lr=1.5e-3, min_lr=1.5e-4, warmup_iters=200,
-        dim=1024, inter_dim=2816, moe_inter_dim=512, n_layers=12, n_dense_layers=1, n_heads=16,
-        n_routed_experts=32, n_shared_experts=1, n_activated_experts=4, n_expert_groups=8, n_limited_groups=4,
-        route_scale=2.5, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
-        v_head_dim=64, max_seq_len=1024, original_seq_len=1024, n_mtp_depth=1, init_std=0.006),
-}
-PRESETS["multi-gpu"] = dict(PRESETS["gpu"], out_dir="out-multi-gpu")  # same model; run it under torchrun
-
-
-class ConfigError(ValueError):
-    pass
-
-
-def parse_config(argv: list[str]) -> dict:
-    """--config NAME (or --config=NAME) picks a preset; --key=value overrides any field. Values are Python
-    literals (ast.literal_eval) and must have the default's type; anything else is an error."""
-    argv, preset = list(argv), None
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 >= len(argv):
-            raise ConfigError("--config needs a preset name: " + ", ".join(PRESETS))
-        preset = argv.pop(i + 1)
-        argv.pop(i)
-    overrides = {}
-    for arg in argv:
-        key, eq, raw = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not eq:
-            raise ConfigError(f"arguments look like --key=value, got {arg!r}")
-        if key == "config":
-            preset = raw
-            continue
-        overrides[key] = raw
-    if preset is not None and preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-    defaults = {**DEFAULTS, **{f.name: f.default for f in fields(ModelArgs)}}
-    cfg = {**defaults, **PRESETS.get(preset or "small", {}), "config": preset or "small"}
-    for key, raw in overrides.items():
-        if key not in defaults:
-            raise ConfigError(f"unknown config key {key!r} (see DEFAULTS in train.py and ModelArgs in model.py)")
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw   # a bare word such as --device=cuda or --out_dir=out-x is a string
-        want = type(defaults[key]) if defaults[key] is not None else str
-        if want is float and type(value) is int:
-            value = float(value)
-        if type(value) is not want:
-            raise ConfigError(f"--{key} must be {want.__name__}, got {raw!r}")
-        cfg[key] = value
-    check_ranges(cfg)
-    return cfg
-
-
-POSITIVE = ("batch_size", "seq_len", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval",
-            "lr", "grad_clip")
-NON_NEGATIVE = ("sample_tokens", "warmup_iters", "min_lr", "weight_decay", "time_budget")
-
-
-def check_ranges(cfg: dict) -> None:
-    """A value of the right type can still be meaningless (a zero batch, a negative learning rate)."""
-    for key in POSITIVE:
-        if not cfg[key] > 0:
-            raise ConfigError(f"--{key} must be > 0, got {cfg[key]}")
-    for key in NON_NEGATIVE:
-        if not cfg[key] >= 0:
-            raise ConfigError(f"--{key} must be >= 0, got {cfg[key]}")
-    if not 0 <= cfg["decay_frac"] <= 1:
-        raise ConfigError(f"--decay_frac must be in [0, 1], got {cfg['decay_frac']}")
-    for key in ("beta1", "beta2"):
-        if not 0 <= cfg[key] < 1:
-            raise ConfigError(f"--{key} must be in [0, 1), got {cfg[key]}")
+# config: defaults and presets live in config.py; --config NAME picks a preset, --key=value overrides any field
 
 
 def fail(msg: str, code: int = 2):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(code)
+    die("train.py", msg, code)
 
 
 try:
-    cfg = parse_config(sys.argv[1:])
-    model_args = ModelArgs(**{k: cfg[k] for k in MODEL_KEYS})
+    cfg = parse(sys.argv[1:], {**TRAIN_DEFAULTS, **MODEL_DEFAULTS}, PRESETS, default_preset="small")
+    check_train(cfg)
+    model_args = to_model_args(cfg)
 except ValueError as e:   # ConfigError, or a violated model invariant
     fail(str(e))
 ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
@@ -194,23 +95,23 @@ if device_type == "cuda":
 # data
 
 try:
-    meta = D.prepare(cfg["data"], cfg["vocab_size"]) if master else None
+    meta = data.prepare(cfg["data"], cfg["vocab_size"]) if master else None
     if ddp:   # rank 0 prepares (and caches); the others read the cache
         obj = [meta]
         dist.broadcast_object_list(obj, src=0)
         meta = obj[0]
     B, T = cfg["batch_size"], cfg["seq_len"]
-    D.check_enough(meta["train_tokens"], B, T, "train")
-    D.check_enough(meta["val_tokens"], B, T, "val")
-except D.DataError as e:
+    data.check_enough(meta["train_tokens"], B, T, "train")
+    data.check_enough(meta["val_tokens"], B, T, "val")
+except data.DataError as e:
     fail(str(e))
 if meta["vocab_size"] != model_args.vocab_size:
     model_args.vocab_size = meta["vocab_size"]   # the tokenizer may stop early on a tiny text
 if T > model_args.max_seq_len:
     fail(f"seq_len={T} exceeds max_seq_len={model_args.max_seq_len}")
-enc = D.load_tokenizer(meta["tokenizer"])
+enc = data.load_tokenizer(meta["tokenizer"])
 train_gen = torch.Generator().manual_seed(cfg["seed"] + 1000 * rank)   # the data position is this state
-train_data, val_data = D.load_tokens(meta["train_bin"]), D.load_tokens(meta["val_bin"])
+train_data, val_data = data.load_tokens(meta["train_bin"]), data.load_tokens(meta["val_bin"])
 
 # -----------------------------------------------------------------------------
 # model and optimizer
@@ -230,7 +131,7 @@ if cfg["fp8"]:   # §3.3.3: BF16 moments, FP32 master weights
     from fp8 import AdamWBF16
     optimizer = AdamWBF16(groups, lr=cfg["lr"], betas=betas)
 else:
-    # fused: one kernel for all parameters instead of ~10 ops per tensor (on CPU too, torch >= 2.4)
+    # fused: one kernel for all parameters instead of ~10 ops per tensor, on CPU too (torch >= 2.4)
     optimizer = torch.optim.AdamW(groups, lr=cfg["lr"], betas=betas, fused=True)
 step, best_val = 0, float("inf")
 if cfg["resume"]:
@@ -249,19 +150,6 @@ if cfg["resume"]:
 step_model = torch.compile(model) if cfg["compile"] else model   # same parameters, compiled forward
 
 
-def lr_at(it: int, horizon: int | None = None) -> float:
-    """§4.2: linear warm-up, constant, then cosine decay to min_lr over the last decay_frac of training, which
-    ends at `horizon` steps (max_iters; under --time_budget the step the budget is measured to reach)."""
-    horizon = cfg["max_iters"] if horizon is None else horizon
-    if it < cfg["warmup_iters"]:
-        return cfg["lr"] * (it + 1) / cfg["warmup_iters"]
-    decay_start = int(horizon * (1 - cfg["decay_frac"]))
-    if it < decay_start:
-        return cfg["lr"]
-    progress = min(1.0, (it - decay_start) / max(1, horizon - decay_start))
-    return cfg["min_lr"] + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg["lr"] - cfg["min_lr"])
-
-
 # -----------------------------------------------------------------------------
 # helpers: evaluation, sampling, checkpoints, MFU
 
@@ -277,7 +165,7 @@ def evaluate(n_batches: int | None = None) -> dict:
     gen = torch.Generator().manual_seed(cfg["seed"] + 7)
     losses, loads = [], 0
     for _ in range(n_batches or cfg["eval_iters"]):
-        x, y = D.get_batch(val_data, B, T, gen, device)
+        x, y = data.get_batch(val_data, B, T, gen, device)
         with autocast:
             _, loss = model(x, y)
         losses.append(loss["ce"])
@@ -285,7 +173,7 @@ def evaluate(n_batches: int | None = None) -> dict:
     model.train()
     ce = torch.stack(losses).mean().item()
     maxvio = (loads.max(dim=1).values / loads.mean(dim=1) - 1).mean().item()
-    return dict(val_loss=ce, val_bpb=D.bits_per_byte(ce, meta["val_tokens"], meta["val_bytes"]), maxvio=maxvio)
+    return dict(val_loss=ce, val_bpb=data.bits_per_byte(ce, meta["val_tokens"], meta["val_bytes"]), maxvio=maxvio)
 
 
 def sample_text(n_tokens: int) -> str:
@@ -321,9 +209,9 @@ def log_metrics(record: dict):
 
 
 def end_cost() -> float:
-    """Seconds one eval + sample + checkpoint takes, measured before training (--time_budget reserves it for the
-    end and for each eval on the way): 2 val batches, an 8-token sample and an in-memory save of the weights,
-    scaled to eval_iters, sample_tokens and weights + 2 Adam moments, plus a 25% margin. Changes no state."""
+    """Seconds one eval + sample + checkpoint takes, measured before training (--time_budget keeps it for the end
+    and for each eval on the way): 2 val batches, an 8-token sample and an in-memory save of the weights, scaled
+    to eval_iters, sample_tokens and weights + 2 Adam moments, plus 25%. Changes no weights and no RNG state."""
     t0 = time.time()
     evaluate(n_batches=2)
     t1 = time.time()
@@ -333,16 +221,6 @@ def end_cost() -> float:
     torch.save(model.state_dict(), io.BytesIO())
     t3 = time.time()
     return 1.25 * ((t1 - t0) / 2 * cfg["eval_iters"] + (t2 - t1) / 8 * cfg["sample_tokens"] + 3 * (t3 - t2))
-
-
-def fit_horizon(step: int, speed: list, end_s: float) -> int:
-    """--time_budget: the step at which training must stop so that the evals still due and the end of the run fit
-    in the budget, at the measured speed (seconds per step over the recent log windows)."""
-    per_step = sum(sec for _, sec in speed) / sum(n for n, _ in speed)
-    left = T_LAUNCH + cfg["time_budget"] - time.time() - end_s
-    horizon = step + int(left / per_step)
-    evals_due = max(0, (horizon - 1) // cfg["eval_interval"] - step // cfg["eval_interval"])  # mid-run evals
-    return min(cfg["max_iters"], step + max(0, int((left - evals_due * end_s) / per_step)))
 
 
 # -----------------------------------------------------------------------------
@@ -366,26 +244,25 @@ if master:
 
 def train_step(it: int, horizon: int) -> torch.Tensor:
     for g in optimizer.param_groups:
-        g["lr"] = lr_at(it, horizon)
+        g["lr"] = lr_at(it, cfg, horizon)
     total = torch.zeros((), device=device)
     for _ in range(cfg["grad_accum"]):
-        x, y = D.get_batch(train_data, B, T, train_gen, device)
+        x, y = data.get_batch(train_data, B, T, train_gen, device)
         with autocast:
             _, losses = step_model(x, y)
         (losses["loss"] / cfg["grad_accum"]).backward()
         total += losses["ce"].detach() / cfg["grad_accum"]
-    if ddp:   # data parallel: average gradients and sum router loads so every rank takes the same step
+    if ddp:   # data parallel: average gradients so every rank takes the same step
         for p in model.parameters():
             if p.grad is None:   # an expert no token picked on this rank
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
-        for moe in model.moe_layers():
-            dist.all_reduce(moe.load)
         dist.all_reduce(total, op=dist.ReduceOp.AVG)
     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    model.update_router_biases()   # §2.1.2: aux-loss-free balancing, after every optimizer step
+    # §2.1.2: aux-loss-free balancing after every optimizer step; with DDP from the router loads summed over ranks
+    model.update_router_biases(all_reduce=dist.all_reduce if ddp else None)
     return total
 
 
@@ -403,8 +280,8 @@ if cfg["time_budget"]:
     end_s = end_cost()
     used = time.time() - T_LAUNCH
     if master:
-        print(f"time budget {cfg['time_budget']:.0f} s: {used:.1f} s used by start-up, ~{end_s:.1f} s kept for "
-              f"each eval/sample/checkpoint; the LR schedule ends where the measured step time reaches the budget")
+        print(f"time budget {cfg['time_budget']:g} s: {used:.1f} s used by start-up, ~{end_s:.1f} s kept for each "
+              f"eval/sample/checkpoint; the LR schedule ends where the measured step time meets the budget")
     if used + end_s >= cfg["time_budget"]:
         fail(f"--time_budget={cfg['time_budget']:g} leaves no time to train: start-up took {used:.1f} s and the "
              f"final eval/sample/checkpoint needs ~{end_s:.1f} s")
@@ -424,7 +301,9 @@ while step < horizon and not interrupted:
         dt = (time.time() - t_window) / len(window)
         speed.append((len(window), dt * len(window)))
         if cfg["time_budget"] and len(speed) > 1:   # re-fit the horizon; the launch's first window is the warm-up
-            horizon = fit_horizon(step, speed[1:][-50:], end_s)
+            recent = speed[1:][-50:]
+            horizon = budget_horizon(step, cfg, sum(s for _, s in recent) / sum(n for n, _ in recent),
+                                     T_LAUNCH + cfg["time_budget"] - time.time(), end_s)
             if ddp:   # every rank must stop at the same step: rank 0's clock decides
                 h = torch.tensor(horizon, device=device)
                 dist.broadcast(h, src=0)

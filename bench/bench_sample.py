@@ -3,41 +3,32 @@ Decode speed of sample.py's paths for one sequence: no cache (recompute the pref
 latent cache in naive and absorb mode (§2.1.1), and MTP speculative decoding (§5.4.3), with the acceptance
 rate per draft depth and the cache bytes per token against an MHA cache.
 
-Model: a trained checkpoint (--out_dir=DIR), or a randomly initialised model with the ModelArgs of train.py's
-preset (--preset=small|gpu, read from train.py's source) and any ModelArgs field overridden (--dim=512 ...).
+Model: a trained checkpoint (--out_dir=DIR), or a randomly initialised model with the ModelArgs of a preset of
+config.py (--config small|gpu; --preset=NAME is the old spelling) and any ModelArgs field overridden (--dim=512 ...).
 On random weights the acceptance rate means nothing (the MTP module has learnt nothing), so speculation is
 slower there; the timings of the other paths do not depend on the weights. All paths decode greedily by default,
 so they must produce the same tokens (checked; bf16 rounding can flip a near-tie between a 1-token and a
 (D+1)-token forward).
 
-Run: python bench/bench_sample.py [--out_dir=out-small | --preset=small] [--device=cpu] [--new_tokens=64] [--threads=1]
-     GPU: python bench/bench_sample.py --preset=gpu --device=cuda --prompt_len=128 --new_tokens=256
+Run: python bench/bench_sample.py [--out_dir=out-small | --config small] [--device=cpu] [--new_tokens=64] [--threads=1]
+     GPU: python bench/bench_sample.py --config gpu --device=cuda --prompt_len=128 --new_tokens=256
 """
-import ast, os, statistics, sys, time
-from dataclasses import fields
+import os
+import statistics
+import sys
+import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import ModelArgs, Transformer
-import sample
+import sample  # noqa: E402  (needs the path above)
+from config import MODEL_DEFAULTS, PRESETS, ConfigError, parse, to_model_args  # noqa: E402
+from model import Transformer  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL_FIELDS = {f.name: f for f in fields(ModelArgs)}
-DEFAULTS = dict(out_dir="", preset="small", device="auto", dtype="auto", prompt="<|endoftext|>", prompt_len=32,
+DEFAULTS = dict(out_dir="", preset="", device="auto", dtype="auto", prompt="<|endoftext|>", prompt_len=32,
                 new_tokens=64, repeats=5, temperature=0.0, draft_depth=0, seed=0, no_cache=True, threads=0)
-
-
-def preset_model_args(name: str) -> dict:
-    """The ModelArgs fields of train.py's PRESETS[name], read from its source (importing train.py would train)."""
-    tree = ast.parse(open(os.path.join(ROOT, "train.py")).read())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "PRESETS":
-            for key, call in zip(node.value.keys, node.value.values):
-                if ast.literal_eval(key) == name:
-                    kw = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
-                    return {k: v for k, v in kw.items() if k in MODEL_FIELDS}
-    raise sample.SampleError(f"no preset {name!r} in train.py")
+# a preset holds training keys too (out_dir, lr, ...): the bench takes only its ModelArgs fields
+MODEL_PRESETS = {name: {k: v for k, v in p.items() if k in MODEL_DEFAULTS} for name, p in PRESETS.items()}
 
 
 def sync(device):
@@ -62,9 +53,11 @@ def time_paths(paths: dict, device: str, repeats: int) -> dict:
 
 
 def main(argv):
-    bench_opts = {k: v for k, v in DEFAULTS.items()}
-    model_opts = [a for a in argv if a.startswith("--") and a[2:].split("=", 1)[0] in MODEL_FIELDS]
-    c = sample.parse_args([a for a in argv if a not in model_opts], bench_opts)
+    c = parse(argv, {**DEFAULTS, **MODEL_DEFAULTS}, MODEL_PRESETS, default_preset="small")
+    if c["preset"]:   # the old spelling of --config NAME
+        c = parse([a for a in argv if not a.startswith("--preset=")] + ["--config", c["preset"]],
+                  {**DEFAULTS, **MODEL_DEFAULTS}, MODEL_PRESETS)
+    model_opts = [a for a in argv if a.removeprefix("--").partition("=")[0] in MODEL_DEFAULTS]
     device = ("cuda" if torch.cuda.is_available() else "cpu") if c["device"] == "auto" else c["device"]
     dtype = getattr(torch, c["dtype"] if c["dtype"] != "auto" else ("bfloat16" if device == "cuda" else "float32"))
     if c["threads"]:   # one sequence of a small model is a chain of tiny ops: on a busy CPU, 1 thread can be faster
@@ -75,15 +68,16 @@ def main(argv):
         prompt = enc.encode(c["prompt"], allowed_special={"<|endoftext|>"})
         what = f"checkpoint {c['out_dir']} (step {ckpt.get('step', '?')})"
     else:
-        kw = preset_model_args(c["preset"])
-        kw.update(sample.parse_args(model_opts, {k: kw.get(k, f.default) for k, f in MODEL_FIELDS.items()}))
-        model = Transformer(ModelArgs(**kw))
+        try:
+            model = Transformer(to_model_args(c))
+        except ValueError as e:   # a violated ModelArgs invariant
+            raise ConfigError(str(e)) from None
         for p in model.parameters():   # parameters only; RoPE table and router bias stay fp32 (as sample.py)
             p.data = p.data.to(device=device, dtype=dtype)
         model.to(device).eval()
         prompt = torch.randint(0, model.args.vocab_size, (c["prompt_len"],)).tolist()
-        what = f"random init, preset {c['preset']}" + (f" + {' '.join(model_opts)}" if model_opts else "")
-    a, n, cb = model.args, model.num_params(), sample.cache_report(model)
+        what = f"random init, preset {c['config']}" + (f" + {' '.join(model_opts)}" if model_opts else "")
+    a, n, cb = model.args, model.num_params(), model.cache_report()
     name = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"{what}: {n['total'] / 1e6:.1f}M params ({n['activated'] / 1e6:.1f}M activated), {a.n_layers} layers, "
           f"dim {a.dim}, {len(model.mtp)} MTP; {name}, {str(dtype).removeprefix('torch.')}, torch {torch.__version__}")
@@ -130,6 +124,6 @@ def main(argv):
 if __name__ == "__main__":
     try:
         sys.exit(main(sys.argv[1:]))
-    except sample.SampleError as e:
+    except (ConfigError, sample.SampleError) as e:
         print(f"bench_sample.py: error: {e}", file=sys.stderr)
         sys.exit(2)

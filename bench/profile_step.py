@@ -11,27 +11,22 @@ equals that of the forward op that created it, so backward time lands in the sam
 The profiler itself slows each op by a few microseconds, so the profiled step is longer than a plain one; the
 script times the same steps without the profiler first and prints both.
 
-Run: python bench/profile_step.py [--preset=small] [--threads=2] [--steps=5] [--warmup=5] [--top=15]
-     [--any ModelArgs/train key=value, e.g. --moe_impl=sorted --batch_size=32]
+Run: python bench/profile_step.py [--config small] [--threads=2] [--steps=5] [--warmup=5] [--top=15] [--detail=N]
+     [any train.py/ModelArgs --key=value, e.g. --moe_impl=sorted --batch_size=32]
 """
-import os, statistics, sys, time
+import os
+import statistics
+import sys
+import time
 from collections import defaultdict
-from contextlib import contextmanager
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import data as D
-try:
-    from config import ConfigError, parse_config
-except ImportError:   # TEMPORARY until config.py lands: the config part of train.py's source
-    _ns = {}
-    exec(open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")).read()
-         .split("\ntry:\n    cfg = parse_config")[0], _ns)
-    ConfigError, parse_config = _ns["ConfigError"], _ns["parse_config"]
-from model import MLA, MLP, ModelArgs, MoE, RMSNorm, Transformer
-from dataclasses import fields
+import data as D  # noqa: E402  (needs the path above)
+from config import MODEL_DEFAULTS, PRESETS, TRAIN_DEFAULTS, check_train, parse, to_model_args
+from model import MoE, Transformer
 
 OPTS = dict(threads=2, steps=5, warmup=5, top=15, detail=0)
 PARTS = ["embedding", "attention (MLA)", "norms", "dense MLP", "router", "dispatch/combine", "expert MLPs",
@@ -131,14 +126,15 @@ def main(argv):
         else:
             rest.append(a)
     try:
-        cfg = parse_config(rest)
-    except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        cfg = parse(rest, {**TRAIN_DEFAULTS, **MODEL_DEFAULTS}, PRESETS, default_preset="small")
+        check_train(cfg)
+        args = to_model_args(cfg)
+    except ValueError as e:   # ConfigError, or a violated model invariant
+        print(f"profile_step.py: error: {e}", file=sys.stderr)
         return 2
     torch.set_num_threads(opts["threads"])
     torch.manual_seed(cfg["seed"])
     meta = D.prepare(cfg["data"], cfg["vocab_size"])
-    args = ModelArgs(**{f.name: cfg[f.name] for f in fields(ModelArgs)})
     args.vocab_size = meta["vocab_size"]
     model = Transformer(args)
     B, T = cfg["batch_size"], cfg["seq_len"]

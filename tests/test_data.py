@@ -1,6 +1,12 @@
 """Tests for data.py: text cleaning, the BPE trainer against a naive reference and against tiktoken, exact
 round trips, the cached preparation of the real corpus, batches, and every bad-input error."""
-import math, os, random, re, subprocess, sys, time
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+import time
 from collections import Counter
 
 import numpy as np

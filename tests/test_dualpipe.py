@@ -1,4 +1,5 @@
-"""Tests for dualpipe.py: schedules, the simulator against Table 2, the overlap model, both executors.
+"""Tests for dualpipe.py (schedules, the simulator against Table 2, the overlap model, both executors) and
+dualpipe_demo.py (its table, picture and command line).
 
 Run: python -m pytest tests/test_dualpipe.py   (~25 s on 2 CPU cores, 17 s of it the two torchrun launches)
 """
@@ -13,11 +14,13 @@ import torch.nn as nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dualpipe as dp
+import dualpipe_demo as demo
+from dualpipe_harness import check_against_reference, tiny_setup
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = [(2, 4), (2, 8), (4, 8), (4, 10), (4, 16), (6, 12), (6, 18), (8, 16), (8, 20), (8, 30), (8, 40), (10, 20),
          (16, 32), (16, 50)]
-# costs where Table 2 is exact (SPEC: B - W = F and W <= F, zero p2p latency); F&B may be below F + B
+# costs where Table 2 is exact (B - W = F and W <= F, zero p2p latency; dualpipe.py's docstring); F&B may be < F + B
 EXACT = [dp.Costs(1, 2, 1, 3), dp.Costs(1, 2, 1, 2.5), dp.Costs(2, 3, 1, 5), dp.Costs(2, 3, 1, 4),
          dp.Costs(1.5, 3, 1.5, 4.5)]
 
@@ -90,8 +93,8 @@ def test_bubble_params_activations_match_table2(c, pp, nmb):
 
 
 def test_deviations_at_other_costs():
-    # 1F1B's formula holds for any costs; ZB1P follows the SPEC's (PP-1)*max(F+B-2W, F, B-W); Table 2's
-    # formulas themselves miss when B - W != F or W > F (reported by `python dualpipe.py --B=...`).
+    # 1F1B's formula holds for any costs; ZB1P follows (PP-1)*max(F+B-2W, F, B-W); Table 2's
+    # formulas themselves miss when B - W != F or W > F (reported by `python dualpipe_demo.py --B=...`).
     g = torch.Generator().manual_seed(0)
     for _ in range(40):
         F, W, extra = (float(v) for v in torch.randint(1, 9, (3,), generator=g) / 4)
@@ -132,16 +135,6 @@ def test_overlap_hides_all_to_all():
 
 # ----------------------------------------------------------------------------- executors
 
-@pytest.fixture
-def one_thread():
-    # tiny matmuls: a second intra-op thread buys nothing, and on a shared 2-core machine its spinning made
-    # single runs stall for up to 30 s (measured); restore the setting for the other test files
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 GEMMS = (torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.addmm.default) + \
     ((torch.ops.aten._grouped_mm.default,) if hasattr(torch.ops.aten, "_grouped_mm") else ())   # MoE fast path
 
@@ -159,7 +152,7 @@ class CountGemms(TorchDispatchMode):
 
 
 def test_b_then_w_equals_full_backward_without_recomputation(one_thread):
-    model, tokens, targets = dp.tiny_setup(2, 2)
+    model, tokens, targets = tiny_setup(2, 2)
 
     def last_stage_after_forward(mb):
         ws = dp.make_workers("zb1p", model, 2, [0, 1], tokens, targets)
@@ -188,9 +181,9 @@ def test_b_then_w_equals_full_backward_without_recomputation(one_thread):
 
 @pytest.mark.parametrize("name,pp,nmb", [("dualpipe", 2, 4)] + [(n, 4, 8) for n in dp.SCHEDULES])
 def test_virtual_ranks_equal_sequential_training(name, pp, nmb, one_thread):
-    model, tokens, targets = dp.tiny_setup(pp, nmb, seed=pp)
+    model, tokens, targets = tiny_setup(pp, nmb, seed=pp)
     losses, grads = dp.run_virtual(name, model, pp, tokens, targets)
-    dl, dg = dp.check_against_reference(model, losses, grads, tokens, targets)
+    dl, dg = check_against_reference(model, losses, grads, tokens, targets)
     # loss: the same fp32 ops on the same inputs -> bitwise equal. grads: accumulated in another order and
     # (DualPipe) summed over two copies, so fp32 rounding differs: the official examples' 1e-13-style bound.
     assert dl == 0.0 and dg < 1e-12, (dl, dg)
@@ -200,7 +193,7 @@ def test_virtual_ranks_equal_sequential_training(name, pp, nmb, one_thread):
 @pytest.mark.parametrize("nproc,nmb", [(2, 4), (4, 8)])
 def test_real_ranks_over_gloo(nproc, nmb):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "dualpipe.py", "--ranks", f"--nmb={nmb}"]
+           "dualpipe_demo.py", "--ranks", f"--nmb={nmb}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}   # gloo on CPU
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
@@ -212,7 +205,7 @@ def test_real_ranks_over_gloo(nproc, nmb):
 
 def test_cli_table_and_svg(tmp_path, capsys):
     svg = tmp_path / "t.svg"
-    assert dp.main(["--pp=4", "--nmb=8", "--B=2.5", "--FB=3.5", f"--svg={svg}"]) == 0
+    assert demo.main(["--pp=4", "--nmb=8", "--B=2.5", "--FB=3.5", f"--svg={svg}"]) == 0
     out = capsys.readouterr().out
     assert "  8   20  DualPipe              6.00       6.00      2/2              9/9" in out   # the default size
     assert "deviates from Table 2" in out                      # B - W != F at the user's costs
@@ -225,7 +218,7 @@ def test_cli_table_and_svg(tmp_path, capsys):
 @pytest.mark.parametrize("argv", [["--pp=3"], ["--nmb=7"], ["--bogus=1"], ["--pp=x"], ["--ranks"], ["--pp"]])
 def test_cli_misuse_exits_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
-        dp.main(argv)
+        demo.main(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("dualpipe.py: ") and err.count("\n") == 1
+    assert err.startswith("dualpipe_demo.py: error: ") and err.count("\n") == 1

@@ -9,18 +9,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import conftest
 from model import (V3_ARGS, Gate, ModelArgs, MoE, Transformer, apply_rotary_emb, apply_rotary_emb_ref, attention_cpu,
                    precompute_freqs_cis)
 
 
 def tiny_args(**kw):
-    base = dict(vocab_size=97, dim=48, inter_dim=96, moe_inter_dim=24, n_layers=3, n_dense_layers=1, n_heads=3,
-                n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, n_expert_groups=4,
-                n_limited_groups=2, route_scale=2.5, q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8,
-                qk_rope_head_dim=4, v_head_dim=8, max_seq_len=64, original_seq_len=64, n_mtp_depth=2,
-                init_std=0.05)   # larger than 0.006 so that tiny models have non-trivial routing/attention
-    base.update(kw)
-    return ModelArgs(**base)
+    # conftest's tiny model, widened where these tests look: 3 heads, 8 experts in 4 groups (2 of them allowed)
+    # with V3's route_scale, 2 MoE blocks, 2 MTP depths, and init_std 0.05 (larger than 0.006 so that tiny
+    # models have non-trivial routing/attention)
+    base = dict(vocab_size=97, dim=48, inter_dim=96, moe_inter_dim=24, n_layers=3, n_heads=3, n_routed_experts=8,
+                n_expert_groups=4, n_limited_groups=2, route_scale=2.5, q_lora_rank=32, qk_rope_head_dim=4,
+                n_mtp_depth=2, init_std=0.05)
+    return conftest.tiny_args(**{**base, **kw})
 
 
 def tiny_model(seed=0, dtype=torch.float64, **kw):
@@ -53,7 +54,7 @@ def test_invalid_args_raise_clear_errors(kw, msg):
 
 
 def test_v3_accounting_on_meta():
-    # SPEC.md: 671.03B main, 37.55B activated, one MTP module adds 11.61B of its own
+    # the real V3: 671.03B main, 37.55B activated, one MTP module adds 11.61B of its own
     with torch.device("meta"):
         model = Transformer(ModelArgs(**V3_ARGS))
     n = model.num_params()
@@ -75,7 +76,8 @@ def test_causality_main_and_mtp():
     x2[:, t] = (x2[:, t] + 1) % 97
 
     def outputs(inp):
-        logits, h = model(inp, return_hidden=True)
+        h = model.trunk(inp)
+        logits = model.logits(h)
         per_depth, h_k = [], h
         for k in range(1, 3):
             lk, h_k = model.mtp_forward(k, h_k[:, :T - k], inp[:, k:])
@@ -98,9 +100,9 @@ def test_naive_equals_absorb():
     model = tiny_model().eval()
     x = tokens(2, 20)
     with torch.no_grad():
-        naive = model(x)
+        naive = model(x).logits
         model.set_impl(attn="absorb")
-        absorb = model(x)
+        absorb = model(x).logits
     assert rel_err(absorb, naive) < 1e-9
 
 
@@ -109,12 +111,12 @@ def test_cached_decoding_equals_full_forward(impl):
     model = tiny_model(attn_impl=impl).eval()
     x = tokens(2, 20)
     with torch.no_grad():
-        full = model(x)
+        full = model(x).logits
         model.setup_cache(batch_size=2)
-        pieces = [model(x[:, :8], start_pos=0)]                 # prompt
-        pieces.append(model(x[:, 8:12], start_pos=8))           # a chunk against a cached prefix (mask path)
+        pieces = [model(x[:, :8], start_pos=0).logits]          # prompt
+        pieces.append(model(x[:, 8:12], start_pos=8).logits)    # a chunk against a cached prefix (mask path)
         for t in range(12, 20):                                  # then one token at a time
-            pieces.append(model(x[:, t:t + 1], start_pos=t))
+            pieces.append(model(x[:, t:t + 1], start_pos=t).logits)
         model.clear_cache()
     assert rel_err(torch.cat(pieces, dim=1), full) < 1e-9
     # the cache holds only c_kv and k_R
@@ -162,7 +164,7 @@ def test_yarn_factor_one_changes_nothing_within_original_context():
     long.load_state_dict(short.state_dict())
     x = tokens(1, 32)
     with torch.no_grad():
-        assert rel_err(long.eval()(x), short.eval()(x)) < 1e-12
+        assert rel_err(long.eval()(x).logits, short.eval()(x).logits) < 1e-12
 
 
 def test_yarn_ramp_interpolates_low_frequencies_only():
@@ -227,6 +229,29 @@ def test_bias_update_direction_and_only_in_training():
     assert moe.load.sum() == 2 * 16 * 2   # N tokens × K experts
 
 
+def test_router_bias_update_uses_the_loads_summed_over_ranks():
+    # data parallel: each rank counts its own tokens; update_router_biases(all_reduce) must move every rank's bias
+    # by the rule applied to the GLOBAL load, in one collective over all layers (here: the other rank's loads
+    # are added by hand, as torch.distributed.all_reduce would on two ranks)
+    model = tiny_model(dtype=torch.float32)
+    mine = torch.tensor([[10, 0, 5, 5, 5, 5, 5, 1], [1, 2, 3, 4, 5, 6, 7, 8]])        # (layers, E), mean 4.5
+    other = torch.tensor([[0, 10, 5, 5, 5, 5, 1, 5], [8, 7, 6, 5, 4, 3, 2, 1]])
+    for moe, load in zip(model.moe_layers(), mine):
+        moe.load[:] = load
+    calls = []
+
+    def all_reduce(t):   # an in-place sum over "ranks", like dist.all_reduce
+        calls.append(tuple(t.shape))
+        t[:2] += other
+    model.update_router_biases(all_reduce=all_reduce)
+    total = mine + other
+    for moe, load in zip(model.moe_layers()[:2], total):
+        assert torch.allclose(moe.gate.bias, 1e-3 * torch.sign(load.float().mean() - load.float()))
+    assert model.moe_layers()[1].gate.bias.abs().sum() == 0   # 9 everywhere: balanced, no move
+    assert calls == [(len(model.moe_layers()), 8)]              # one collective for every layer
+    assert all(m.load.sum() == 0 for m in model.moe_layers())
+
+
 def test_balance_loss_hand_computed_and_has_gradient():
     args = tiny_args(n_routed_experts=4, n_expert_groups=1, n_limited_groups=1, n_activated_experts=2,
                      aux_alpha=0.5)
@@ -270,9 +295,10 @@ def test_mtp_target_alignment():
     # hand-made sequence 0,1,2,...: the main head at position i must predict i+1, MTP depth k predicts i+k+1
     model = tiny_model().train()
     x = torch.arange(20)[None]                   # (1, 20)
-    y = torch.arange(1, 21)[None]; y[0, -1] = -1  # targets, last one unknown (ignored)
-    _, losses, h = model(x, y, return_hidden=True)
-    h_k = h
+    y = torch.arange(1, 21)[None]
+    y[0, -1] = -1                                # targets, last one unknown (ignored)
+    _, losses = model(x, y)
+    h_k = model.trunk(x)
     for k in (1, 2):
         logits_k, h_k = model.mtp_forward(k, h_k[:, :20 - k], x[:, k:])
         want = torch.arange(k + 1, 21)[None].clone()   # position i predicts token i+k+1
@@ -294,3 +320,36 @@ def test_every_parameter_gets_a_gradient():
         assert p.grad is not None and p.grad.abs().sum() > 0, f"{name} got no gradient"
     counts, maxvio = model.expert_load()
     assert counts.shape == (4, 8) and (maxvio >= 0).all()   # 2 main MoE layers + 2 MTP blocks
+
+
+def test_mtp_chain_matches_equations_21_to_23():
+    """A reference written from eqs. (21)-(23) alone (no MTP code): depth k reads h^{k-1} (depth 1: the main
+    model's final-normed state, the checkpoint convention), h'^k = M_k [RMSNorm(Emb(t_{i+k})) ; RMSNorm(h^{k-1})],
+    h^k = TRM_k(h'^k) is chained UN-normed, and P^k = Head(RMSNorm(h^k)). float64, so 1e-9 catches any
+    difference in the function (chaining the normed state instead differs by O(1) at depth >= 2)."""
+    model = tiny_model(n_mtp_depth=3).train()
+    with torch.no_grad():   # norm weights away from 1: RMSNorm(RMSNorm(h)) == RMSNorm(h) when every weight is 1
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1 + 0.5 * torch.randn_like(p))
+    T = 24
+    x = tokens(2, T)
+    y = torch.roll(x, -1, 1)
+    y[:, -1] = -1
+    losses = model(x, y).losses
+    h = model.trunk(x)                                   # main model's final-normed state, (B, T, D)
+
+    def rms(v, w, eps=1e-6):
+        return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps) * w
+
+    h_ref, h_ours = h, h
+    for k in (1, 2, 3):
+        m = model.mtp[k - 1]
+        emb = model.embed.weight[x[:, k:]]                                        # Emb(t_{i+k}), (B, T-k, D)
+        h_in = torch.cat([rms(emb, m.enorm.weight), rms(h_ref[:, :T - k], m.hnorm.weight)], -1) @ m.eh_proj.weight.T
+        h_ref = m.block(h_in, model.freqs_cis[:T - k])                            # eq. (22), (B, T-k, D)
+        logits_ref = rms(h_ref, m.norm.weight) @ model.head.weight.T              # eq. (23), (B, T-k, V)
+        logits, h_ours = model.mtp_forward(k, h_ours[:, :T - k], x[:, k:])
+        assert rel_err(logits, logits_ref) < 1e-9, f"depth {k}: MTP logits differ from eqs. (21)-(23)"
+        ce = F.cross_entropy(logits_ref.flatten(0, 1), y[:, k:].flatten(), ignore_index=-1)
+        assert math.isclose(losses["mtp_k"][k - 1].item(), ce.item(), rel_tol=1e-9), f"depth {k}: training loss"

@@ -10,12 +10,13 @@ import time
 import pytest
 import torch
 
+import conftest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--dim=32", "--inter_dim=64", "--moe_inter_dim=16", "--n_layers=2", "--n_heads=2", "--n_routed_experts=4",
-        "--n_expert_groups=2", "--n_limited_groups=1", "--n_activated_experts=2", "--q_lora_rank=16",
-        "--kv_lora_rank=16", "--qk_nope_head_dim=8", "--qk_rope_head_dim=4", "--v_head_dim=8", "--max_seq_len=32",
-        "--original_seq_len=32", "--seq_len=32", "--batch_size=4", "--vocab_size=512", "--eval_iters=2",
-        "--sample_tokens=8", "--decay_frac=0.0", "--warmup_iters=2"]   # constant LR after warm-up: resumable
+# conftest's tiny model on the command line, plus a small batch; constant LR after warm-up: resumable
+TINY = [f"--{k}={v}" for k, v in {**conftest.TINY, "max_seq_len": 32, "original_seq_len": 32}.items()] + \
+    ["--seq_len=32", "--batch_size=4", "--vocab_size=512", "--eval_iters=2", "--sample_tokens=8", "--decay_frac=0.0",
+     "--warmup_iters=2"]
 
 
 def run(*args, check=True):
@@ -73,7 +74,7 @@ def test_interrupt_and_resume_gives_the_same_losses(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--config", "tiny"], "unknown preset"),
-    (["--foo=1"], "unknown config key 'foo'"),
+    (["--foo=1"], "unknown option --foo"),
     (["--dim=1.5"], "--dim must be int"),
     (["--lr=fast"], "--lr must be float"),
     (["max_iters=3"], "--key=value"),

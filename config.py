@@ -1,0 +1,189 @@
+"""
+The configuration of every entry point: training defaults, the presets, ONE command-line parser, the LR schedule.
+
+Importing this file does nothing but define them (train.py starts training when imported), so the presets are
+readable from anywhere: bench/bench_sample.py builds a preset's model from them, the tests check the parser and
+the schedule on their own.
+
+Grammar, the same for train.py, sample.py, data.py, dualpipe_demo.py and bench/bench_sample.py:
+  --config NAME (or --config=NAME)   a preset (train.py and the bench: PRESETS below)
+  --key=value                        any known key; the value is a Python literal (ast.literal_eval), and a bare
+                                     word stays a string (--device=cuda); it must have the default's type
+                                     (an int is accepted for a float); a default of None takes a string
+  --flag                             the same as --flag=True, for a key whose default is a bool
+Anything else (an unknown key, a wrong type, a stray word) is a ConfigError: the entry point prints one line,
+`PROG: error: MESSAGE`, on stderr and exits 2 (`parse_or_exit`).
+
+Run: python -m pytest tests/test_config.py
+"""
+import ast
+import difflib
+import math
+import sys
+from dataclasses import fields
+
+from model import ModelArgs
+
+# -----------------------------------------------------------------------------
+# train.py: defaults and presets
+
+TRAIN_DEFAULTS = dict(
+    # I/O
+    out_dir="out", data=None, eval_interval=100, eval_iters=20, log_interval=1, sample_tokens=200,
+    resume=False, overwrite=False,
+    # data and batch: tokens per optimizer step = batch_size * seq_len * grad_accum * world size
+    vocab_size=2048, batch_size=16, seq_len=128, grad_accum=1,
+    # optimizer and schedule (§4.2): warm-up, constant, then cosine decay over the last decay_frac of steps
+    max_iters=1000, lr=3e-3, min_lr=3e-4, warmup_iters=50, decay_frac=0.4, weight_decay=0.1,
+    beta1=0.9, beta2=0.95, grad_clip=1.0,
+    # > 0: launch to exit within this many seconds; the schedule ends where the measured step time reaches the
+    # budget (max_iters only caps it), so a faster or slower machine trains more or fewer steps, same shape
+    time_budget=0.0,
+    # system
+    device="auto", dtype="auto", compile=False, fp8=False, seed=1337,
+)
+MODEL_DEFAULTS = {f.name: f.default for f in fields(ModelArgs)}
+PRESETS = {
+    # 1.88M total / 1.21M activated params (+0.42M MTP); 2-core CPU: ~265 ms/step, ~5 min for 1000 steps,
+    # val ~2.05 bits/byte. lr tried at 1000 steps: 1e-3 -> 2.060, 1.5e-3 -> 2.054, 3e-3 -> 2.068 bpb (6e-3 worse).
+    # init_std 0.02, not the paper's 0.006 (tuned for d=7168): at d=128, 300 steps reach 2.283 vs 2.391 bpb
+    "small": dict(
+        out_dir="out-small", max_iters=1000, eval_interval=250, vocab_size=2048, batch_size=16, seq_len=128,
+        lr=1.5e-3, min_lr=1.5e-4, warmup_iters=50,
+        dim=128, inter_dim=384, moe_inter_dim=96, n_layers=4, n_dense_layers=1, n_heads=4,
+        n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, n_expert_groups=4, n_limited_groups=2,
+        route_scale=1.0, q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16,
+        v_head_dim=32, max_seq_len=128, original_seq_len=128, n_mtp_depth=1, init_std=0.02),
+    # 631M total / 147M activated (+57M MTP) on one 80-141 GB GPU, bf16 autocast; H200: 150 ms/step compiled
+    "gpu": dict(
+        out_dir="out-gpu", max_iters=5000, eval_interval=500, eval_iters=40, log_interval=10, compile=True,
+        vocab_size=8192, batch_size=32, seq_len=1024, lr=1.5e-3, min_lr=1.5e-4, warmup_iters=200,
+        dim=1024, inter_dim=2816, moe_inter_dim=512, n_layers=12, n_dense_layers=1, n_heads=16,
+        n_routed_experts=32, n_shared_experts=1, n_activated_experts=4, n_expert_groups=8, n_limited_groups=4,
+        route_scale=2.5, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
+        v_head_dim=64, max_seq_len=1024, original_seq_len=1024, n_mtp_depth=1, init_std=0.006),
+}
+PRESETS["multi-gpu"] = dict(PRESETS["gpu"], out_dir="out-multi-gpu")  # same model; run it under torchrun
+
+
+def to_model_args(cfg: dict) -> ModelArgs:
+    """The ModelArgs fields of a config (ModelArgs checks its own invariants: ValueError)."""
+    return ModelArgs(**{k: cfg[k] for k in MODEL_DEFAULTS})
+
+
+# -----------------------------------------------------------------------------
+# the parser
+
+class ConfigError(ValueError):
+    """A bad command line; the message is one line meant for the user."""
+
+
+def parse(argv: list[str], defaults: dict, presets: dict | None = None, default_preset: str | None = None) -> dict:
+    """argv -> {key: value} for every key of `defaults`. With `presets`, --config NAME picks one (default:
+    default_preset), whose values override the defaults; the command line overrides both. A preset may hold
+    only keys of `defaults`. The chosen preset's name is returned as cfg['config']."""
+    argv, preset, overrides = list(argv), default_preset, {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config" and presets is not None:   # the two-word spelling: --config NAME
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a preset name: " + ", ".join(presets))
+            preset, i = argv[i + 1], i + 2
+            continue
+        key, eq, raw = arg.removeprefix("--").partition("=")
+        if not arg.startswith("--") or not key:
+            raise ConfigError(f"arguments look like --key=value, got {arg!r}")
+        if key == "config" and presets is not None:
+            preset = raw
+        elif key not in defaults:
+            close = difflib.get_close_matches(key, defaults, n=1)
+            raise ConfigError(f"unknown option --{key}" + (f" (did you mean --{close[0]}?)" if close else ""))
+        elif not eq:
+            if type(defaults[key]) is not bool:
+                raise ConfigError(f"--{key} needs a value, e.g. --{key}={defaults[key]!r}")
+            overrides[key] = True     # a bare --flag switches a boolean on
+        else:
+            overrides[key] = cast(key, raw, defaults[key])
+        i += 1
+    cfg = dict(defaults)
+    if presets is not None:
+        if preset is not None and preset not in presets:
+            raise ConfigError(f"unknown preset {preset!r}; choose one of: {', '.join(presets)}")
+        cfg.update(presets.get(preset, {}))
+        cfg["config"] = preset
+    cfg.update(overrides)
+    return cfg
+
+
+def cast(key: str, raw: str, default):
+    """A command-line string as a value of the default's type (None takes a string)."""
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw   # a bare word such as --device=cuda or --out_dir=out-x is a string
+    want = type(default) if default is not None else str
+    if want is float and type(value) is int:
+        value = float(value)
+    if type(value) is not want:
+        raise ConfigError(f"--{key} must be {want.__name__}, got {raw!r}")
+    return value
+
+
+def parse_or_exit(prog: str, argv: list[str], defaults: dict, presets: dict | None = None,
+                  default_preset: str | None = None) -> dict:
+    try:
+        return parse(argv, defaults, presets, default_preset)
+    except ConfigError as e:
+        die(prog, str(e))
+
+
+def die(prog: str, msg: str, code: int = 2):
+    print(f"{prog}: error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+# -----------------------------------------------------------------------------
+# train.py's checks and LR schedule
+
+POSITIVE = ("batch_size", "seq_len", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval",
+            "lr", "grad_clip")
+NON_NEGATIVE = ("sample_tokens", "warmup_iters", "min_lr", "weight_decay", "time_budget")
+
+
+def check_train(cfg: dict) -> None:
+    """A value of the right type can still be meaningless (a zero batch, a negative learning rate)."""
+    for key in POSITIVE:
+        if not cfg[key] > 0:
+            raise ConfigError(f"--{key} must be > 0, got {cfg[key]}")
+    for key in NON_NEGATIVE:
+        if not cfg[key] >= 0:
+            raise ConfigError(f"--{key} must be >= 0, got {cfg[key]}")
+    if not 0 <= cfg["decay_frac"] <= 1:
+        raise ConfigError(f"--decay_frac must be in [0, 1], got {cfg['decay_frac']}")
+    for key in ("beta1", "beta2"):
+        if not 0 <= cfg[key] < 1:
+            raise ConfigError(f"--{key} must be in [0, 1), got {cfg[key]}")
+
+
+def lr_at(it: int, cfg: dict, horizon: int | None = None) -> float:
+    """§4.2: linear warm-up, constant, then cosine decay to min_lr over the last decay_frac of training, which
+    ends at step `horizon` (max_iters; under --time_budget the step the measured speed reaches, see below)."""
+    horizon = cfg["max_iters"] if horizon is None else horizon
+    if it < cfg["warmup_iters"]:
+        return cfg["lr"] * (it + 1) / cfg["warmup_iters"]
+    decay_start = int(horizon * (1 - cfg["decay_frac"]))
+    if it < decay_start:
+        return cfg["lr"]
+    progress = min(1.0, (it - decay_start) / max(1, horizon - decay_start))
+    return cfg["min_lr"] + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg["lr"] - cfg["min_lr"])
+
+
+def budget_horizon(step: int, cfg: dict, sec_per_step: float, sec_left: float, sec_per_eval: float) -> int:
+    """--time_budget: the step at which training must stop so that the evals still due (every eval_interval
+    steps) and the final eval/sample/checkpoint fit in the sec_left seconds the budget has left, at the
+    measured sec_per_step. Never before `step`, never past max_iters."""
+    left = sec_left - sec_per_eval                               # the end of the run: one more eval, checkpoint
+    horizon = step + int(left / sec_per_step)
+    evals_due = max(0, (horizon - 1) // cfg["eval_interval"] - step // cfg["eval_interval"])
+    return min(cfg["max_iters"], step + max(0, int((left - evals_due * sec_per_eval) / sec_per_step)))
