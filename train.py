@@ -140,13 +140,18 @@ if cfg["resume"]:
     if saved != asdict(model_args):
         diff = {k: (saved.get(k), v) for k, v in asdict(model_args).items() if saved.get(k) != v}
         fail(f"model config differs from the checkpoint's: {diff}")
+    saved_tok = os.path.join(cfg["out_dir"], "tokenizer.tiktoken")
+    if os.path.exists(saved_tok) and open(saved_tok, "rb").read() != open(meta["tokenizer"], "rb").read():
+        fail(f"{saved_tok} differs from the tokenizer built for this data (--data, --vocab_size): the checkpoint's "
+             "token ids would mean other text")
     model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
     step, best_val = ckpt["step"], ckpt["best_val"]
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    train_gen.set_state(ckpt["rng"]["data"])
-    if device_type == "cuda" and "cuda" in ckpt["rng"]:
-        torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
+    if "optimizer" in ckpt:   # weights only (hf.py import): fine-tuning starts with a fresh optimizer
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        train_gen.set_state(ckpt["rng"]["data"])
+        if device_type == "cuda" and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
 step_model = torch.compile(model) if cfg["compile"] else model   # same parameters, compiled forward
 
 
