@@ -215,12 +215,16 @@ def log_metrics(record: dict):
 
 def end_cost() -> float:
     """Seconds one eval + sample + checkpoint takes, measured before training (--time_budget keeps it for the end
-    and for each eval on the way): 2 val batches, an 8-token sample and an in-memory save of the weights, scaled
-    to eval_iters, sample_tokens and weights + 2 Adam moments, plus 25%. Changes no weights and no RNG state."""
+    and for each eval on the way; every real eval replaces it): 2 val batches, an 8-token sample and an in-memory
+    save of the weights, after one untimed call of each (first calls pay one-time costs), scaled to eval_iters,
+    sample_tokens and weights + 2 Adam moments, plus 25%. Changes no weights and no RNG state."""
+    evaluate(n_batches=1)
     t0 = time.time()
     evaluate(n_batches=2)
     t1 = time.time()
     if cfg["sample_tokens"]:
+        sample_text(1)
+        t1 = time.time()
         sample_text(8)
     t2 = time.time()
     torch.save(model.state_dict(), io.BytesIO())
@@ -323,6 +327,7 @@ while step < horizon and not interrupted:
                          maxvio=maxvio))
         window, t_window = [], time.time()
     if step % cfg["eval_interval"] == 0 or step >= horizon:
+        t_eval = time.time()
         ev = evaluate()
         if not math.isfinite(ev["val_loss"]):   # the last update broke the weights: do not save them
             bar.close()
@@ -337,6 +342,8 @@ while step < horizon and not interrupted:
                 tqdm.write("--- sample ---\n" + sample_text(cfg["sample_tokens"]) + "\n--------------")
         save_checkpoint()
         last_good = step
+        if cfg["time_budget"]:   # this eval's measured cost replaces the estimate
+            end_s = 1.1 * (time.time() - t_eval)
         t_window = time.time()   # keep eval time out of tokens/s
 bar.close()
 if not interrupted:
