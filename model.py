@@ -84,9 +84,11 @@ class ModelArgs:
     aux_alpha: float = 1e-4         # α, sequence-wise balance loss weight (eq. 17)
     bias_update_speed: float = 1e-3 # γ, router bias step of aux-loss-free balancing
     init_std: float = 0.006         # std of every weight's normal init (§4.2)
+    dropout: float = 0.0            # residual dropout on each attention/FFN output (NOTE: not in V3; small data)
     # implementation switches (same maths, different speed)
     attn_impl: str = "naive"        # 'naive' materializes per-head K/V; 'absorb' attends in the latent space
     moe_impl: str = "grouped"       # 'grouped' one grouped GEMM; 'sorted' one matmul per expert; 'loop' reference
+    gate_impl: str = "topk"         # router selection: 'topk' reference; 'rank' compares all pairs (fast compiled, few E)
 
     def __post_init__(self):
         def check(ok, msg):
@@ -99,9 +101,11 @@ class ModelArgs:
                      "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "max_seq_len", "original_seq_len"):
             check(getattr(self, name) > 0, f"{name} must be > 0, got {getattr(self, name)}")
         check(0 <= self.n_dense_layers <= self.n_layers, "n_dense_layers must be in [0, n_layers]")
+        check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
         check(self.q_lora_rank >= 0 and self.n_mtp_depth >= 0, "q_lora_rank and n_mtp_depth must be >= 0")
         check(self.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim must be even (RoPE rotates pairs)")
         check(self.attn_impl in ("naive", "absorb"), f"attn_impl must be 'naive' or 'absorb', got {self.attn_impl!r}")
+        check(self.gate_impl in ("topk", "rank"), f"gate_impl must be 'topk' or 'rank', got {self.gate_impl!r}")
         check(self.moe_impl in ("grouped", "sorted", "loop"),
               f"moe_impl must be 'grouped', 'sorted' or 'loop', got {self.moe_impl!r}")
         if self.n_dense_layers < self.n_layers or self.n_mtp_depth > 0:  # some block is an MoE block
@@ -261,20 +265,24 @@ class MLA(nn.Module):
         c_kv = self.kv_norm(c_kv)
         k_pe = apply_rotary_emb(k_pe.unsqueeze(2), freqs_cis).squeeze(2)  # eq. (3): (B, T, Dr)
 
-        end = start_pos + T
-        if self.kv_cache is not None:   # generation: cache only what eq. (1)/(3) produce, then read it all back
-            self.kv_cache[:B, start_pos:end] = c_kv
-            self.pe_cache[:B, start_pos:end] = k_pe
-            c_kv, k_pe = self.kv_cache[:B, :end], self.pe_cache[:B, :end]  # (B, S, Ckv), (B, S, Dr)
+        if isinstance(start_pos, torch.Tensor):   # static shapes for CUDA graphs (sample.py); see below
+            c_kv, k_pe, mask = self.write_cache_static(c_kv, k_pe, start_pos)
+            S, causal = c_kv.size(1), False
         else:
-            assert start_pos == 0, "start_pos > 0 needs a cache (call model.setup_cache first)"
-        S = c_kv.size(1)
-        # causal mask for queries at positions start_pos..end-1 against keys 0..S-1; SDPA's is_causal
-        # aligns the top-left corner, which is only right when there is no cached prefix
-        mask = None
-        if start_pos > 0 and T > 1:
-            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)  # (T, S)
-        causal = start_pos == 0 and T > 1
+            end = start_pos + T
+            if self.kv_cache is not None:   # generation: cache only what eq. (1)/(3) produce, then read it all back
+                self.kv_cache[:B, start_pos:end] = c_kv
+                self.pe_cache[:B, start_pos:end] = k_pe
+                c_kv, k_pe = self.kv_cache[:B, :end], self.pe_cache[:B, :end]  # (B, S, Ckv), (B, S, Dr)
+            else:
+                assert start_pos == 0, "start_pos > 0 needs a cache (call model.setup_cache first)"
+            S = c_kv.size(1)
+            # causal mask for queries at positions start_pos..end-1 against keys 0..S-1; SDPA's is_causal
+            # aligns the top-left corner, which is only right when there is no cached prefix
+            mask = None
+            if start_pos > 0 and T > 1:
+                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)  # (T, S)
+            causal = start_pos == 0 and T > 1
 
         wkv_b = self.wkv_b.weight.view(H, Dn + Dv, C)     # (H, Dn+Dv, Ckv): W^UK rows then W^UV rows per head
         if self.attn_impl == "naive":
@@ -297,6 +305,19 @@ class MLA(nn.Module):
             o = torch.einsum("bhtc,hdc->bthd", o_lat, wkv_b[:, Dn:].to(o_lat.dtype))      # (B, T, H, Dv)
         return self.wo(o.flatten(2))                       # (B, T, D)
 
+    def write_cache_static(self, c_kv, k_pe, start_pos: torch.Tensor):
+        """The cache step with every shape fixed, so that one CUDA graph serves every position: the T new entries
+        go to positions start_pos..start_pos+T-1 (start_pos a (1,) device tensor, not a Python int), and the
+        queries attend over the WHOLE cache (B, S_max, ...) with the positions after their own masked out: the
+        same attention as reading back only [:end], at S_max/end times the (small) cost for one token."""
+        B, T = c_kv.shape[:2]
+        pos = start_pos + torch.arange(T, device=c_kv.device)                  # (T,) absolute positions
+        self.kv_cache[:B].index_copy_(1, pos, c_kv.to(self.kv_cache.dtype))
+        self.pe_cache[:B].index_copy_(1, pos, k_pe.to(self.pe_cache.dtype))
+        S = self.kv_cache.size(1)
+        mask = torch.arange(S, device=pos.device) <= pos[:, None]              # (T, S_max) causal, in absolute positions
+        return self.kv_cache[:B], self.pe_cache[:B], mask                      # (B, S_max, Ckv), (B, S_max, Dr), mask
+
 
 # -----------------------------------------------------------------------------
 # Feed-forward: dense SwiGLU, experts, gate, MoE (§2.1.2)
@@ -314,6 +335,14 @@ class MLP(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+def rank_desc(x: torch.Tensor) -> torch.Tensor:
+    """Rank of each entry along the last dim in descending order (0 = largest), ties to the lower index:
+    rank_i = #{j : x_j > x_i} + #{j < i : x_j = x_i}. x (..., n) -> (..., n) long, from (..., n, n) compares."""
+    xi, xj = x.unsqueeze(-1), x.unsqueeze(-2)                                # (..., n, 1), (..., 1, n)
+    j_before_i = torch.ones(x.size(-1), x.size(-1), dtype=torch.bool, device=x.device).tril(-1)  # (n, n): j < i
+    return ((xj > xi) | ((xj == xi) & j_before_i)).sum(dim=-1)             # (..., n)
+
+
 class Gate(nn.Module):
     """Sigmoid router with a selection-only bias (aux-loss-free balancing) and group-limited top-k.
 
@@ -325,6 +354,7 @@ class Gate(nn.Module):
         super().__init__()
         self.topk, self.n_groups, self.topk_groups = args.n_activated_experts, args.n_expert_groups, args.n_limited_groups
         self.route_scale, self.gamma = args.route_scale, args.bias_update_speed
+        self.impl = args.gate_impl
         self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.dim))   # centroids e_i, (E, D)
         # b_i of eq. (16): a buffer, not a parameter: it is moved by the load rule below, never by gradients
         self.register_buffer("bias", torch.zeros(args.n_routed_experts, dtype=torch.float32))
@@ -332,25 +362,63 @@ class Gate(nn.Module):
     def forward(self, x: torch.Tensor):
         """x: (N, D) -> gates (N, K) fp32, expert ids (N, K) long, unbiased affinities s (N, E) fp32."""
         s = at_least_fp32(F.linear(x, self.weight)).sigmoid()     # eq. (15): s_i = sigmoid(u·e_i), (N, E)
-        biased = s + self.bias                              # eq. (16): bias used for *selection* only
+        # eq. (16): the bias is used for *selection* only, and selection passes no gradient (indices)
+        select = self.select_rank if self.impl == "rank" else self.select_topk
+        idx = select(s.detach() + self.bias)                # (N, K)
+        g = s.gather(1, idx)                                # eq. (13): gates from the *unbiased* affinities
+        g = g / g.sum(dim=-1, keepdim=True) * self.route_scale  # normalized over the selected, times 2.5 in V3
+        return g, idx, s
+
+    def select_topk(self, biased: torch.Tensor) -> torch.Tensor:
+        """Reference: group-limited top-K with torch.topk. biased (N, E) -> expert ids (N, K), best first."""
         if self.n_groups > 1:
-            N = x.size(0)
+            N = biased.size(0)
             grouped = biased.view(N, self.n_groups, -1)                     # (N, G, E/G)
             group_score = grouped.topk(2, dim=-1).values.sum(dim=-1)        # sum of top-2 per group, (N, G)
             keep = group_score.topk(self.topk_groups, dim=-1).indices       # (N, M)
             drop = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, keep, False)  # (N, G)
             # -inf, so an expert of a dropped group can never be chosen, however few experts remain
             biased = grouped.masked_fill(drop[:, :, None], float("-inf")).flatten(1)  # (N, E)
-        idx = biased.topk(self.topk, dim=-1).indices       # (N, K)
-        g = s.gather(1, idx)                                # eq. (13): gates from the *unbiased* affinities
-        g = g / g.sum(dim=-1, keepdim=True) * self.route_scale  # normalized over the selected, times 2.5 in V3
-        return g, idx, s
+        return biased.topk(self.topk, dim=-1).indices      # (N, K)
+
+    def select_rank(self, biased: torch.Tensor) -> torch.Tensor:
+        """The same choice as select_topk without torch.topk, for few experts (32 here): rank each score by
+        counting the scores above it, keep ranks < K. Only comparisons and sums over (N, E, E), which
+        torch.compile fuses into a couple of kernels, where topk is 3 library calls of ~250 µs each on
+        (32768, 32) scores (issue #13's profile). Ties go to the lower index (topk leaves them unspecified)."""
+        N, E = biased.shape
+        if self.n_groups > 1:
+            grouped = biased.view(N, self.n_groups, -1)                     # (N, G, E/G)
+            top2 = torch.where(rank_desc(grouped) < 2, grouped, 0.0).sum(dim=-1)  # sum of top-2 per group, (N, G)
+            drop = rank_desc(top2) >= self.topk_groups                      # (N, G)
+            biased = grouped.masked_fill(drop[:, :, None], float("-inf")).flatten(1)  # (N, E)
+        rank = rank_desc(biased)                                            # (N, E): 0 = best
+        k = torch.arange(self.topk, device=biased.device)                   # (K,)
+        e = torch.arange(E, device=biased.device)                           # (E,)
+        # the expert whose rank is k, for k < K: exactly one per k, so a sum picks it out
+        return ((rank[:, :, None] == k) * e[:, None]).sum(dim=1)           # (N, K), best first, as topk
 
     @torch.no_grad()
     def update_bias(self, counts: torch.Tensor):
         """Aux-loss-free balancing: b_i += γ·sign(mean_load − load_i), with counts (E,) this step's tokens."""
         load = counts.float()
         self.bias += self.gamma * torch.sign(load.mean() - load)
+
+
+class Permute(torch.autograd.Function):
+    """y = x[perm] for a permutation perm with inverse inv. Autograd would differentiate x[perm] as a
+    scatter-add into zeros (index_put with accumulate: atomics); a permutation's gradient is the inverse
+    permutation, a plain gather."""
+
+    @staticmethod
+    def forward(ctx, x, perm, inv):
+        ctx.save_for_backward(inv)
+        return x[perm]
+
+    @staticmethod
+    def backward(ctx, grad):
+        inv, = ctx.saved_tensors
+        return grad[inv], None, None
 
 
 class MoE(nn.Module):
@@ -405,6 +473,8 @@ class MoE(nn.Module):
     def routed_grouped(self, u, g, idx, counts):
         """The fast path: all experts in ONE grouped GEMM per weight (torch._grouped_mm), with the expert
         boundaries given as device-side offsets: no host sync, static shapes (torch.compile captures it).
+        Tokens move by ONE permutation each way (permute_by_expert / unpermute_and_combine), whose backward
+        is the inverse permutation: gathers only, no scatter-add (atomics) as index_add_ would need.
         The per-expert weights are stacked on the fly: (E, I, D), one extra read of the expert weights."""
         dt = torch.get_autocast_dtype(u.device.type) if torch.is_autocast_enabled(u.device.type) else u.dtype
         # fall back for FP8 experts, float64 (tests), old torch, and fp32 under torch.compile (the eager CPU
@@ -412,16 +482,30 @@ class MoE(nn.Module):
         if type(self.experts[0].w1) is not nn.Linear or dt not in (torch.float32, torch.bfloat16) or \
                 not hasattr(torch, "_grouped_mm") or (dt == torch.float32 and torch.compiler.is_compiling()):
             return self.routed_sorted(u, g, idx, counts)
-        order, tok, xs = self.sort_by_expert(u, idx)
+        xs, order, inv = self.permute_by_expert(u.to(dt), idx)   # (N*K, D) expert-contiguous
         offs = counts.cumsum(0).to(torch.int32)              # (E,) end row of each expert's slice
-        xs = xs.to(dt)
 
         def gmm(x, name):   # x (N*K, in) @ W_e.T for each expert's rows -> (N*K, out)
             w = torch.stack([getattr(e, name).weight for e in self.experts]).to(dt)  # (E, out, in)
             return torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
         h = F.silu(gmm(xs, "w1")) * gmm(xs, "w3")            # (N*K, I) SwiGLU
-        ys = at_least_fp32(gmm(h, "w2")) * g.flatten()[order, None]  # (N*K, D) gated
-        return torch.zeros_like(u).index_add_(0, tok, ys.to(u.dtype))
+        return self.unpermute_and_combine(gmm(h, "w2"), order, inv, g).to(u.dtype)   # (N, D)
+
+    def permute_by_expert(self, u, idx):
+        """Copy each token once per chosen expert, in expert order: xs[r] = u[order[r] // K]. Returns xs
+        (N*K, D), order (N*K,) and its inverse inv (order[inv[p]] = p)."""
+        N, K = idx.shape
+        order = idx.flatten().argsort(stable=True)                           # (N*K,) pairs grouped by expert
+        inv = torch.empty_like(order).scatter_(0, order, torch.arange(N * K, device=idx.device))  # (N*K,)
+        copies = u.unsqueeze(1).expand(N, K, u.size(1)).reshape(N * K, -1)   # (N*K, D) row n*K+k = u[n]
+        return Permute.apply(copies, order, inv), order, inv
+
+    def unpermute_and_combine(self, ys, order, inv, g):
+        """ys (N*K, D) in expert order -> (N, D) = Σ_k g[n, k] ys of (n, k): the permutation back, then a
+        weighted sum over each token's K rows (a reduction, no scatter). Sums in fp32."""
+        N, K = g.shape
+        yk = Permute.apply(ys, inv, order).view(N, K, -1)                    # (N, K, D) token order
+        return (at_least_fp32(yk) * g[:, :, None]).sum(dim=1)                # (N, D) fp32
 
     def routed_loop(self, u, g, idx, counts):
         """Reference: for each expert, gather its tokens, run it, scatter-add the gated output."""
@@ -470,10 +554,13 @@ class Block(nn.Module):
         self.ffn = MLP(args.dim, args.inter_dim) if layer_id < args.n_dense_layers else MoE(args)
         self.attn_norm = RMSNorm(args.dim)
         self.ffn_norm = RMSNorm(args.dim)
+        # NOTE: V3 trains on 14.8T tokens and needs no dropout; a few MB of text, seen many times, does
+        # (nanoGPT's regularizer, on the branch outputs before they join the residual). Off in eval().
+        self.drop = nn.Dropout(args.dropout)
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), freqs_cis, start_pos)
-        return x + self.ffn(self.ffn_norm(x))
+        x = x + self.drop(self.attn(self.attn_norm(x), freqs_cis, start_pos))
+        return x + self.drop(self.ffn(self.ffn_norm(x)))
 
 
 class MTP(nn.Module):
@@ -499,7 +586,8 @@ class MTP(nn.Module):
         what depth k+1 receives (its own hnorm is eq. (21)'s RMSNorm), and self.norm belongs to the head side
         (eq. 23; the checkpoint's shared_head.norm) -- apply it with head_input() only where logits are made."""
         h = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))  # eq. (21): (B, T, D)
-        return self.block(h, freqs_cis, start_pos)                                      # eq. (22): (B, T, D)
+        # the residual stream in the main blocks' dtype, the embedding's (under autocast eh_proj returns bf16)
+        return self.block(h.to(emb_next.dtype), freqs_cis, start_pos)                   # eq. (22): (B, T, D)
 
     def head_input(self, h_k: torch.Tensor) -> torch.Tensor:
         return self.norm(h_k)                                                           # eq. (23): Head(RMSNorm(h^k))
@@ -543,14 +631,18 @@ class Transformer(nn.Module):
 
         assert targets.shape == logits.shape[:2], f"targets {tuple(targets.shape)} != tokens {tuple(logits.shape[:2])}"
         ce = cross_entropy(logits, targets)
-        # MTP (eq. 21-25): depth k at position i sees t_{i+k} and predicts t_{i+k+1} = targets[i+k], so each
-        # depth drops the last position: depth k covers positions 0..T-k-1 of the sequence.
+        # MTP (eq. 21-25): depth k at position i sees t_{i+k} and predicts t_{i+k+1} = targets[i+k]. The last k
+        # positions have no t_{i+k}: they read a wrapped-around token and their target is ignored (-1); causal
+        # attention keeps them from reaching earlier positions, so the loss is that of the T-k valid positions.
+        # Every depth thus keeps the main blocks' (B, T) shape and a compiled MoE Block serves it unchanged.
+        # NOTE: those k positions still route through the MTP block's experts (in its load and balance loss).
         mtp_k, h_k = [], h
         for k in range(1, len(self.mtp) + 1):
             if T - k <= 0:
                 break
-            logits_k, h_k = self.mtp_forward(k, h_k[:, :T - k], tokens[:, k:], start_pos)  # (B, T-k, V/D)
-            mtp_k.append(cross_entropy(logits_k, targets[:, k:]))
+            logits_k, h_k = self.mtp_forward(k, h_k, tokens.roll(-k, dims=1), start_pos)   # (B, T, V/D)
+            valid = torch.arange(T, device=targets.device) < T - k                        # (T,)
+            mtp_k.append(cross_entropy(logits_k, targets.roll(-k, dims=1).where(valid, -1)))
         mtp = self.args.mtp_lambda / len(self.mtp) * sum(mtp_k) if mtp_k else ce.new_zeros(())
         moes = [m for m in self.moe_layers() if m.balance_loss is not None]
         balance = sum(m.balance_loss for m in moes) if moes else ce.new_zeros(())
@@ -569,12 +661,19 @@ class Transformer(nn.Module):
             assert x.dtype == torch.long, f"tokens must be int64, got {x.dtype}"
             x = self.embed(x)                                   # (B, T, D)
         T = x.size(1)
-        assert start_pos + T <= self.args.max_seq_len, \
-            f"sequence of {start_pos + T} positions exceeds max_seq_len={self.args.max_seq_len}"
-        freqs = self.freqs_cis[start_pos:start_pos + T]        # (T, Dr/2, 2)
+        assert isinstance(start_pos, torch.Tensor) or start_pos + T <= self.args.max_seq_len, \
+            f"sequence of {start_pos + T} positions exceeds max_seq_len={self.args.max_seq_len}"   # (no sync for a tensor)
+        freqs = self.rope_rows(start_pos, T)                   # (T, Dr/2, 2)
         for layer in self.layers:
             x = layer(x, freqs, start_pos)                     # (B, T, D)
         return self.norm(x) if self.norm is not None else x
+
+    def rope_rows(self, start_pos, T: int) -> torch.Tensor:
+        """RoPE rows (T, Dr/2, 2) of positions start_pos..start_pos+T-1; start_pos an int, or a (1,) device
+        tensor for static-shape decoding (MLA.write_cache_static)."""
+        if isinstance(start_pos, torch.Tensor):
+            return self.freqs_cis.index_select(0, start_pos + torch.arange(T, device=start_pos.device))
+        return self.freqs_cis[start_pos:start_pos + T]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """final-normed hidden states (B, T, D) -> logits (B, T, V) in (at least) fp32, through the shared head."""
@@ -584,7 +683,7 @@ class Transformer(nn.Module):
         """MTP depth k (1-based): h_prev (B, T, D) from depth k-1 at positions start_pos.., next_tokens (B, T) the
         tokens one step further. Returns its logits (B, T, V) and its states h_k (B, T, D), the input of depth
         k+1. Training (forward) and speculative decoding (sample.py) both call it."""
-        freqs = self.freqs_cis[start_pos:start_pos + next_tokens.size(1)]
+        freqs = self.rope_rows(start_pos, next_tokens.size(1))
         module = self.mtp[k - 1]
         h_k = module(h_prev, self.embed(next_tokens), freqs, start_pos)   # eqs. (21)-(22), chained un-normed
         return self.logits(module.head_input(h_k)), h_k                    # eq. (23): own norm, shared head
@@ -614,6 +713,14 @@ class Transformer(nn.Module):
         for attn in self.attn_modules():
             attn.kv_cache = torch.zeros(batch_size, max_len, attn.kv_lora_rank, dtype=p.dtype, device=p.device)
             attn.pe_cache = torch.zeros(batch_size, max_len, attn.dr, dtype=p.dtype, device=p.device)
+
+    def compile_blocks(self, **kwargs):
+        """Regional compilation: torch.compile each Block (main and MTP) in place rather than the whole model.
+        Blocks of one kind share one compiled graph (their parameters are inputs of the graph, not constants),
+        so a 12-layer model compiles about as fast as one dense and one MoE block; the embedding, the head and
+        the losses run eagerly between them."""
+        for block in [*self.layers, *(m.block for m in self.mtp)]:
+            block.compile(**kwargs)
 
     def rollback_cache(self, start: int, end: int, depth: int = 0):
         """Forget cache positions start..end-1 of the main model's blocks (depth 0) or of MTP depth k. The cache
@@ -662,7 +769,8 @@ class Transformer(nn.Module):
         """§2.1.2: call after every optimizer step. Each MoE layer moves its router bias by ±γ from the tokens it
         routed since the last call (MoE.load, all micro-steps of the step), then starts counting afresh.
         Data parallel: pass an in-place sum over the ranks (torch.distributed.all_reduce): the loads of all
-        layers are summed in one collective, so every rank applies the same update from the global load."""
+        layers are summed in one collective, so every rank applies the same update from the global load.
+        No host sync: a layer that routed nothing has load == mean == 0, and sign(0) leaves its bias alone."""
         moes = self.moe_layers()
         if not moes:
             return
@@ -670,8 +778,7 @@ class Transformer(nn.Module):
         if all_reduce is not None:
             all_reduce(loads)
         for moe, load in zip(moes, loads):
-            if load.sum() > 0:
-                moe.gate.update_bias(load)
+            moe.gate.update_bias(load)
             moe.load.zero_()
 
     @torch.no_grad()

@@ -16,10 +16,13 @@ Simplifications vs. the real thing:
   - speculation keeps every position's final hidden state per MTP depth ((D+1) x S x dim numbers, beside the
     latent cache) because the MTP modules read them; only the last ~2D positions are ever read again.
   - no sliding context: prompt + max_new_tokens must fit in max_seq_len (RoPE positions are absolute).
-  - no torch.compile / CUDA graphs: decoding one sequence of a small model is bound by Python and kernel
-    launches (and one host sync per MoE layer, see model.py); bench/bench_sample.py measures every path.
+  - decoding one sequence of a small model is bound by Python and kernel launches, so on a GPU each step is a
+    CUDA graph replay (Steps, --graphs=True): static shapes, the whole cache attended with a mask. No
+    torch.compile of the step (its kernels are not the bottleneck once the launches are gone).
+
 Run: python sample.py --out_dir=out-small --prompt="ROMEO:" --max_new_tokens=300 [--speculative=True]
   (--prompt=FILE:path.txt reads the prompt from a file; the default prompt is <|endoftext|>, a new play)
+
 Dimension legend: B batch (always 1 here), T tokens in one call, S cache positions, V vocab, D model dim (dim).
 """
 import codecs
@@ -88,29 +91,126 @@ def check_length(model: Transformer, n_prompt: int, max_new_tokens: int):
 
 
 # -----------------------------------------------------------------------------
+# the model calls of decoding: eager, static-shape, or replayed from CUDA graphs
+
+class Steps:
+    """The forwards that decoding makes. The prompt runs once, eagerly (`prefill`); then every step feeds T = 1
+    (or D+1 when verifying drafts) new tokens at position pos (`main`, `mtp`). One token of a small model is a few
+    hundred tiny kernels, so eager decoding waits on Python and kernel launches, not on the GPU. mode:
+      'eager'   positions as Python ints: the cache is read back up to pos+T (MLA.forward), shapes change each step;
+      'static'  positions as (1,) device tensors: every step has the same shapes and buffers (the cache is the
+                full max_seq_len, attended with a mask: MLA.write_cache_static); the reference for 'graphs';
+      'graphs'  'static', captured once per (module, T) into a CUDA graph and replayed: one launch per step.
+    A graph replays on the buffers it was captured with: inputs are copied into them, and the outputs it returns
+    are overwritten by its next replay (callers use or copy them before that)."""
+
+    def __init__(self, model: Transformer, mode: str = "eager"):
+        assert mode in ("eager", "static", "graphs"), mode
+        if mode == "graphs" and not model.embed.weight.is_cuda:
+            mode = "eager"   # CUDA graphs need a GPU (and without them static shapes buy nothing)
+        self.model, self.mode, self.graphs, self.cache_len, self.cache = model, mode, {}, 0, None
+        self.dev = model.embed.weight.device
+
+    def reset(self, need: int) -> int:
+        """A fresh (zeroed) cache for a sequence of `need` positions; returns its length. The static modes keep
+        one max_seq_len cache for every sequence (the graphs hold its address)."""
+        L = need if self.mode == "eager" else self.model.args.max_seq_len
+        first = self.model.attn_modules()[0].kv_cache
+        if self.mode != "eager" and self.cache_len == L and first is self.cache:   # (nobody replaced it meanwhile)
+            for depth in range(len(self.model.mtp) + 1):
+                self.model.rollback_cache(0, L, depth)
+        else:
+            self.model.setup_cache(1, L)
+            self.graphs.clear()
+            self.cache_len, self.cache = L, self.model.attn_modules()[0].kv_cache
+        return L
+
+    def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (1, P) at positions 0..P-1 -> final-normed states (1, P, D); the cache now holds them."""
+        return self.model.trunk(tokens)
+
+    def main(self, tokens: torch.Tensor, pos: int):
+        """tokens (1, T) at positions pos.. -> logits (1, T, V), states (1, T, D)."""
+        def fn(toks, p):
+            h = self.model.trunk(toks, p)
+            return self.model.logits(h), h
+        return self.run(("main", tokens.size(1)), fn, (tokens,), pos)
+
+    def mtp(self, k: int, h_prev: torch.Tensor, tokens: torch.Tensor, pos: int):
+        """MTP depth k on h_prev (1, T, D) and tokens (1, T) at positions pos.. -> logits (1, T, V), h_k (1, T, D)."""
+        return self.run(("mtp", k, tokens.size(1)), lambda h, toks, p: self.model.mtp_forward(k, h, toks, p),
+                        (h_prev, tokens), pos)
+
+    def run(self, key, fn, inputs, pos: int):
+        if self.mode == "eager":
+            return fn(*inputs, pos)
+        if self.mode == "static" or key[-1] > len(self.model.mtp) + 1:   # a long one-off chunk: not worth a graph
+            return fn(*inputs, torch.tensor([pos], device=self.dev))
+        if key not in self.graphs:
+            return self.capture(key, fn, inputs, pos)
+        graph, static_in, static_pos, out = self.graphs[key]
+        for buf, x in zip(static_in, inputs):
+            buf.copy_(x)
+        static_pos.fill_(pos)
+        graph.replay()
+        return out
+
+    def capture(self, key, fn, inputs, pos: int):
+        """Capture fn on static copies of its inputs (first use of this key), then replay it once."""
+        try:
+            static_in = [x.clone() for x in inputs]
+            static_pos = torch.tensor([pos], device=self.dev)
+            side = torch.cuda.Stream()    # warm up off the capture (library handles, workspaces) on a side stream;
+            side.wait_stream(torch.cuda.current_stream())   # it writes this step's cache entries, as the replay will
+            with torch.cuda.stream(side):
+                fn(*static_in, static_pos)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = fn(*static_in, static_pos)
+        except RuntimeError as e:   # e.g. an op that synchronizes with the host: say so, decode without graphs
+            print(f"sample.py: CUDA graph capture failed ({str(e).splitlines()[0][:200]}); static steps instead",
+                  file=sys.stderr)
+            self.mode = "static"
+            return fn(*inputs, torch.tensor([pos], device=self.dev))
+        self.graphs[key] = (graph, static_in, static_pos, out)
+        graph.replay()
+        return out
+
+
+# -----------------------------------------------------------------------------
 # plain decoding: with the latent cache, or recomputing the whole prefix for every token
 
 @torch.no_grad()
 def generate(model, prompt: list[int], max_new_tokens: int, gen, temperature=1.0, top_k=0, top_p=1.0,
-             use_cache=True, on_token=None):
-    """Decode one sequence; prompt is a list of token ids. Returns the new token ids and a stats dict."""
+             use_cache=True, on_token=None, steps: "Steps | None" = None):
+    """Decode one sequence; prompt is a list of token ids. Returns the new token ids and a stats dict.
+    steps: how the forwards run (Steps: eager by default, CUDA graphs with Steps(model, 'graphs'))."""
     check_length(model, len(prompt), max_new_tokens)
     dev = model.embed.weight.device
     seq = torch.tensor([prompt], device=dev)                                  # (1, P)
-    model.setup_cache(1, len(prompt) + max_new_tokens) if use_cache else model.clear_cache()
-    new, pos = [], 0
-    while len(new) < max_new_tokens:
-        if use_cache:
-            logits = model(seq[:, pos:], start_pos=pos).logits   # only tokens not yet cached: (1, T, V)
-            pos = seq.size(1)
-        else:
-            logits = model(seq).logits                    # the whole prefix again: (1, P+len(new), V)
+    new = []
+    if not use_cache:   # the reference: the whole prefix again for every token
+        model.clear_cache()
+        while len(new) < max_new_tokens:
+            logits = model(seq).logits                                        # (1, P+len(new), V)
+            tok = draw(probs_from_logits(logits[:, -1], temperature, top_k, top_p), gen)  # (1,)
+            seq = torch.cat([seq, tok[:, None]], dim=1)                       # (1, P+len(new)+1)
+            new.append(tok.item())
+            if on_token:
+                on_token(new[-1])
+        return new, dict(forwards=max_new_tokens)
+    steps = steps or Steps(model)
+    steps.reset(len(prompt) + max_new_tokens)
+    logits = model.logits(steps.prefill(seq)[:, -1:])                         # (1, 1, V)
+    while True:
         tok = draw(probs_from_logits(logits[:, -1], temperature, top_k, top_p), gen)  # (1,)
-        seq = torch.cat([seq, tok[:, None]], dim=1)       # (1, P+len(new)+1)
         new.append(tok.item())
         if on_token:
             on_token(new[-1])
-    return new, dict(forwards=max_new_tokens)
+        if len(new) == max_new_tokens:
+            return new, dict(forwards=max_new_tokens)
+        logits, _ = steps.main(tok[:, None], len(prompt) + len(new) - 1)      # (1, 1, V)
 
 
 # -----------------------------------------------------------------------------
@@ -118,7 +218,7 @@ def generate(model, prompt: list[int], max_new_tokens: int, gen, temperature=1.0
 
 @torch.no_grad()
 def generate_speculative(model, prompt: list[int], max_new_tokens: int, gen, temperature=1.0, top_k=0, top_p=1.0,
-                         depth: int = 0, on_token=None):
+                         depth: int = 0, on_token=None, steps: "Steps | None" = None):
     """Each round, with the main model's cache holding positions 0..n and x_{n+1} already chosen:
       1. draft: MTP depth k at position n reads h_{k-1,n} and x_{n+k} and proposes x_{n+k+1} ~ q_k (eqs. 21-23);
       2. verify: the main model reads [x_{n+1}, d_1..d_D] in ONE forward over the cached prefix, giving p at
@@ -129,19 +229,22 @@ def generate_speculative(model, prompt: list[int], max_new_tokens: int, gen, tem
     MTP depth k's cache slot j depends on tokens up to x_{j+k}, so slots built from drafts of this round are
     only valid up to the last accepted token; `valid[k]` counts depth k's leading slots built from committed
     tokens, and the next round re-runs depth k from there (a short chunk) before it drafts again.
-    Batch size 1. depth=0 uses all MTP modules. Returns the new token ids and acceptance statistics."""
+    Batch size 1. depth=0 uses all MTP modules. steps: as for generate (the rule above is exact whatever runs the
+    forwards). Returns the new token ids and acceptance statistics."""
     D = depth or len(model.mtp)
     if not 1 <= D <= len(model.mtp):
         raise SampleError(f"speculative decoding needs 1 <= draft depth <= n_mtp_depth={len(model.mtp)}, got {D}")
     P = len(prompt)
     check_length(model, P, max_new_tokens)
     dev, sampling = model.embed.weight.device, (temperature, top_k, top_p)
-    L = min(P + max_new_tokens + D, model.args.max_seq_len)  # cache length: room for the last round's drafts
-    model.setup_cache(1, L)
+    steps = steps or Steps(model)
+    # cache length: room for the last round's drafts (never more than max_seq_len positions)
+    L = min(P + max_new_tokens + D, model.args.max_seq_len)
+    steps.reset(L)
     hid = model.embed.weight.new_zeros(D + 1, 1, L, model.args.dim)  # h_{k,j}: depth k's state at position j (k=0: main)
 
-    h = model.trunk(torch.tensor([prompt], device=dev))        # prefill: (1, P, D) final-normed states
-    logits = model.logits(h)                                   # (1, P, V)
+    h = steps.prefill(torch.tensor([prompt], device=dev))      # prefill: (1, P, D) final-normed states
+    logits = model.logits(h[:, -1:])                           # (1, 1, V)
     hid[0, :, :P] = h
     seq = list(prompt) + [draw(probs_from_logits(logits[:, -1], *sampling), gen).item()]  # x_{n+1}
     if on_token:
@@ -157,13 +260,12 @@ def generate_speculative(model, prompt: list[int], max_new_tokens: int, gen, tem
         for k in range(1, d + 1):
             s, ext = valid[k], seq + drafts
             toks = torch.tensor([ext[s + k:n + k + 1]], device=dev)             # x_{j+k} for j = s..n: (1, n-s+1)
-            logits_k, h_k = model.mtp_forward(k, hid[k - 1, :, s:n + 1], toks, start_pos=s)  # (1, n-s+1, V/D)
+            logits_k, h_k = steps.mtp(k, hid[k - 1, :, s:n + 1], toks, s)        # (1, n-s+1, V/D)
             hid[k, :, s:n + 1] = h_k
             qs.append(probs_from_logits(logits_k[:, -1], *sampling))            # (1, V): q_k of x_{n+k+1}
             drafts.append(draw(qs[-1], gen).item())
         # 2. verify: one main forward over [x_{n+1}, d_1..d_d] at positions n+1..n+1+d
-        h = model.trunk(torch.tensor([seq[-1:] + drafts], device=dev), start_pos=n + 1)   # (1, d+1, D)
-        logits = model.logits(h)                                                # (1, d+1, V)
+        logits, h = steps.main(torch.tensor([seq[-1:] + drafts], device=dev), n + 1)   # (1, d+1, V/D)
         forwards += 1
         hid[0, :, n + 1:n + 2 + d] = h                                          # (1, d+1, D)
         p = probs_from_logits(logits[0], *sampling)                             # (d+1, V): p[i] of x_{n+2+i}
@@ -197,13 +299,17 @@ def generate_speculative(model, prompt: list[int], max_new_tokens: int, gen, tem
 # checkpoint, tokenizer, command line
 
 def load_checkpoint(out_dir: str, device: str, dtype: torch.dtype):
-    """out_dir/ckpt.pt (train.py's dict: 'model' state_dict, 'model_args') and out_dir/tokenizer.tiktoken."""
+    """out_dir/best.pt (the weights at train.py's lowest val loss) if there is one, else out_dir/ckpt.pt (the
+    last state); both hold 'model' (a state_dict) and 'model_args'. And out_dir/tokenizer.tiktoken."""
     from data import load_tokenizer   # here, not at the top: tests and the bench need no tokenizer
-    path = os.path.join(out_dir, "ckpt.pt")
+    path = os.path.join(out_dir, "best.pt")
+    if not os.path.isfile(path):
+        path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.isfile(path):
         raise SampleError(f"no checkpoint at {path} (train one: python train.py --out_dir={out_dir})")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt["path"] = path
         model = Transformer(ModelArgs(**ckpt["model_args"]))
         # a torch.compile'd model's state_dict prefixes every key with _orig_mod.; an FP8 model has the same keys
         model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
@@ -225,7 +331,7 @@ def load_checkpoint(out_dir: str, device: str, dtype: torch.dtype):
 
 DEFAULTS = dict(out_dir="out", prompt="<|endoftext|>", num_samples=1, max_new_tokens=200, temperature=0.8,
                 top_k=200, top_p=1.0, seed=1337, device="auto", dtype="auto", attn="absorb", speculative=False,
-                draft_depth=0)
+                draft_depth=0, graphs=True)
 
 
 def main(argv: list[str]) -> int:
@@ -257,7 +363,7 @@ def run(c: dict) -> int:
             raise SampleError(f"cannot read prompt file {text[5:]}: {e.strerror}") from None
     prompt = enc.encode(text, allowed_special={"<|endoftext|>"})
     a, n, cb = model.args, model.num_params(), model.cache_report()
-    print(f"checkpoint {c['out_dir']}/ckpt.pt (step {ckpt.get('step', '?')}): {n['total'] / 1e6:.2f}M params "
+    print(f"checkpoint {ckpt['path']} (step {ckpt.get('step', '?')}): {n['total'] / 1e6:.2f}M params "
           f"({n['activated'] / 1e6:.2f}M activated), {len(model.mtp)} MTP module(s); {device}, {dtype}, attn={c['attn']}")
     print(f"KV cache per token: {cb['mla']:,} bytes (MLA latent: {a.n_layers} layers x (Ckv {a.kv_lora_rank} + "
           f"Dr {a.qk_rope_head_dim}) x {cb['dtype_bytes']} B) vs {cb['mha']:,} bytes for MHA with per-head K/V "
@@ -268,6 +374,7 @@ def run(c: dict) -> int:
     def stream(tok):
         print(utf8.decode(enc.decode_single_token_bytes(tok)), end="", flush=True)
 
+    steps = Steps(model, "graphs" if c["graphs"] else "eager")   # --graphs=False: eager, launch-bound on a GPU
     tokens, secs, fwd = 0, 0.0, 0
     tried, acc = [0] * len(model.mtp), [0] * len(model.mtp)
     for i in range(c["num_samples"]):
@@ -276,11 +383,11 @@ def run(c: dict) -> int:
         t0 = time.perf_counter()
         if c["speculative"]:
             new, st = generate_speculative(model, prompt, c["max_new_tokens"], gen, **sampling,
-                                           depth=c["draft_depth"], on_token=stream)
+                                           depth=c["draft_depth"], on_token=stream, steps=steps)
             tried = [x + y for x, y in zip(tried, st["tried"])]      # zip: draft_depth may use fewer depths
             acc = [x + y for x, y in zip(acc, st["accepted"])]
         else:
-            new, st = generate(model, prompt, c["max_new_tokens"], gen, **sampling, on_token=stream)
+            new, st = generate(model, prompt, c["max_new_tokens"], gen, **sampling, on_token=stream, steps=steps)
         secs += time.perf_counter() - t0
         tokens, fwd = tokens + len(new), fwd + st["forwards"]
     print(f"\n---------------\n{tokens} tokens in {secs:.2f} s: {tokens / secs:.1f} tokens/s "

@@ -20,7 +20,7 @@ Run:  python train.py --config small                     (2-core CPU, ~5 minutes
 """
 import time
 
-T_LAUNCH = time.time()   # --time_budget counts from here: imports, data preparation and the end of the run included
+T_LAUNCH = time.time()   # launch: --time_budget counts from here, and the "first step" line (imports, data, compilation)
 
 import io
 import json
@@ -57,11 +57,14 @@ try:
 except ValueError as e:   # ConfigError, or a violated model invariant
     fail(str(e))
 ckpt_path = os.path.join(cfg["out_dir"], "ckpt.pt")
+best_path = os.path.join(cfg["out_dir"], "best.pt")   # the weights with the lowest val loss so far
 if cfg["resume"]:
     if not os.path.exists(ckpt_path):
         fail(f"--resume=True but there is no checkpoint at {ckpt_path}")
-elif os.path.exists(ckpt_path) and not cfg["overwrite"]:
-    fail(f"{ckpt_path} exists; pass --resume=True to continue it or --overwrite=True to replace it")
+elif not cfg["overwrite"]:
+    for path in (ckpt_path, best_path):
+        if os.path.exists(path):
+            fail(f"{path} exists; pass --resume=True to continue it or --overwrite=True to replace it")
 
 # -----------------------------------------------------------------------------
 # device, distributed, seed
@@ -133,7 +136,8 @@ if cfg["fp8"]:   # §3.3.3: BF16 moments, FP32 master weights
 else:
     # fused: one kernel for all parameters instead of ~10 ops per tensor, on CPU too (torch >= 2.4)
     optimizer = torch.optim.AdamW(groups, lr=cfg["lr"], betas=betas, fused=True)
-step, best_val = 0, float("inf")
+step, best_val, best_step, stale = 0, float("inf"), 0, 0   # stale: evals since the best one
+elapsed = 0.0   # wall seconds of earlier runs of this checkpoint (--resume), for the metrics' time axis
 if cfg["resume"]:
     ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
     saved = ckpt["model_args"]
@@ -146,13 +150,16 @@ if cfg["resume"]:
              "token ids would mean other text")
     model.load_state_dict(ckpt["model"])
     step, best_val = ckpt["step"], ckpt["best_val"]
+    best_step, stale, elapsed = ckpt.get("best_step", 0), ckpt.get("stale", 0), ckpt.get("elapsed", 0.0)
     if "optimizer" in ckpt:   # weights only (hf.py import): fine-tuning starts with a fresh optimizer
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         train_gen.set_state(ckpt["rng"]["data"])
         if device_type == "cuda" and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
-step_model = torch.compile(model) if cfg["compile"] else model   # same parameters, compiled forward
+if cfg["compile"]:   # regional: each Block compiled once and reused by every layer of its kind (model.py)
+    model.compile_blocks()
+step_model = model
 
 
 # -----------------------------------------------------------------------------
@@ -164,6 +171,7 @@ peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name
 
 
 @torch.no_grad()
+@torch.compiler.set_stance("force_eager")   # compiled Blocks would compile again for eval mode; eager is enough
 def evaluate(n_batches: int | None = None) -> dict:
     """Main-model CE on the same eval_iters val batches every time (a fixed generator), so evals compare."""
     model.eval()
@@ -181,6 +189,7 @@ def evaluate(n_batches: int | None = None) -> dict:
     return dict(val_loss=ce, val_bpb=data.bits_per_byte(ce, meta["val_tokens"], meta["val_bytes"]), maxvio=maxvio)
 
 
+@torch.compiler.set_stance("force_eager")   # one-token steps: not worth compiling the Blocks for them
 def sample_text(n_tokens: int) -> str:
     """A short sample from <|endoftext|> (a new play), decoded with the compressed MLA cache (sample.py)."""
     model.eval()
@@ -201,10 +210,21 @@ def save_checkpoint():
     if device_type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state()
     ckpt = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), model_args=asdict(model_args),
-                config=cfg, step=step, best_val=best_val, rng=rng)
-    tmp = ckpt_path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, ckpt_path)
+                config=cfg, step=step, best_val=best_val, best_step=best_step, stale=stale, rng=rng,
+                elapsed=elapsed + time.time() - T_LAUNCH)
+    atomic_save(ckpt, ckpt_path)
+
+
+def atomic_save(obj, path: str):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_best(ev: dict):
+    """best.pt: the weights at the lowest val loss so far (sample.py loads it first), not the optimizer state."""
+    if master:
+        atomic_save(dict(model=model.state_dict(), model_args=asdict(model_args), step=step, **ev), best_path)
 
 
 def log_metrics(record: dict):
@@ -295,11 +315,16 @@ if cfg["time_budget"]:
         fail(f"--time_budget={cfg['time_budget']:g} leaves no time to train: start-up took {used:.1f} s and the "
              f"final eval/sample/checkpoint needs ~{end_s:.1f} s")
 bar = tqdm(total=horizon, initial=step, disable=not master, dynamic_ncols=True, mininterval=1.0)
-window, t_window, last_good = [], time.time(), step
+window, t_window, last_good, first_step = [], time.time(), step, step
 while step < horizon and not interrupted:
     loss = train_step(step, horizon)
     window.append(loss)
     step += 1
+    if step == first_step + 1 and master:   # the first step of this process: compilation
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        tqdm.write(f"first step: {time.time() - t_window:.1f} s (compilation included), "
+                   f"{time.time() - T_LAUNCH:.1f} s after launch")
     if step % cfg["log_interval"] == 0 or step % cfg["eval_interval"] == 0 or step >= horizon:
         losses = torch.stack(window).cpu()   # one host sync per log interval, not per step
         bad = (~torch.isfinite(losses)).nonzero()
@@ -323,8 +348,8 @@ while step < horizon and not interrupted:
         mfu = f" | mfu {100 * flops_per_token * tok_s / world / peak:.1f}%" if peak else ""
         bar.set_postfix_str(f"loss {losses[-1]:.4f} | {dt * 1000:.0f} ms | {tok_s:,.0f} tok/s{mfu} | maxvio {maxvio:.2f}")
         bar.update(len(window))
-        log_metrics(dict(step=step, loss=losses[-1].item(), lr=optimizer.param_groups[0]["lr"], ms=dt * 1000, tok_s=tok_s,
-                         maxvio=maxvio))
+        log_metrics(dict(step=step, loss=losses[-1].item(), lr=optimizer.param_groups[0]["lr"], ms=dt * 1000,
+                         tok_s=tok_s, maxvio=maxvio, time=round(elapsed + time.time() - T_LAUNCH, 1)))
         window, t_window = [], time.time()
     if step % cfg["eval_interval"] == 0 or step >= horizon:
         t_eval = time.time()
@@ -333,21 +358,37 @@ while step < horizon and not interrupted:
             bar.close()
             fail(f"non-finite loss at step {step} (validation); stopping, the last good checkpoint "
                  f"(step {last_good}) is kept in {cfg['out_dir']}", code=1)
-        best_val = min(best_val, ev["val_loss"])
-        log_metrics(dict(step=step, **ev))
+        improved = ev["val_loss"] < best_val
+        if improved:
+            best_val, best_step, stale = ev["val_loss"], step, 0
+            if cfg["save"]:
+                save_best(ev)
+        else:
+            stale += 1
+        log_metrics(dict(step=step, **ev, best=improved, time=round(elapsed + time.time() - T_LAUNCH, 1)))
         if master:
             tqdm.write(f"step {step}: val loss {ev['val_loss']:.4f} | val bpb {ev['val_bpb']:.4f} | "
-                       f"maxvio {ev['maxvio']:.2f}")
-            if cfg["sample_tokens"]:   # --sample_tokens=0: no sample
-                tqdm.write("--- sample ---\n" + sample_text(cfg["sample_tokens"]) + "\n--------------")
-        save_checkpoint()
-        last_good = step
+                       f"maxvio {ev['maxvio']:.2f}{' | best' if improved else f' | best {best_val:.4f} at {best_step}'}")
+        done = step >= horizon or (cfg["patience"] and stale >= cfg["patience"])
+        if cfg["save"] and (done or not cfg["ckpt_interval"]):   # --save=False: measure or sweep, write nothing
+            save_checkpoint()
+            last_good = step
         if cfg["time_budget"]:   # this eval's measured cost replaces the estimate
             end_s = 1.1 * (time.time() - t_eval)
         t_window = time.time()   # keep eval time out of tokens/s
+        if done and step < horizon:
+            tqdm.write(f"stopping early: val loss has not improved for {stale} evals (best {best_val:.4f} at step "
+                       f"{best_step}, in {best_path})")
+            break
+    elif cfg["save"] and cfg["ckpt_interval"] and step % cfg["ckpt_interval"] == 0:
+        save_checkpoint()
+        last_good = step
+        t_window = time.time()   # keep eval time out of tokens/s
 bar.close()
+if master and cfg["sample_tokens"] and not interrupted:   # --sample_tokens=0: no sample
+    print("--- sample ---\n" + sample_text(cfg["sample_tokens"]) + "\n--------------")
 if not interrupted:
-    log_metrics(dict(step=step, elapsed=time.time() - T_LAUNCH))   # launch to the last checkpoint written
+    log_metrics(dict(step=step, elapsed=time.time() - T_LAUNCH))   # launch to the end of the run
     if master:
         print(f"done: {step} steps, {time.time() - T_LAUNCH:.1f} s from launch")
 if interrupted:

@@ -90,12 +90,15 @@ def main(argv):
     sampling = dict(temperature=c["temperature"], top_k=0, top_p=1.0)
     gen = torch.Generator(device=device)
 
-    def run(spec=False, cache=True, impl="absorb"):
+    graphed = sample.Steps(model, "graphs")   # captured on its first use (the warm-up run), replayed after
+
+    def run(spec=False, cache=True, impl="absorb", steps=None):
         model.set_impl(attn=impl)
         gen.manual_seed(c["seed"])
         if spec:
-            return sample.generate_speculative(model, prompt, c["new_tokens"], gen, **sampling, depth=c["draft_depth"])
-        return sample.generate(model, prompt, c["new_tokens"], gen, **sampling, use_cache=cache)
+            return sample.generate_speculative(model, prompt, c["new_tokens"], gen, **sampling, depth=c["draft_depth"],
+                                               steps=steps)
+        return sample.generate(model, prompt, c["new_tokens"], gen, **sampling, use_cache=cache, steps=steps)
 
     paths = {}
     if c["no_cache"]:
@@ -103,6 +106,9 @@ def main(argv):
     paths["latent cache, naive"] = lambda: run(impl="naive")
     paths["latent cache, absorb"] = lambda: run()
     paths["speculative (MTP draft), absorb"] = lambda: run(spec=True)
+    if graphed.mode == "graphs":
+        paths["CUDA graphs, absorb"] = lambda: run(steps=graphed)
+        paths["CUDA graphs, speculative, absorb"] = lambda: run(spec=True, steps=graphed)
     results = time_paths(paths, device, c["repeats"])
     N = c["new_tokens"]
     base_wall, base_cpu, (base_tokens, _) = results["latent cache, absorb"]

@@ -166,13 +166,75 @@ def test_user_text_file(sample_text, tmp_path):
     path.write_text(sample_text[:20_000] + " \u00e9t\u00e9 \U0001F600\n", encoding="utf-8")
     m = data.prepare(str(path), 400, cache_dir=str(tmp_path / "c"))
     text = path.read_text(encoding="utf-8")
-    cut = int(len(text) * 0.9)
     enc = data.load_tokenizer(m["tokenizer"])
-    assert enc.decode(data.load_tokens(m["train_bin"]).tolist()) == text[:cut]  # no separators in a user file
-    assert enc.decode(data.load_tokens(m["val_bin"]).tolist()) == text[cut:]
-    assert m["val_bytes"] == len(text[cut:].encode()) and m["name"] == "my_text"
+    train = enc.decode(data.load_tokens(m["train_bin"]).tolist())   # no separators in a user file
+    val = enc.decode(data.load_tokens(m["val_bin"]).tolist())
+    assert train + val == text and train.endswith("\n") and not val[0].isspace()   # cut at a line start
+    assert 0.9 <= len(train.encode()) / len(text.encode()) < 0.95                      # the last ~10% held out
+    assert m["val_bytes"] == len(val.encode()) and m["name"] == "my_text" and m["train_docs"] == 1
     path.write_text(text + "more", encoding="utf-8")  # changed content -> a new cache entry
     assert data.prepare(str(path), 400, cache_dir=str(tmp_path / "c"))["train_bin"] != m["train_bin"]
+
+
+def test_blockwise_encoding_equals_encoding_the_whole_text(sample_text, tmp_path, monkeypatch):
+    # a big corpus is read in blocks cut at line starts; the ids must be exactly those of the whole text
+    path = tmp_path / "t.txt"
+    text = sample_text + "  \n\n!\n\n  indented\n" * 20 + sample_text[:5000]   # line breaks in every context
+    path.write_text(text, encoding="utf-8")
+    whole = data.prepare(str(path), 400, cache_dir=str(tmp_path / "a"))
+    monkeypatch.setattr(data, "BLOCK_BYTES", 1000)
+    blocks = data.prepare(str(path), 400, cache_dir=str(tmp_path / "b"))
+    assert len(list(data.read_blocks((str(path), 0, len(text.encode()))))) > 50
+    enc = data.load_tokenizer(whole["tokenizer"])
+    for split in ("train", "val"):
+        ids = data.load_tokens(blocks[f"{split}_bin"]).tolist()
+        assert ids == data.load_tokens(whole[f"{split}_bin"]).tolist()
+        assert ids == enc.encode_ordinary(enc.decode(ids))   # = one encode of the split's whole text
+
+
+def test_folder_with_validation_file_and_story_separators(tmp_path):
+    folder = tmp_path / "stories"
+    (folder / "more").mkdir(parents=True)
+    rng = random.Random(0)
+    words = "the cat sat on a mat and then a dog ran far away to see the sun".split()
+
+    def stories(n):
+        return "".join(" ".join(rng.choice(words) for _ in range(40)).capitalize() + ".\n<|endoftext|>\n"
+                       for _ in range(n))
+    a, b, v = stories(30), stories(20), stories(10)
+    (folder / "a.txt").write_text(a)
+    (folder / "more" / "b.txt").write_text(b)
+    (folder / "TinyStories-valid.txt").write_text(v)
+    (folder / "notes.md").write_text("not a .txt file: ignored")
+    m = data.prepare(str(folder), 300, cache_dir=str(tmp_path / "c"))
+    enc = data.load_tokenizer(m["tokenizer"])
+    train, val = data.load_tokens(m["train_bin"]).tolist(), data.load_tokens(m["val_bin"]).tolist()
+    # each file is a document preceded by <|endoftext|>, and each literal separator is the special token
+    assert enc.decode(train) == data.EOT + a + data.EOT + b and enc.decode(val) == data.EOT + v
+    assert train.count(enc.eot_token) == 2 + 50 and val.count(enc.eot_token) == 1 + 10
+    assert m["train_docs"] == 52 and m["val_docs"] == 11
+    assert m["val_bytes"] == len(v.encode()) - 10 * len(data.EOT)   # separators have no bytes in bits/byte
+    # a folder without a validation file holds out its last ~10%; an empty folder is one clear line
+    (folder / "TinyStories-valid.txt").unlink()
+    m2 = data.prepare(str(folder), 300, cache_dir=str(tmp_path / "c"))
+    assert 0.08 < m2["val_bytes"] / (m2["train_bytes"] + m2["val_bytes"]) < 0.12
+    (tmp_path / "none").mkdir()
+    with pytest.raises(data.DataError, match="no .txt files"):
+        data.prepare(str(tmp_path / "none"), 300, cache_dir=str(tmp_path / "c"))
+
+
+def test_tokenizer_trains_on_a_bounded_sample_spread_over_the_corpus(tmp_path):
+    path = tmp_path / "big.txt"
+    lines = [f"line {i:06d} " + "word " * 10 + "\n" for i in range(40_000)]   # ~2.4 MB, numbered lines
+    path.write_text("".join(lines))
+    size = path.stat().st_size
+    docs = data.bpe_sample([(str(path), 0, size)], limit=64 * 1024)
+    sampled = "".join(docs)
+    assert 60_000 < len(sampled.encode()) <= 64 * 1024 + 64 * 80       # the bound, + at most a line per piece
+    numbers = [int(x) for x in re.findall(r"line (\d{6})", sampled)]
+    assert min(numbers) < 1000 and max(numbers) > 39_000                # from the start to the end of the file
+    assert all(d.endswith("\n") and d.startswith("line") for d in docs)  # whole lines
+    assert data.bpe_sample([(str(path), 0, size)], limit=10 * size) == ["".join(lines)]   # small: everything
 
 
 def test_token_dtype():
@@ -235,5 +297,89 @@ def test_bad_inputs(tmp_path):
 
 def test_cli_errors_exit_2(tmp_path):
     for args in (["--data=" + str(tmp_path / "missing.txt")], ["--vocab_size=big"], ["oops"]):
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), *args], capture_output=True, text=True)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+
+
+# ----------------------------------------------------------------------------- downloads (no internet here: a local server)
+
+class RangeServer:
+    """http.server on 127.0.0.1 serving one payload, honouring 'Range: bytes=N-' (http.server does not), and
+    optionally cutting the first response short (declared length, fewer bytes sent) to simulate a dropped link."""
+
+    def __init__(self, payload: bytes, cut_first: int | None = None, sha_header: str | None = None):
+        import http.server, threading
+        self.payload, self.requests, server = payload, [], self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                rng = self.headers.get("Range")
+                server.requests.append(rng)
+                start = int(rng.removeprefix("bytes=").rstrip("-")) if rng else 0
+                body = server.payload[start:]
+                self.send_response(206 if rng else 200)
+                self.send_header("Content-Length", str(len(body)))
+                if sha_header:
+                    self.send_header("X-Linked-Etag", f'"{sha_header}"')
+                self.end_headers()
+                if cut_first is not None and len(server.requests) == 1:
+                    body = body[:cut_first]
+                self.wfile.write(body)
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/corpus.txt"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_download_resumes_and_verifies(tmp_path):
+    payload = os.urandom(300_000)
+    sha = __import__("hashlib").sha256(payload).hexdigest()
+    dest = str(tmp_path / "d" / "corpus.txt")
+    with RangeServer(payload, cut_first=100_000, sha_header=sha) as srv:
+        with pytest.raises(data.DataError, match="run the same command again to resume"):
+            data.download(srv.url, dest)           # the link drops after 100 KB: the part file is kept
+        assert os.path.getsize(dest + ".part") == 100_000 and not os.path.exists(dest)
+        assert data.download(srv.url, dest) == dest  # resumes from byte 100,000, checks the server's sha256
+        assert srv.requests == [None, "bytes=100000-"]
+    assert open(dest, "rb").read() == payload and not os.path.exists(dest + ".part")
+    assert open(dest + ".sha256").read().split()[0] == sha
+    assert data.download("http://127.0.0.1:9/never", dest, sha) == dest   # present and verified: no request
+
+
+def test_download_checksum_mismatch_and_bad_urls(tmp_path):
+    src = tmp_path / "src.txt"
+    src.write_bytes(b"hello world\n" * 1000)
+    good = __import__("hashlib").sha256(src.read_bytes()).hexdigest()
+    dest = str(tmp_path / "out.txt")
+    with pytest.raises(data.DataError, match="checksum mismatch.*partial file was removed"):
+        data.download(src.as_uri(), dest, sha256="0" * 64)
+    assert not os.path.exists(dest) and not os.path.exists(dest + ".part")
+    assert data.download(src.as_uri(), dest, sha256=good) == dest          # file:// URLs work too
+    with RangeServer(b"x" * 10, sha_header="f" * 64) as srv:               # the server's sha256 is checked
+        with pytest.raises(data.DataError, match="checksum mismatch"):
+            data.download(srv.url, str(tmp_path / "x.txt"))
+    _error(data.download, (tmp_path / "missing.txt").as_uri(), str(tmp_path / "m.txt"), match="download failed")
+
+
+def test_cli_prepare_downloads_then_tokenizes(sample_text, tmp_path):
+    payload = sample_text[:30_000].encode()
+    with RangeServer(payload) as srv:
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "prepare", srv.url,
+                            f"--dest={tmp_path / 'dl'}", "--vocab_size=300", f"--cache_dir={tmp_path / 'c'}"],
+                           capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert open(tmp_path / "dl" / "corpus.txt", "rb").read() == payload
+    assert "train on it: python train.py --config gpu --data=" in r.stdout and "tokens" in r.stdout
+    for args in (["prepare"], ["prepare", "nosuchcorpus", "--dest=" + str(tmp_path / "x")]):
         r = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), *args], capture_output=True, text=True)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)

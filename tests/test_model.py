@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import conftest
-from model import (V3_ARGS, Gate, ModelArgs, MoE, Transformer, apply_rotary_emb, apply_rotary_emb_ref, attention_cpu,
-                   precompute_freqs_cis)
+from model import (V3_ARGS, Gate, ModelArgs, MoE, Permute, Transformer, apply_rotary_emb, apply_rotary_emb_ref,
+                   attention_cpu, precompute_freqs_cis, rank_desc)
 
 
 def tiny_args(**kw):
@@ -45,6 +45,7 @@ def tokens(B, T, V=97, seed=1):
     (dict(n_limited_groups=5), "n_limited_groups"),
     (dict(n_activated_experts=5, n_limited_groups=1), "n_activated_experts"),
     (dict(attn_impl="flash"), "attn_impl"),
+    (dict(gate_impl="sort"), "gate_impl"),
     (dict(qk_rope_head_dim=5), "even"),
     (dict(dim=32.0), "dim must be an int"),
 ])
@@ -158,6 +159,28 @@ def test_cpu_attention_equals_softmax_reference(T, S, causal):
         assert rel_err(a, b) < 1e-12
 
 
+@pytest.mark.parametrize("impl", ["naive", "absorb"])
+def test_static_cache_step_equals_dynamic(impl):
+    # the static-shape step (position as a device tensor, whole-cache attention with a mask: what a CUDA graph
+    # replays) against the full forward, for the main model (1- and 2-token steps) and for MTP depth 1
+    model = tiny_model(attn_impl=impl).eval()
+    x = tokens(1, 20)
+    with torch.no_grad():
+        full = model(x).logits
+        h_full = model.trunk(x)
+        mtp_full, _ = model.mtp_forward(1, h_full[:, :19], x[:, 1:])
+        model.setup_cache(batch_size=1)
+        pieces = [model(x[:, :8]).logits]                                        # prefill: the int path
+        for t, n in ((8, 1), (9, 2), (11, 1), (12, 2), (14, 1), (15, 1), (16, 2), (18, 2)):
+            pieces.append(model(x[:, t:t + n], start_pos=torch.tensor([t])).logits)   # (1, n, V)
+        mtp = [model.mtp_forward(1, h_full[:, :8], x[:, 1:9])[0]]
+        for t in range(8, 19):
+            mtp.append(model.mtp_forward(1, h_full[:, t:t + 1], x[:, t + 1:t + 2], torch.tensor([t]))[0])
+        model.clear_cache()
+    assert rel_err(torch.cat(pieces, dim=1), full) < 1e-12     # float64: the same sums up to rounding
+    assert rel_err(torch.cat(mtp, dim=1), mtp_full) < 1e-12
+
+
 def test_yarn_factor_one_changes_nothing_within_original_context():
     short = tiny_model(max_seq_len=32, original_seq_len=32)
     long = tiny_model(max_seq_len=64, original_seq_len=32, rope_factor=1.0)
@@ -207,6 +230,41 @@ def test_group_limited_routing_and_gates():
     assert not torch.equal(idx2, idx)
     assert torch.equal(s2, s)
     assert torch.allclose(g2, s.gather(1, idx2) / s.gather(1, idx2).sum(-1, keepdim=True) * 2.5)
+
+
+@pytest.mark.parametrize("E, G, M, K", [(32, 8, 4, 4), (16, 4, 2, 3), (8, 1, 1, 2), (64, 8, 3, 8)])
+def test_rank_selection_equals_topk(E, G, M, K):
+    # the same experts, in the same (best-first) order, on fresh random scores; exact: both only compare
+    args = tiny_args(n_routed_experts=E, n_expert_groups=G, n_limited_groups=M, n_activated_experts=K)
+    gate = Gate(args)
+    for dtype in (torch.float32, torch.float64):
+        biased = torch.rand(500, E, dtype=dtype) + 0.3 * torch.randn(E, dtype=dtype)   # sigmoid-like + bias
+        ref, fast = gate.select_topk(biased), gate.select_rank(biased)
+        assert torch.equal(ref, fast)
+    # ties go to the lower index, and every rank 0..n-1 occurs once per row
+    r = rank_desc(torch.tensor([[0.5, 0.9, 0.5, 0.1]]))
+    assert r.tolist() == [[1, 0, 2, 3]]
+    # through the module: same gates and ids as the topk reference
+    gate.double().weight.data.normal_(std=0.5)
+    x = torch.randn(300, args.dim, dtype=torch.float64)
+    g_ref, idx_ref, _ = gate(x)
+    gate.impl = "rank"
+    g_fast, idx_fast, _ = gate(x)
+    assert torch.equal(idx_ref, idx_fast) and torch.equal(g_ref, g_fast)
+
+
+def test_permute_backward_is_the_inverse_permutation():
+    # against autograd's own derivative of x[perm] (a scatter-add), in float64 on fresh random inputs
+    x = torch.randn(40, 6, dtype=torch.float64, requires_grad=True)
+    perm = torch.randperm(40)
+    inv = torch.empty_like(perm).scatter_(0, perm, torch.arange(40))
+    w = torch.randn(40, 6, dtype=torch.float64)
+    (Permute.apply(x, perm, inv) * w).sum().backward()
+    fast = x.grad.clone()
+    x.grad = None
+    (x[perm] * w).sum().backward()
+    assert torch.equal(Permute.apply(x, perm, inv), x[perm])
+    assert rel_err(fast, x.grad) < 1e-15   # the same numbers moved, no arithmetic
 
 
 def test_bias_update_direction_and_only_in_training():
@@ -268,12 +326,13 @@ def test_balance_loss_hand_computed_and_has_gradient():
     assert s.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("impl, dtype, tol", [
-    ("sorted", torch.float64, 1e-12),   # same products, another summation order: float64 rounding only
-    ("grouped", torch.float32, 1e-5),   # torch._grouped_mm has no float64 kernel: float32 rounding (~1e-7)
+@pytest.mark.parametrize("impl, gate_impl, dtype, tol", [
+    ("sorted", "topk", torch.float64, 1e-12),   # same products, another summation order: float64 rounding only
+    ("grouped", "topk", torch.float32, 1e-5),   # torch._grouped_mm has no float64 kernel: float32 rounding (~1e-7)
+    ("grouped", "rank", torch.float32, 1e-5),   # the fast router picks the same experts
 ])
-def test_fast_dispatch_equals_loop(impl, dtype, tol):
-    model = tiny_model(dtype=dtype).train()
+def test_fast_dispatch_equals_loop(impl, gate_impl, dtype, tol):
+    model = tiny_model(dtype=dtype, gate_impl=gate_impl).train()
     x = tokens(3, 16)
     model.set_impl(moe=impl)
     _, fast = model(x, torch.roll(x, -1, 1))
@@ -281,6 +340,8 @@ def test_fast_dispatch_equals_loop(impl, dtype, tol):
     fast_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     model.set_impl(moe="loop")
+    for m in model.moe_layers():
+        m.gate.impl = "topk"
     _, ref = model(x, torch.roll(x, -1, 1))
     ref["loss"].backward()
     assert abs(fast["loss"].item() - ref["loss"].item()) < tol * ref["loss"].item()

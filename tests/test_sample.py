@@ -5,6 +5,7 @@ that never saw the rejected tokens.
 Generation tests run in float64: "same maths, different chunking" then differs by ~1e-15, far below any gap
 between the two best logits, so greedy token sequences must match exactly.
 """
+import copy
 import os
 import subprocess
 import sys
@@ -249,3 +250,48 @@ def test_cli_corrupt_checkpoint_exit_code(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), f"--out_dir={tmp_path}", "--device=cpu"],
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "cannot load checkpoint" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+# --- static-shape steps and CUDA graphs ------------------------------------------------------
+
+def test_static_steps_decode_the_same_tokens(trained, temperature=0.8):
+    # 'static' is what a CUDA graph replays (positions as tensors, one max_seq_len cache attended with a mask):
+    # the same tokens as eager decoding, plain and speculative, sampled with the same generator; and one Steps
+    # serves several sequences (its cache is zeroed, not reallocated, between them)
+    prompt = [5, 6, 7, 8, 9, 1, 2]
+    steps = sample.Steps(trained, "static")
+    for _ in range(2):
+        eager, _ = sample.generate(trained, prompt, 24, gen(), temperature=temperature)
+        static, _ = sample.generate(trained, prompt, 24, gen(), temperature=temperature, steps=steps)
+        assert static == eager
+        eager, _ = sample.generate_speculative(trained, prompt, 24, gen(), temperature=temperature)
+        static, _ = sample.generate_speculative(trained, prompt, 24, gen(), temperature=temperature, steps=steps)
+        assert static == eager
+    assert steps.cache_len == trained.args.max_seq_len
+
+
+def test_speculative_decoding_with_bf16_parameters(trained):
+    # sample.py casts the parameters to bf16 (buffers stay fp32): the MTP block must take the embedding's dtype
+    model = copy.deepcopy(trained)
+    for p in model.parameters():
+        p.data = p.data.bfloat16()
+    out, st = sample.generate_speculative(model, [5, 6, 7, 8, 9, 1, 2], 20, gen(), temperature=0.8)
+    assert len(out) == 20 and st["tried"][0] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_steps_equal_static_steps(trained):
+    model = copy.deepcopy(trained).cuda()   # bf16 parameters, as sample.py loads them (CUDA's _grouped_mm is bf16)
+    for p in model.parameters():
+        p.data = p.data.bfloat16()
+    prompt = [5, 6, 7, 8, 9, 1, 2]
+    g = lambda: torch.Generator(device="cuda").manual_seed(1)
+    static, _ = sample.generate(model, prompt, 40, g(), temperature=0.8, steps=sample.Steps(model, "static"))
+    graphed = sample.Steps(model, "graphs")
+    for _ in range(2):
+        out, _ = sample.generate(model, prompt, 40, g(), temperature=0.8, steps=graphed)
+        assert out == static
+        spec, _ = sample.generate_speculative(model, prompt, 40, g(), temperature=0.8, steps=graphed)
+        ref, _ = sample.generate_speculative(model, prompt, 40, g(), temperature=0.8, steps=sample.Steps(model, "static"))
+        assert spec == ref
+    assert graphed.mode == "graphs" and graphed.graphs, "capture failed or nothing was captured"

@@ -51,6 +51,26 @@ def test_end_to_end_checkpoint_and_metrics(tmp_path):
     assert any(v.abs().sum() > 0 for k, v in ckpt["model"].items() if k.endswith("gate.bias"))
 
 
+def test_best_checkpoint_and_early_stopping(tmp_path):
+    # a corpus whose held-out tail shares nothing with the training text: the better the model fits the
+    # training lines, the worse it does on the tail, so val loss is best at the first eval and then rises
+    text = tmp_path / "split.txt"
+    text.write_text("the cat sat on the mat.\n" * 900 + "QZXJ VKWP 0987 !?@#\n" * 80)
+    out = str(tmp_path / "out")
+    p = run("--config", "small", *TINY, "--max_iters=60", "--eval_interval=2", "--patience=2", "--eval_iters=2",
+            "--batch_size=4", "--seq_len=32", "--lr=1e-2", f"--data={text}", f"--out_dir={out}")
+    evals = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl")) if "val_loss" in l]
+    best = min(evals, key=lambda r: r["val_loss"])
+    assert "stopping early" in p.stdout + p.stderr and evals[-1]["step"] < 60
+    assert [r["step"] for r in evals if r["best"]][-1] == best["step"]
+    assert evals[-1]["step"] == best["step"] + 2 * 2                      # patience 2 evals after the best
+    saved = torch.load(os.path.join(out, "best.pt"), weights_only=True)
+    assert saved["step"] == best["step"] and saved["val_loss"] == best["val_loss"] and "optimizer" not in saved
+    last = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)   # the last state, for --resume
+    assert last["step"] == evals[-1]["step"] and last["best_step"] == best["step"] and last["stale"] == 2
+    assert all(r["time"] > 0 for r in evals)                              # wall time for the curve's x-axis
+
+
 def test_interrupt_and_resume_gives_the_same_losses(tmp_path):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     common = ["--config", "small", *TINY, "--max_iters=30", "--eval_interval=1000"]
@@ -91,7 +111,7 @@ def test_interrupt_and_resume_gives_the_same_losses(tmp_path):
 ])
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, args, message):
     (tmp_path / "empty.txt").write_text("")
-    (tmp_path / "short.txt").write_text("To be, or not to be, that is the question.\n" * 3)
+    (tmp_path / "short.txt").write_text("To be, or not to be, that is the question.\n" * 30)
     out = tmp_path / "out"
     args = [a.format(empty=tmp_path / "empty.txt", short=tmp_path / "short.txt") for a in args]
     p = run(*args, f"--out_dir={out}", check=False)
@@ -175,3 +195,17 @@ def test_time_budget_fits_the_schedule_to_the_clock(tmp_path):
     lrs = [r["lr"] for r in steps]
     assert lrs[-1] < 1e-4 + 0.1 * (1e-3 - 1e-4), lrs[-5:]           # the decay reached its end ...
     assert max(lrs) == 1e-3 and lrs.index(1e-3) < last // 2        # ... after a constant phase at the peak
+
+
+def test_plot_curve_draws_every_eval(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import plot_curve
+    import xml.etree.ElementTree as ET
+    rows = [dict(step=s, loss=1.0, time=s / 10) for s in range(1, 40)]
+    rows += [dict(step=s, val_bpb=b, val_loss=b, time=s / 10 + 1) for s, b in ((10, 2.5), (20, 2.1), (30, 2.2))]
+    src, dst = tmp_path / "m.jsonl", tmp_path / "c.svg"
+    src.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    plot_curve.main([str(src), str(dst)])
+    dots = [e for e in ET.parse(dst).iter() if e.tag.endswith("circle")]
+    assert len(dots) == 2 * 3 and sum(d.get("fill") == "#d62728" for d in dots) == 2   # best marked in both panels
+    assert "best 2.1000 at step 20" in dst.read_text()
