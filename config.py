@@ -41,6 +41,9 @@ TRAIN_DEFAULTS = dict(
     # optimizer and schedule (§4.2): warm-up, constant, then cosine decay over the last decay_frac of steps
     max_iters=1000, lr=3e-3, min_lr=3e-4, warmup_iters=50, decay_frac=0.4, weight_decay=0.1,
     beta1=0.9, beta2=0.95, grad_clip=1.0,
+    # > 0: launch to exit within this many seconds; the schedule ends where the measured step time reaches the
+    # budget (max_iters only caps it), so a faster or slower machine trains more or fewer steps, same shape
+    time_budget=0.0,
     # system
     device="auto", dtype="auto", compile=False, fp8=False, seed=1337,
     data_cache=None,   # folder of the prepared data (None: data_cache/ beside data.py; set it for a read-only checkout)
@@ -51,12 +54,16 @@ TRAIN_DEFAULTS = dict(
 )
 MODEL_DEFAULTS = {f.name: f.default for f in fields(ModelArgs)}
 PRESETS = {
-    # 1.88M total / 1.21M activated params (+0.42M MTP); 2-core CPU: ~265 ms/step, ~5 min for 1000 steps,
-    # val ~2.05 bits/byte. lr tried at 1000 steps: 1e-3 -> 2.060, 1.5e-3 -> 2.054, 3e-3 -> 2.068 bpb (6e-3 worse).
-    # init_std 0.02, not the paper's 0.006 (tuned for d=7168): at d=128, 300 steps reach 2.283 vs 2.391 bpb
+    # 1.88M total / 1.21M activated params (+0.42M MTP). 1250 steps; --time_budget=290 fits the schedule to the
+    # clock instead (not the default: on 2 cores shared with other jobs its end-of-run estimate came out at
+    # 290-590 s and it refused to start). Retuned 2026-12-01 (README "Small preset"): lr 3e-3 decaying to ~0 over the last 60%
+    # reaches val 2.049 bits/byte at 1250 steps (the previous 1.5e-3 -> 1.5e-4 over 40%: 2.054 at 1000; it learns
+    # faster early, 4.94 vs 5.14 train loss over steps 100-145); seq_len 256 x batch 8 was worse (2.208 vs 2.191
+    # at step 625). init_std 0.02, not the paper's 0.006 (tuned for d=7168):
+    # at d=128, 300 steps reach 2.283 vs 2.391 bpb
     "small": dict(
-        out_dir="out-small", max_iters=1000, eval_interval=250, vocab_size=2048, batch_size=16, seq_len=128,
-        lr=1.5e-3, min_lr=1.5e-4, warmup_iters=50,
+        out_dir="out-small", max_iters=1250, eval_interval=250, vocab_size=2048, batch_size=16,
+        seq_len=128, lr=3e-3, min_lr=3e-5, warmup_iters=50, decay_frac=0.6,
         dim=128, inter_dim=384, moe_inter_dim=96, n_layers=4, n_dense_layers=1, n_heads=4,
         n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, n_expert_groups=4, n_limited_groups=2,
         route_scale=1.0, q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16,
@@ -177,7 +184,8 @@ def die(prog: str, msg: str, code: int = 2):
 
 POSITIVE = ("batch_size", "seq_len", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval",
             "lr", "grad_clip", "pp", "ep")
-NON_NEGATIVE = ("sample_tokens", "warmup_iters", "min_lr", "weight_decay", "ckpt_interval", "patience", "dp")
+NON_NEGATIVE = ("sample_tokens", "warmup_iters", "min_lr", "weight_decay", "ckpt_interval", "patience", "dp",
+                "time_budget")
 
 
 def check_device(device: str) -> None:
@@ -218,12 +226,24 @@ def check_train(cfg: dict) -> None:
             raise ConfigError(f"--{key} must be in [0, 1), got {cfg[key]}")
 
 
-def lr_at(it: int, cfg: dict) -> float:
-    """§4.2: linear warm-up, constant, then cosine decay to min_lr over the last decay_frac of training."""
+def lr_at(it: int, cfg: dict, horizon: int | None = None) -> float:
+    """§4.2: linear warm-up, constant, then cosine decay to min_lr over the last decay_frac of training, which
+    ends at step `horizon` (max_iters; under --time_budget the step the measured speed reaches, see below)."""
+    horizon = cfg["max_iters"] if horizon is None else horizon
     if it < cfg["warmup_iters"]:
         return cfg["lr"] * (it + 1) / cfg["warmup_iters"]
-    decay_start = int(cfg["max_iters"] * (1 - cfg["decay_frac"]))
+    decay_start = int(horizon * (1 - cfg["decay_frac"]))
     if it < decay_start:
         return cfg["lr"]
-    progress = min(1.0, (it - decay_start) / max(1, cfg["max_iters"] - decay_start))
+    progress = min(1.0, (it - decay_start) / max(1, horizon - decay_start))
     return cfg["min_lr"] + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg["lr"] - cfg["min_lr"])
+
+
+def budget_horizon(step: int, cfg: dict, sec_per_step: float, sec_left: float, sec_per_eval: float) -> int:
+    """--time_budget: the step at which training must stop so that the evals still due (every eval_interval
+    steps) and the final eval/sample/checkpoint fit in the sec_left seconds the budget has left, at the
+    measured sec_per_step. Never before `step`, never past max_iters."""
+    left = sec_left - sec_per_eval                               # the end of the run: one more eval, checkpoint
+    horizon = step + int(left / sec_per_step)
+    evals_due = max(0, (horizon - 1) // cfg["eval_interval"] - step // cfg["eval_interval"])
+    return min(cfg["max_iters"], step + max(0, int((left - evals_due * sec_per_eval) / sec_per_step)))

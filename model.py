@@ -171,7 +171,7 @@ def precompute_freqs_cis(args: ModelArgs) -> torch.Tensor:
     return torch.stack([angles.cos(), angles.sin()], dim=-1).float()  # (max_seq_len, Dr/2, 2)
 
 
-def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+def apply_rotary_emb_ref(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (x0,x1),(x2,x3),... of the last dim, as the official code's complex multiply.
 
     x: (B, T, H, Dr); freqs_cis: (T, Dr/2, 2). NOTE: Llama's "rotate-half" pairs (x_i, x_{i+Dr/2}) instead:
@@ -183,6 +183,17 @@ def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
     sin = freqs_cis[:, None, :, 1]
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)  # (B, T, H, Dr/2, 2)
     return out.flatten(-2).to(x.dtype)                     # (B, T, H, Dr)
+
+
+def apply_rotary_emb(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """The same rotation. On the CPU in eager mode as one complex multiply, the official code's form: 4 ops
+    forward instead of 10 (measured 3.7x faster forward+backward for a (16, 128, 4, 16) query, one thread).
+    torch.compile handles complex numbers poorly, so compiled code and GPUs take the real form above."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return apply_rotary_emb_ref(x, freqs_cis)
+    xc = torch.view_as_complex(at_least_fp32(x).unflatten(-1, (-1, 2)).contiguous())  # (B, T, H, Dr/2) complex
+    rot = torch.view_as_complex(at_least_fp32(freqs_cis))[:, None]  # (T, 1, Dr/2): cos + i·sin
+    return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)  # (B, T, H, Dr)
 
 
 # -----------------------------------------------------------------------------
@@ -197,9 +208,29 @@ SDPA_BACKENDS = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBack
 
 
 def attention(q, k, v, mask, causal: bool, scale: float) -> torch.Tensor:
-    """softmax(q·kᵀ·scale + mask) v with q (B, H, T, Dqk), k (B, H, S, Dqk), v (B, H, S, Dv) -> (B, H, T, Dv)."""
+    """softmax(q·kᵀ·scale + mask) v with q (B, H, T, Dqk), k (B, H, S, Dqk), v (B, H, S, Dv) -> (B, H, T, Dv).
+    mask: None or (T, S) bool, True = may attend; causal: the top-left-aligned causal mask instead."""
+    if q.device.type == "cpu" and not torch.compiler.is_compiling():
+        return attention_cpu(q, k, v, mask, causal, scale)
     with sdpa_kernel(SDPA_BACKENDS, set_priority=True):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+
+
+def attention_cpu(q, k, v, mask, causal: bool, scale: float) -> torch.Tensor:
+    """The same maths as three plain ops. For MLA's shapes (value dim != query dim) CPU SDPA falls back to its
+    'math' kernel: ~10 ops with a NaN-safe softmax; here one baddbmm applies scale and mask at once
+    (measured ~20% less time forward+backward at the small preset's shapes, one thread)."""
+    B, H, T, Dqk = q.shape
+    S, Dv = k.size(2), v.size(3)
+    q3, k3, v3 = q.reshape(B * H, T, Dqk), k.reshape(B * H, S, Dqk), v.reshape(B * H, S, Dv)
+    if causal:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()        # (T, S)
+    if mask is None:
+        scores = torch.bmm(q3, k3.transpose(1, 2)) * scale                       # (B*H, T, S)
+    else:   # additive mask: 0 where allowed, -inf elsewhere (a row always keeps its own position)
+        bias = torch.zeros(T, S, dtype=q.dtype, device=q.device).masked_fill_(~mask, float("-inf"))
+        scores = torch.baddbmm(bias, q3, k3.transpose(1, 2), alpha=scale)        # (B*H, T, S)
+    return torch.bmm(scores.softmax(dim=-1), v3).view(B, H, T, Dv)              # (B, H, T, Dv)
 
 
 class MLA(nn.Module):

@@ -17,9 +17,11 @@ Run:  python train.py --config small                     (2-core CPU, ~5 minutes
       torchrun --nproc_per_node=8 train.py --config multi-gpu --pp=2 --ep=2      (DP = the rest: 2)
       python train.py --config v3 --dry_run=True                   (per-rank memory/traffic of PP16 x EP64 x DP2)
       any field can be overridden: python train.py --config small --max_iters=100 --dim=64 --out_dir=out-x
+      a wall-clock budget instead of a step count: python train.py --config small --time_budget=120
 """
 import time
-T_LAUNCH = time.time()   # for the "first step" line: launch -> first step done, imports and compilation included
+T_LAUNCH = time.time()   # launch: --time_budget counts from here, and the "first step" line (imports, data, compilation)
+import io
 import math
 import os
 import signal
@@ -34,7 +36,8 @@ from tqdm import tqdm
 import checkpoint as C
 import data
 import parallel as P
-from config import MODEL_DEFAULTS, PRESETS, TRAIN_DEFAULTS, check_train, die, lr_at, parse, to_model_args
+from config import (MODEL_DEFAULTS, PRESETS, TRAIN_DEFAULTS, budget_horizon, check_train, die, lr_at, parse,
+                    to_model_args)
 from model import Transformer
 from sample import generate
 
@@ -163,7 +166,8 @@ if cfg["fp8"]:   # §3.3.3: BF16 moments, FP32 master weights
     from fp8 import AdamWBF16
     opt_cls, opt_kw = AdamWBF16, dict(lr=cfg["lr"], betas=betas)
 else:
-    opt_cls, opt_kw = torch.optim.AdamW, dict(lr=cfg["lr"], betas=betas, fused=device_type == "cuda")
+    # fused: one kernel for all parameters instead of ~10 ops per tensor, on CPU too (torch >= 2.4)
+    opt_cls, opt_kw = torch.optim.AdamW, dict(lr=cfg["lr"], betas=betas, fused=True)
 optimizer = P.Optimizer(model, groups, opt_cls, cfg["zero"], cfg["weight_decay"], **opt_kw)   # ZeRO-1 on ranks
 step, best_val, best_step, stale, last_loss, ckpt = 0, float("inf"), 0, 0, None, {}   # stale: evals since the best
 elapsed = 0.0   # wall seconds of earlier runs of this checkpoint (--resume), for the metrics' time axis
@@ -210,12 +214,12 @@ peak = next((v for k, v in PEAK_FLOPS.items() if k in torch.cuda.get_device_name
 
 @torch.no_grad()
 @torch.compiler.set_stance("force_eager")   # compiled Blocks would compile again for eval mode; eager is enough
-def evaluate() -> dict:
+def evaluate(n_batches: int | None = None) -> dict:
     """Main-model CE on the same eval_iters val batches every time (a fixed generator), so evals compare."""
     model.eval()
     gen = torch.Generator().manual_seed(cfg["seed"] + 7)
     losses, loads = [], 0
-    for _ in range(cfg["eval_iters"]):   # every rank evaluates the same batches (EP/PP ranks must take part)
+    for _ in range(n_batches or cfg["eval_iters"]):   # every rank evaluates the same batches (EP/PP ranks must take part)
         x, y = data.get_batch(val_data, B, T, gen, device)
         with autocast:
             loss = pipe.forward_only(x, y) if pipe is not None else model(x, y)[1]
@@ -270,6 +274,25 @@ def save_best(ev: dict):
                best_path)
 
 
+def end_cost() -> float:
+    """Seconds one eval + sample + checkpoint takes, measured before training (--time_budget keeps it for the end
+    and for each eval on the way; every real eval replaces it): 2 val batches, an 8-token sample and an in-memory
+    save of the weights, after one untimed call of each (first calls pay one-time costs), scaled to eval_iters,
+    sample_tokens and weights + 2 Adam moments, plus 25%. Changes no weights and no RNG state."""
+    evaluate(n_batches=1)
+    t0 = time.time()
+    evaluate(n_batches=2)
+    t1 = time.time()
+    if cfg["sample_tokens"] and pipe is None:   # no sample under PP (see the end of the run)
+        sample_text(1)
+        t1 = time.time()
+        sample_text(8)
+    t2 = time.time()
+    torch.save(model.state_dict(), io.BytesIO())
+    t3 = time.time()
+    return 1.25 * ((t1 - t0) / 2 * cfg["eval_iters"] + (t2 - t1) / 8 * cfg["sample_tokens"] + 3 * (t3 - t2))
+
+
 # -----------------------------------------------------------------------------
 # the training loop
 
@@ -289,9 +312,9 @@ if master:
           f"{f', {layout}' if ddp else ''}")
 
 
-def train_step(it: int) -> torch.Tensor:
+def train_step(it: int, horizon: int) -> torch.Tensor:
     for g in optimizer.param_groups:
-        g["lr"] = lr_at(it, cfg)
+        g["lr"] = lr_at(it, cfg, horizon)
     total = torch.zeros((), device=device)
     ga = cfg["grad_accum"]
     if pipe is not None:   # PP: the grad_accum micro-batches of this step go through DualPipe together
@@ -341,10 +364,23 @@ def stop_now() -> bool:
 
 signal.signal(signal.SIGINT, on_sigint)
 signal.signal(signal.SIGTERM, on_sigint)   # kill (a scheduler's preemption) saves like Ctrl-C
-bar = tqdm(total=cfg["max_iters"], initial=step, disable=not master, dynamic_ncols=True, mininterval=1.0)
+horizon, speed, end_s = cfg["max_iters"], [], 0.0   # the step training ends at; (steps, seconds) per log window
+if cfg["time_budget"]:
+    end_s, used = end_cost(), time.time() - T_LAUNCH
+    if ddp:   # rank 0's clock decides for all (they must agree on whether, and when, to stop)
+        t = torch.tensor([end_s, used], dtype=torch.float64, device=device)
+        dist.broadcast(t, src=0)
+        end_s, used = t.tolist()
+    if master:
+        print(f"time budget {cfg['time_budget']:g} s: {used:.1f} s used by start-up, ~{end_s:.1f} s kept for each "
+              f"eval/sample/checkpoint; the LR schedule ends where the measured step time meets the budget")
+    if used + end_s >= cfg["time_budget"]:
+        fail(f"--time_budget={cfg['time_budget']:g} leaves no time to train: start-up took {used:.1f} s and the "
+             f"final eval/sample/checkpoint needs ~{end_s:.1f} s")
+bar = tqdm(total=horizon, initial=step, disable=not master, dynamic_ncols=True, mininterval=1.0)
 window, t_window, first_step = [], time.time(), step
-while step < cfg["max_iters"] and not stop_now():
-    loss = train_step(step)
+while step < horizon and not stop_now():
+    loss = train_step(step, horizon)
     window.append(loss)
     step += 1
     if step == first_step + 1:   # the first step of this process: compilation; the optimizer state exists now
@@ -357,23 +393,34 @@ while step < cfg["max_iters"] and not stop_now():
             tqdm.write(f"first step: {time.time() - t_window:.1f} s (compilation included), "
                        f"{time.time() - T_LAUNCH:.1f} s after launch; optimizer state {state.item() / 2**20:.2f} MiB "
                        f"on the fullest rank{' (ZeRO-1: sharded over each replica group)' if ddp and cfg['zero'] else ''}")
-    if step % cfg["log_interval"] == 0 or step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]:
+    if step % cfg["log_interval"] == 0 or step % cfg["eval_interval"] == 0 or step >= horizon:
         losses = torch.stack(window).cpu()   # one host sync per log interval, not per step
         bad = (~torch.isfinite(losses)).nonzero()
         if len(bad):
             bar.close()
             fail(f"non-finite loss at step {step - len(window) + int(bad[0]) + 1}; stopping, {files.kept()}", code=1)
         dt = (time.time() - t_window) / len(window)
+        speed.append((len(window), dt * len(window)))
+        if cfg["time_budget"] and len(speed) > 1:   # re-fit the horizon; the launch's first window is the warm-up
+            recent = speed[1:][-50:]
+            horizon = budget_horizon(step, cfg, sum(s for _, s in recent) / sum(n for n, _ in recent),
+                                     T_LAUNCH + cfg["time_budget"] - time.time(), end_s)
+            if ddp:   # every rank must stop at the same step: rank 0's clock decides
+                h = torch.tensor(horizon, device=device)
+                dist.broadcast(h, src=0)
+                horizon = int(h)
+            bar.total = horizon
         tok_s = B * T * cfg["grad_accum"] * batch_ranks / dt   # the whole world's tokens
         maxvio = model.expert_load()[1].mean().item() if has_moe else None
         mfu = f" | mfu {100 * flops_per_token * tok_s / world / peak:.1f}%" if peak else ""
         bar.set_postfix_str(f"loss {losses[-1]:.4f} | {dt * 1000:.0f} ms | {tok_s:,.0f} tok/s{mfu}"
                              + (f" | maxvio {maxvio:.2f}" if has_moe else ""))
         bar.update(len(window))
-        log_metrics(dict(step=step, loss=losses[-1].item(), lr=lr_at(step - 1, cfg), ms=dt * 1000, tok_s=tok_s,
-                         maxvio=maxvio, time=round(elapsed + time.time() - T_LAUNCH, 1)))
+        log_metrics(dict(step=step, loss=losses[-1].item(), lr=optimizer.param_groups[0]["lr"], ms=dt * 1000,
+                         tok_s=tok_s, maxvio=maxvio, time=round(elapsed + time.time() - T_LAUNCH, 1)))
         window, t_window, last_loss = [], time.time(), losses[-1].item()
-    if step % cfg["eval_interval"] == 0 or step == cfg["max_iters"]:
+    if step % cfg["eval_interval"] == 0 or step >= horizon:
+        t_eval = time.time()
         ev = evaluate()
         if not math.isfinite(ev["val_loss"]):   # the last update broke the weights: do not save them
             bar.close()
@@ -388,7 +435,7 @@ while step < cfg["max_iters"] and not stop_now():
             tqdm.write(f"step {step}: val loss {ev['val_loss']:.4f} | val bpb {ev['val_bpb']:.4f}"
                        + (f" | maxvio {ev['maxvio']:.2f}" if has_moe else "")
                        + (" | best" if improved else f" | best {best_val:.4f} at {best_step}"))
-        done = step == cfg["max_iters"] or (cfg["patience"] and stale >= cfg["patience"])
+        done = step >= horizon or (cfg["patience"] and stale >= cfg["patience"])
         try:   # checkpoint first: an --overwrite run commits its files there, then best.pt
             if cfg["save"] and (done or not cfg["ckpt_interval"]):   # --save=False: measure or sweep, write nothing
                 save_checkpoint(last_loss)
@@ -397,8 +444,10 @@ while step < cfg["max_iters"] and not stop_now():
         except C.CheckpointError as e:   # non-finite weights, disk full
             bar.close()
             fail(f"step {step}: {e}; stopping, {files.kept()}", code=1)
+        if cfg["time_budget"]:   # this eval's measured cost replaces the estimate
+            end_s = 1.1 * (time.time() - t_eval)
         t_window = time.time()   # keep eval time out of tokens/s
-        if done and step < cfg["max_iters"]:
+        if done and step < horizon:
             tqdm.write(f"stopping early: val loss has not improved for {stale} evals (best {best_val:.4f} at step "
                        f"{best_step}, in {best_path})")
             break
@@ -415,6 +464,10 @@ if cfg["sample_tokens"] and not interrupted and pipe is None and (master or (ddp
     text = sample_text(cfg["sample_tokens"])
     if master:
         print("--- sample ---\n" + text + "\n--------------")
+if not interrupted:
+    log_metrics(dict(step=step, elapsed=time.time() - T_LAUNCH))   # launch to the end of the run
+    if master:
+        print(f"done: {step} steps, {time.time() - T_LAUNCH:.1f} s from launch")
 if interrupted:
     recent = torch.stack(window).cpu().tolist() if window else [last_loss]
     try:   # never save weights that went non-finite since the last check

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import config
-from config import MODEL_DEFAULTS, PRESETS, TRAIN_DEFAULTS, ConfigError, lr_at, parse
+from config import MODEL_DEFAULTS, PRESETS, TRAIN_DEFAULTS, ConfigError, budget_horizon, lr_at, parse
 
 DEFAULTS = dict(n=3, lr=0.5, name="x", path=None, flag=False, sizes=(1, 2))
 TRAIN = {**TRAIN_DEFAULTS, **MODEL_DEFAULTS}
@@ -113,3 +113,20 @@ def test_lr_schedule_edges():
     assert full[0] == 2.0 and full[10] == pytest.approx(0.5) and full == sorted(full, reverse=True)
     # warm-up longer than the run: still linear, never above lr
     assert [lr_at(i, dict(base, warmup_iters=20, decay_frac=0.4)) for i in (0, 9)] == [0.1, 1.0]
+
+
+def test_lr_schedule_follows_a_horizon():
+    # --time_budget: the same shape, stretched to end at `horizon` instead of max_iters (which it must ignore)
+    cfg = dict(lr=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=100, decay_frac=0.4)
+    assert [lr_at(it, cfg, horizon=250) for it in range(251)] == \
+        [lr_at(it, dict(cfg, max_iters=250)) for it in range(251)]
+    assert lr_at(149, cfg, horizon=250) == 1e-3 and lr_at(249, cfg, horizon=250) < 1.1e-4
+
+
+def test_budget_horizon_counts_the_evals_still_due_and_the_end():
+    cfg = dict(eval_interval=100, max_iters=10**6)
+    # 50 s left at 0.1 s/step with a 2 s end: 480 steps; evals at 100..400 (4 of them, 2 s each) cost 80 more
+    assert budget_horizon(0, cfg, sec_per_step=0.1, sec_left=50.0, sec_per_eval=2.0) == 400
+    assert budget_horizon(0, dict(cfg, eval_interval=10**6), 0.1, 50.0, 2.0) == 480     # no eval on the way
+    assert budget_horizon(0, dict(cfg, max_iters=300), 0.1, 50.0, 2.0) == 300           # max_iters caps it
+    assert budget_horizon(123, cfg, 0.1, 1.0, 2.0) == 123                               # late: stop now

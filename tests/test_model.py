@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import conftest
-from model import V3_ARGS, Gate, ModelArgs, MoE, Permute, Transformer, precompute_freqs_cis, rank_desc
+from model import (V3_ARGS, Gate, ModelArgs, MoE, Permute, Transformer, apply_rotary_emb, apply_rotary_emb_ref,
+                   attention_cpu, precompute_freqs_cis, rank_desc)
 
 
 def tiny_args(**kw):
@@ -141,6 +142,39 @@ def test_cached_decoding_equals_full_forward(impl):
     model.setup_cache(batch_size=1)
     attn = model.layers[0].attn
     assert attn.kv_cache.shape[-1] == 16 and attn.pe_cache.shape[-1] == 4
+
+
+def test_rope_complex_cpu_path_equals_real_reference():
+    # the CPU path multiplies complex numbers, the reference rotates real pairs: the same function. float64
+    # rounding only (tolerance 1e-12); fp32 within 1e-6 (one rounding per product). The input is a split view
+    # (q_pe is one), so the complex path must cope with a non-contiguous tensor; gradients must agree too.
+    a = tiny_args(qk_rope_head_dim=8)
+    freqs = precompute_freqs_cis(a)[:20]
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-6)):
+        q = torch.randn(2, 20, 3, 13, dtype=dtype).split([5, 8], dim=-1)[1].detach().requires_grad_()
+        fast, ref = apply_rotary_emb(q, freqs.to(dtype)), apply_rotary_emb_ref(q, freqs.to(dtype))
+        assert fast.dtype == dtype and rel_err(fast, ref) < tol
+        w = torch.randn_like(ref)
+        g_fast, = torch.autograd.grad((fast * w).sum(), q)
+        g_ref, = torch.autograd.grad((ref * w).sum(), q)
+        assert rel_err(g_fast, g_ref) < tol
+
+
+@pytest.mark.parametrize("T, S, causal", [(9, 9, True), (4, 11, False), (1, 11, False)])
+def test_cpu_attention_equals_softmax_reference(T, S, causal):
+    # float64 against softmax(q·kᵀ·scale + mask)·v written out; MLA shapes (value dim != query dim); values and
+    # gradients to 1e-12. (4, 11): a chunk against a cached prefix (explicit mask); (1, 11): one decoding step.
+    g = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(2, 3, n, 6, generator=g, dtype=torch.float64, requires_grad=True) for n in (T, S))
+    v = torch.randn(2, 3, S, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    allowed = torch.ones(T, S, dtype=torch.bool).tril(diagonal=S - T)     # query i sees keys 0..S-T+i
+    mask = None if causal or T == 1 else allowed
+    out = attention_cpu(q, k, v, mask, causal, scale=0.4)
+    ref = ((q @ k.transpose(-1, -2) * 0.4).masked_fill(~allowed, float("-inf")).softmax(-1)) @ v
+    assert rel_err(out, ref) < 1e-12
+    w = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad((out * w).sum(), (q, k, v)), torch.autograd.grad((ref * w).sum(), (q, k, v))):
+        assert rel_err(a, b) < 1e-12
 
 
 @pytest.mark.parametrize("impl", ["naive", "absorb"])

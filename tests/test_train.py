@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # conftest's tiny model on the command line, plus a small batch; constant LR after warm-up: resumable
 TINY = [f"--{k}={v}" for k, v in {**conftest.TINY, "max_seq_len": 32, "original_seq_len": 32}.items()] + \
     ["--seq_len=32", "--batch_size=4", "--vocab_size=512", "--eval_iters=2", "--sample_tokens=8", "--decay_frac=0.0",
-     "--warmup_iters=2"]
+     "--warmup_iters=2", "--time_budget=0"]   # fixed step counts; test_time_budget_* sets its own
 
 
 def run(*args, check=True):
@@ -33,19 +33,21 @@ def train_losses(out_dir):
 
 def test_end_to_end_checkpoint_and_metrics(tmp_path):
     out = str(tmp_path / "out")
-    p = run("--config", "small", *TINY, "--max_iters=6", "--eval_interval=3", f"--out_dir={out}")
+    p = run("--config", "small", *TINY, "--max_iters=7", "--eval_interval=3", f"--out_dir={out}")
     assert "params:" in p.stdout and "FLOPs/token" in p.stdout
     ckpt = torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
-    assert ckpt["step"] == 6 and ckpt["config"]["max_iters"] == 6 and ckpt["model_args"]["dim"] == 32
+    assert ckpt["step"] == 7 and ckpt["config"]["max_iters"] == 7 and ckpt["model_args"]["dim"] == 32
     assert {"model", "optimizer", "rng", "best_val"} <= set(ckpt)
     assert any(k.endswith("gate.bias") for k in ckpt["model"])   # router biases travel with the model
     assert os.path.exists(os.path.join(out, "tokenizer.tiktoken"))
     rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
     evals = [r for r in rows if "val_bpb" in r]
-    assert [r["step"] for r in evals] == [3, 6]
+    assert [r["step"] for r in evals] == [3, 6, 7]
     assert all(0 < r["val_bpb"] < 10 and r["val_loss"] > 0 for r in evals)
-    assert sorted(train_losses(out)) == list(range(1, 7))
-    # the router biases moved (aux-loss-free balancing ran after each step)
+    assert sorted(train_losses(out)) == list(range(1, 8))
+    # the router biases moved (aux-loss-free balancing ran after each step). Each step moves a bias by exactly
+    # -γ, 0 or +γ, so an even number of steps can cancel to zero (6 did, after the CPU RoPE/attention changed the
+    # rounding); 7 cannot unless some step was exactly balanced
     assert any(v.abs().sum() > 0 for k, v in ckpt["model"].items() if k.endswith("gate.bias"))
 
 
@@ -348,6 +350,30 @@ def test_dry_run_needs_no_ranks_and_writes_nothing(tmp_path):
     assert "dry run: PP2 x DP2 x EP2 = 8 ranks" in p.stdout and "EP all-to-all" in p.stdout
     assert len([l for l in p.stdout.splitlines() if l.split()[:1] in (["0"], ["1"])]) == 4   # 2 tables x 2 ranks
     assert not out.exists()
+
+
+def test_time_budget_fits_the_schedule_to_the_clock(tmp_path):
+    # --time_budget: the run stops by itself (max_iters only caps it), its LR schedule has decayed to min_lr by
+    # the last step (the horizon followed the measured step time), the final eval and checkpoint are at that
+    # step, and launch -> last checkpoint fits the budget. The budget is twice what a 10-step run takes here,
+    # launch to exit, so the test means the same on a fast and on a loaded machine: more than 10 steps must fit.
+    t0 = time.time()
+    run("--config", "small", *TINY, "--max_iters=10", "--eval_interval=10", f"--out_dir={tmp_path / 'ten'}")
+    budget = round(2 * (time.time() - t0)) + 1
+    out = str(tmp_path / "out")
+    p = run("--config", "small", *TINY, f"--time_budget={budget}", "--max_iters=1000000", "--eval_interval=1000000",
+            "--decay_frac=0.5", "--lr=1e-3", "--min_lr=1e-4", f"--out_dir={out}")
+    assert f"time budget {budget} s" in p.stdout
+    rows = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    steps = [r for r in rows if "loss" in r]
+    last = steps[-1]["step"]
+    assert 10 < last < 1000000, last
+    assert [r["step"] for r in rows if "val_bpb" in r] == [last]
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["step"] == last
+    assert rows[-1]["elapsed"] <= budget * 1.1, (rows[-1]["elapsed"], budget)
+    lrs = [r["lr"] for r in steps]
+    assert lrs[-1] < 1e-4 + 0.1 * (1e-3 - 1e-4), lrs[-5:]           # the decay reached its end ...
+    assert max(lrs) == 1e-3 and lrs.index(1e-3) < last // 2        # ... after a constant phase at the peak
 
 
 def test_plot_curve_draws_every_eval(tmp_path):
