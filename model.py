@@ -419,17 +419,18 @@ class Gate(nn.Module):
 class Permute(torch.autograd.Function):
     """y = x[perm] for a permutation perm with inverse inv. Autograd would differentiate x[perm] as a
     scatter-add into zeros (index_put with accumulate: atomics); a permutation's gradient is the inverse
-    permutation, a plain gather."""
+    permutation, a plain gather. index_select, not x[perm]: the same rows, but CPU advanced indexing runs a
+    generic kernel, 2.5-5x slower on (4096, 128) fp32 rows (one thread; it cost the small preset ~4% of a step)."""
 
     @staticmethod
     def forward(ctx, x, perm, inv):
         ctx.save_for_backward(inv)
-        return x[perm]
+        return x.index_select(0, perm)
 
     @staticmethod
     def backward(ctx, grad):
         inv, = ctx.saved_tensors
-        return grad[inv], None, None
+        return grad.index_select(0, inv), None, None
 
 
 class MoE(nn.Module):
@@ -496,6 +497,8 @@ class MoE(nn.Module):
             ys = at_least_fp32(self.experts.grouped(xs, counts)) * g.flatten()[order, None]  # (N*K, D) gated
             return torch.zeros_like(u).index_add_(0, tok, ys.to(u.dtype))
         dt = torch.get_autocast_dtype(u.device.type) if torch.is_autocast_enabled(u.device.type) else u.dtype
+        if dt == torch.bfloat16 and u.device.type == "cpu" and not torch.compiler.is_compiling():
+            dt = torch.float32   # eager CPU: a bf16 _grouped_mm is a slow generic loop (it made a bf16 step 1.4x slower)
         # fall back for float64 (tests), old torch, and fp32 under torch.compile (the eager CPU kernel takes
         # fp32, the shape-checking meta kernel that compile traces with wants bf16)
         if dt not in (torch.float32, torch.bfloat16) or \
@@ -557,7 +560,35 @@ class Output(NamedTuple):
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean next-token CE over positions whose target is not -1. logits (B, T, V), targets (B, T)."""
+    if logits.device.type == "cpu" and not torch.compiler.is_compiling():
+        return SoftmaxCrossEntropy.apply(logits.flatten(0, 1), targets.flatten())
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+
+
+class SoftmaxCrossEntropy(torch.autograd.Function):
+    """The same loss on the CPU, from one softmax: -log p[target] forward, (p - onehot) / n backward. F.cross_entropy
+    runs log_softmax there, ~3x slower than softmax at (2048, 2048) fp32, and its backward is a second vocabulary-
+    wide pass of the same kind (one thread: 26-31 ms forward+backward, this 14-17 ms; two per small-preset step).
+    logits (N, V) fp32/fp64, targets (N,) long, -1 = ignore -> scalar."""
+
+    @staticmethod
+    def forward(ctx, logits, targets):
+        valid = targets >= 0                                        # (N,)
+        tgt = targets.clamp(min=0)[:, None]                         # (N, 1)
+        p = torch.softmax(logits, dim=-1)                           # (N, V)
+        nll = -p.gather(1, tgt).squeeze(1).log()                    # (N,)
+        if not torch.isfinite(nll).all():   # p[target] underflowed (loss > ~87 nats) or NaN logits: exact form
+            nll = torch.logsumexp(logits, dim=-1) - logits.gather(1, tgt).squeeze(1)
+        n = valid.sum()
+        ctx.save_for_backward(p, tgt, valid, n)
+        return nll.where(valid, 0).sum() / n
+
+    @staticmethod
+    def backward(ctx, grad):
+        p, tgt, valid, n = ctx.saved_tensors
+        scale = (grad / n) * valid[:, None]                         # (N, 1): 0 on ignored rows
+        g = p * scale                                               # (N, V)
+        return g.scatter_add_(1, tgt, -scale), None                 # minus the one-hot at each target
 
 
 class Block(nn.Module):

@@ -285,6 +285,25 @@ def test_permute_backward_is_the_inverse_permutation():
     assert rel_err(fast, x.grad) < 1e-15   # the same numbers moved, no arithmetic
 
 
+def test_cpu_cross_entropy_equals_the_reference():
+    # model.cross_entropy's CPU path (softmax, -log p[target], (p - onehot)/n backward) against F.cross_entropy in
+    # float64 on fresh random logits, with ignored (-1) targets; tolerance 1e-12: the same maths in another order
+    import torch.nn.functional as F
+    from model import cross_entropy
+    for scale in (1.0, 60.0):   # 60: some p[target] underflow to 0 (losses of hundreds of nats): the exact form
+        logits = (scale * torch.randn(3, 50, 300, dtype=torch.float64)).requires_grad_()
+        targets = torch.randint(0, 300, (3, 50))
+        targets[:, -7:] = -1
+        fast = cross_entropy(logits, targets)
+        g_fast, = torch.autograd.grad(fast, logits)
+        ref = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        g_ref, = torch.autograd.grad(ref, logits)
+        assert abs(fast.item() - ref.item()) < 1e-12 * ref.item() and rel_err(g_fast, g_ref) < 1e-12
+        assert (g_fast[:, -7:] == 0).all()   # ignored positions get no gradient
+    nan = torch.full((1, 2, 5), float("nan"))
+    assert cross_entropy(nan, torch.tensor([[1, 2]])).isnan()   # divergence stays visible (train.py stops on it)
+
+
 def test_bias_update_direction_and_only_in_training():
     model = tiny_model(dtype=torch.float32)
     moe = model.moe_layers()[0]
@@ -366,6 +385,20 @@ def test_fast_dispatch_equals_loop(impl, gate_impl, dtype, tol):
     for n, p in model.named_parameters():   # same gradients for every expert weight, gate and the rest
         if p.grad is not None:
             assert rel_err(fast_grads[n], p.grad) < tol * 10, n
+
+
+def test_grouped_experts_stay_fp32_under_cpu_bf16_autocast():
+    # CPU bf16 autocast (train.py's --dtype=auto on an AMX CPU): the routed experts' grouped GEMMs run in fp32 (the
+    # CPU's bf16 _grouped_mm is a slow loop), so their output equals the plain fp32 one; the rest of the model casts
+    moe = tiny_model(dtype=torch.float32).train().moe_layers()[0]
+    u = torch.randn(48, moe.gate.weight.size(1))
+    g, idx, _ = moe.gate(u)
+    counts = torch.bincount(idx.flatten(), minlength=moe.n_routed)
+    ref = moe.routed_grouped(u, g, idx, counts)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast = moe.routed_grouped(u, g, idx, counts)
+        assert moe.shared_experts(u).dtype == torch.bfloat16   # autocast is on: nn.Linear runs in bf16
+    assert fast.dtype == torch.float32 and rel_err(fast, ref) < 1e-6   # fp32 rounding only (same kernel)
 
 
 # --- MTP and training losses ------------------------------------------------------------
