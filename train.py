@@ -36,8 +36,8 @@ from tqdm import tqdm
 import checkpoint as C
 import data
 import parallel as P
-from config import (MODEL_DEFAULTS, PRESETS, TRAIN_DEFAULTS, budget_horizon, check_train, die, lr_at, parse,
-                    to_model_args)
+from config import (MODEL_DEFAULTS, PRESETS, TRAIN_DEFAULTS, auto_dtype, budget_horizon, check_train, die, lr_at,
+                    parse, to_model_args)
 from model import Transformer
 from sample import generate
 
@@ -109,7 +109,7 @@ master = rank == 0
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 if device_type == "cuda" and not torch.cuda.is_available():
     fail(f"--device={device} but CUDA is not available")
-dtype = cfg["dtype"] if cfg["dtype"] != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
+dtype = cfg["dtype"] if cfg["dtype"] != "auto" else auto_dtype(device_type)   # bf16 on CUDA and AMX CPUs
 if dtype not in ("float32", "bfloat16"):
     fail(f"--dtype must be float32, bfloat16 or auto, got {dtype!r}")
 # bf16 autocast: matmuls in bf16, master weights / norms / softmax / losses in fp32 (§3.3 keeps these high)
