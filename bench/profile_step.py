@@ -25,7 +25,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data as D  # noqa: E402  (needs the path above)
-from config import MODEL_DEFAULTS, PRESETS, TRAIN_DEFAULTS, check_train, parse, to_model_args
+from config import MODEL_DEFAULTS, PRESETS, TRAIN_DEFAULTS, auto_dtype, check_train, parse, to_model_args
 from model import MoE, Transformer
 
 OPTS = dict(threads=2, steps=5, warmup=5, top=15, detail=0)
@@ -143,7 +143,8 @@ def main(argv):
     opt = torch.optim.AdamW([dict(params=decay, weight_decay=cfg["weight_decay"]),
                              dict(params=no_decay, weight_decay=0.0)], lr=cfg["lr"],
                             betas=(cfg["beta1"], cfg["beta2"]), fused=True)   # as train.py
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg["dtype"] == "bfloat16")
+    dtype = cfg["dtype"] if cfg["dtype"] != "auto" else auto_dtype("cpu")   # as train.py: bf16 on AMX CPUs
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     train = D.load_tokens(meta["train_bin"])
     gen = torch.Generator().manual_seed(cfg["seed"])
 
@@ -171,7 +172,7 @@ def main(argv):
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(opts["steps"]):
             step()
-    report(prof, opts, plain, cfg, args)
+    report(prof, dict(opts, dtype=dtype), plain, cfg, args)
     return 0
 
 
@@ -216,7 +217,7 @@ def report(prof, opts, plain, cfg, args):
         calls[part] += 1
     n = opts["steps"]
     total = sum(wall.values()) / n
-    print(f"preset {cfg['config']}: {B_T(cfg)} tokens/step, {opts['threads']} threads, torch {torch.__version__}; "
+    print(f"preset {cfg['config']}: {B_T(cfg)} tokens/step, {opts['threads']} threads, {opts['dtype']}, torch {torch.__version__}; "
           f"{n} steps after {opts['warmup']} warm-up")
     print(f"plain step (no profiler): median {1e3 * statistics.median(plain):.1f} ms; profiled: {total:.1f} ms/step\n")
     print("| part | forward ms | backward ms | other ms | total ms | share | ops |")

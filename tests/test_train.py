@@ -389,3 +389,16 @@ def test_plot_curve_draws_every_eval(tmp_path):
     dots = [e for e in ET.parse(dst).iter() if e.tag.endswith("circle")]
     assert len(dots) == 2 * 3 and sum(d.get("fill") == "#d62728" for d in dots) == 2   # best marked in both panels
     assert "best 2.1000 at step 20" in dst.read_text()
+
+
+def test_profile_step_attributes_the_whole_step():
+    # bench/profile_step.py on the tiny model: every part of a V3 step gets its own row, and the rows (ops plus the
+    # time between them) add up to the profiled step's wall time, so no part of the step goes unreported
+    p = subprocess.run([sys.executable, "bench/profile_step.py", "--config", "small", *TINY, "--threads=1",
+                        "--steps=2", "--warmup=1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = {l.split(" | ")[0].strip("| *"): l.split(" | ") for l in p.stdout.splitlines() if l.startswith("| ")}
+    for part in ("attention (MLA)", "router", "dispatch/combine", "expert MLPs", "head + loss", "MTP", "optimizer"):
+        assert float(rows[part][4]) > 0, part
+    parts = [float(r[4]) for name, r in rows.items() if name not in ("part", "---", "step")]
+    assert abs(sum(parts) - float(rows["step"][4])) < 0.02 * float(rows["step"][4]) + 0.5, (sum(parts), rows["step"])
