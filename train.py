@@ -36,8 +36,8 @@ from tqdm import tqdm
 import checkpoint as C
 import data
 import parallel as P
-from config import (MODEL_DEFAULTS, PRESETS, TRAIN_DEFAULTS, auto_dtype, budget_horizon, check_train, die, lr_at,
-                    parse, to_model_args)
+from config import (MODEL_DEFAULTS, PRESETS, TRAIN_DEFAULTS, budget_horizon, check_train, die, lr_at, parse,
+                    to_model_args)
 from model import Transformer
 from sample import generate
 
@@ -109,7 +109,7 @@ master = rank == 0
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 if device_type == "cuda" and not torch.cuda.is_available():
     fail(f"--device={device} but CUDA is not available")
-dtype = cfg["dtype"] if cfg["dtype"] != "auto" else auto_dtype(device_type)   # bf16 on CUDA and AMX CPUs
+dtype = cfg["dtype"] if cfg["dtype"] != "auto" else ("bfloat16" if device_type == "cuda" else "float32")
 if dtype not in ("float32", "bfloat16"):
     fail(f"--dtype must be float32, bfloat16 or auto, got {dtype!r}")
 # bf16 autocast: matmuls in bf16, master weights / norms / softmax / losses in fp32 (§3.3 keeps these high)
@@ -376,7 +376,7 @@ if cfg["time_budget"]:
               f"eval/sample/checkpoint; the LR schedule ends where the measured step time meets the budget")
     if used + end_s >= cfg["time_budget"]:
         fail(f"--time_budget={cfg['time_budget']:g} leaves no time to train: start-up took {used:.1f} s and the "
-             f"final eval/sample/checkpoint needs ~{end_s:.1f} s")
+             f"final eval/sample/checkpoint needs ~{end_s:.1f} s (--time_budget=0: train max_iters steps, untimed)")
 bar = tqdm(total=horizon, initial=step, disable=not master, dynamic_ncols=True, mininterval=1.0)
 window, t_window, first_step = [], time.time(), step
 while step < horizon and not stop_now():

@@ -25,7 +25,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data as D  # noqa: E402  (needs the path above)
-from config import MODEL_DEFAULTS, PRESETS, TRAIN_DEFAULTS, auto_dtype, check_train, parse, to_model_args
+from config import MODEL_DEFAULTS, PRESETS, TRAIN_DEFAULTS, check_train, parse, to_model_args
 from model import MoE, Transformer
 
 OPTS = dict(threads=2, steps=5, warmup=5, top=15, detail=0)
@@ -143,7 +143,7 @@ def main(argv):
     opt = torch.optim.AdamW([dict(params=decay, weight_decay=cfg["weight_decay"]),
                              dict(params=no_decay, weight_decay=0.0)], lr=cfg["lr"],
                             betas=(cfg["beta1"], cfg["beta2"]), fused=True)   # as train.py
-    dtype = cfg["dtype"] if cfg["dtype"] != "auto" else auto_dtype("cpu")   # as train.py: bf16 on AMX CPUs
+    dtype = "bfloat16" if cfg["dtype"] == "bfloat16" else "float32"   # as train.py on a CPU (auto: fp32)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
     train = D.load_tokens(meta["train_bin"])
     gen = torch.Generator().manual_seed(cfg["seed"])

@@ -130,13 +130,3 @@ def test_budget_horizon_counts_the_evals_still_due_and_the_end():
     assert budget_horizon(0, dict(cfg, eval_interval=10**6), 0.1, 50.0, 2.0) == 480     # no eval on the way
     assert budget_horizon(0, dict(cfg, max_iters=300), 0.1, 50.0, 2.0) == 300           # max_iters caps it
     assert budget_horizon(123, cfg, 0.1, 1.0, 2.0) == 123                               # late: stop now
-
-
-def test_auto_dtype_is_bf16_on_cuda_and_on_amx_cpus_only():
-    from config import auto_dtype
-    assert auto_dtype("cuda") == "bfloat16"
-    try:
-        amx = " amx_bf16" in open("/proc/cpuinfo").read()
-    except OSError:
-        amx = False
-    assert auto_dtype("cpu") == ("bfloat16" if amx else "float32")

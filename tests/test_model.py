@@ -388,8 +388,8 @@ def test_fast_dispatch_equals_loop(impl, gate_impl, dtype, tol):
 
 
 def test_grouped_experts_stay_fp32_under_cpu_bf16_autocast():
-    # CPU bf16 autocast (train.py's --dtype=auto on an AMX CPU): the routed experts' grouped GEMMs run in fp32 (the
-    # CPU's bf16 _grouped_mm is a slow loop), so their output equals the plain fp32 one; the rest of the model casts
+    # CPU bf16 autocast (--dtype=bfloat16 on a CPU): the routed experts' grouped GEMMs run in fp32 (the CPU's bf16
+    # _grouped_mm is a slow loop), so their output equals the plain fp32 one; the rest of the model casts
     moe = tiny_model(dtype=torch.float32).train().moe_layers()[0]
     u = torch.randn(48, moe.gate.weight.size(1))
     g, idx, _ = moe.gate(u)

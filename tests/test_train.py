@@ -16,8 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # conftest's tiny model on the command line, plus a small batch; constant LR after warm-up: resumable
 TINY = [f"--{k}={v}" for k, v in {**conftest.TINY, "max_seq_len": 32, "original_seq_len": 32}.items()] + \
     ["--seq_len=32", "--batch_size=4", "--vocab_size=512", "--eval_iters=2", "--sample_tokens=8", "--decay_frac=0.0",
-     "--warmup_iters=2", "--time_budget=0", "--dtype=float32"]
-# fixed step counts (test_time_budget_* sets its own); fp32 whatever the CPU (--dtype=auto picks bf16 on AMX CPUs)
+     "--warmup_iters=2", "--time_budget=0"]   # fixed step counts; test_time_budget_* sets its own
 
 
 def run(*args, check=True):
