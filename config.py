@@ -54,16 +54,16 @@ TRAIN_DEFAULTS = dict(
 )
 MODEL_DEFAULTS = {f.name: f.default for f in fields(ModelArgs)}
 PRESETS = {
-    # 2.40M total / 1.74M activated params (+0.42M MTP), vocab 4096, 8 x 128 tokens per step, fp32. Launch to exit
-    # fits --time_budget=290 s: the LR schedule (3e-3, decayed to 3e-5 over the last 60%) ends where the measured
-    # step time meets the budget, so a faster or slower machine trains more or fewer steps (max_iters caps it).
-    # Retuned 2026-12-02 (README "Small preset"): at equal tokens 8 x 128 beat 16 x 128 (2.038 vs 2.050 bits/byte),
-    # vocab 4096 learns faster early (2.107 vs 2.147 at step 1500 of 2500); bf16 autocast was 0.021 worse at equal
-    # steps and no faster at 2 threads. init_std 0.02, not the paper's 0.006 (tuned for d=7168): at d=128, 300 steps
-    # reach 2.283 vs 2.391 bpb
+    # 2.40M total / 1.74M activated params (+0.42M MTP), vocab 4096, 16 x 128 tokens per step, fp32. Launch to
+    # exit fits --time_budget=290 s: the LR schedule (3e-3, decayed to 3e-5 over the last 60%) ends where the
+    # measured step time meets the budget, so a faster or slower machine trains more or fewer steps (max_iters
+    # caps it). Retuned 2026-12-02 (README "Small preset"): in what 290 s buy at 2 threads, vocab 4096 x 675 steps
+    # reached 2.082 bits/byte, vocab 2048 x 770 steps 2.117, 8 x 128 tokens x 1010 steps (vocab 4096) 2.134; bf16
+    # autocast was 0.021 worse at equal steps and no faster at 2 threads. init_std 0.02, not the paper's 0.006
+    # (tuned for d=7168): at d=128, 300 steps reach 2.283 vs 2.391 bpb
     "small": dict(
-        out_dir="out-small", time_budget=290.0, max_iters=4000, eval_interval=500, eval_iters=40, vocab_size=4096,
-        batch_size=8, seq_len=128, lr=3e-3, min_lr=3e-5, warmup_iters=50, decay_frac=0.6,
+        out_dir="out-small", time_budget=290.0, max_iters=3000, eval_interval=250, eval_iters=20, vocab_size=4096,
+        batch_size=16, seq_len=128, lr=3e-3, min_lr=3e-5, warmup_iters=50, decay_frac=0.6,
         dim=128, inter_dim=384, moe_inter_dim=96, n_layers=4, n_dense_layers=1, n_heads=4,
         n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, n_expert_groups=4, n_limited_groups=2,
         route_scale=1.0, q_lora_rank=64, kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16,
