@@ -43,6 +43,7 @@ TRAIN_DEFAULTS = dict(
     beta1=0.9, beta2=0.95, grad_clip=1.0,
     # system
     device="auto", dtype="auto", compile=False, fp8=False, seed=1337,
+    fp8_experts=True,   # with fp8: the routed experts in FP8 too (False: their GEMMs stay BF16, see fp8.convert_to_fp8)
     data_cache=None,   # folder of the prepared data (None: data_cache/ beside data.py; set it for a read-only checkout)
     # parallelism under torchrun (parallel.py): pipeline x data x expert ranks = world size (dp=0: whatever pp*ep
     # leaves); with pp > 1, grad_accum is the number of DualPipe micro-batches; zero shards the optimizer state

@@ -205,11 +205,6 @@ def _quant_stack(ws: list[Tensor]) -> tuple[Tensor, Tensor]:
     return torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
 
 
-def _transpose(q: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
-    # a square block is the same block of Wᵀ: (E, Np, Kp) -> (E, Kp, Np) row-major, and the scales likewise
-    return q.transpose(1, 2).contiguous(), s.transpose(1, 2).contiguous()
-
-
 class WeightCache:
     """FP8 copies of a layer's weights, valid while none of them has changed. `fwd` holds what Fprop reads,
     `bwd` the transposed copies Dgrad reads (made at the first backward)."""
@@ -227,7 +222,7 @@ class WeightCache:
     @property
     def bwd(self):
         if self._bwd is None:
-            self._bwd = [_transpose(q, s) for q, s in self.fwd]
+            self._bwd = [_k("transpose_128x128", q)(q, s) for q, s in self.fwd]  # Wᵀ's blocks, for Dgrad
         return self._bwd
 
 
@@ -418,14 +413,11 @@ class _Fp8SwiGLUFn(torch.autograd.Function):
         dy2 = dy.reshape(-1, D)  # (M, D)
         with torch.autocast(dy.device.type, enabled=False):
             # padded width Fp throughout: the padding columns of a and b are zero, so are h, da and db there
-            ab = _k("dequant_1x128", qab)(qab, sab)  # (M, 2Fp)
-            a, b = ab[:, :Fp], ab[:, Fp:]
-            h = _k("swiglu", a)(a, b)  # the SwiGLU output, recomputed (M, Fp)
+            hT, shT = _k("swiglu_quant_128x1", qab)(qab, sab)  # the SwiGLU output, recomputed: (Fp, Mp), 128×1
             qdy, sdy = _k("quant_1x128", dy2)(dy2)  # (M, Dp), (M, Dp/128)
-            dh = _grouped(qdy, sdy, qw2T, sw2T, seg, torch.float32, hw)  # W2's Dgrad (M, Fp)
-            hT, shT = _k("quant_128x1", h)(h)  # (Fp, Mp), (Fp, Mp/128)
+            dh = _grouped(qdy, sdy, qw2T, sw2T, seg, dy.dtype, hw)  # W2's Dgrad (M, Fp)
             dw2 = _grouped_wgrad(dy2, hT, shT, seg, hw)  # W2's Wgrad (E, Dp, Fp)
-            dab = torch.cat(_k("swiglu_bwd", a)(a, b, dh), dim=1)  # [da | db] (M, 2Fp)
+            dab = _k("swiglu_bwd", qab)(qab, sab, dh)  # [da | db] (M, 2Fp)
             qdab, sdab = _k("quant_1x128", dab)(dab)  # (M, 2Fp), (M, 2Fp/128)
             dx = _grouped(qdab, sdab, qw13T, sw13T, seg, x_dtype, hw)[:, :D]  # da·W1 + db·W3, one GEMM (K = 2Fp)
             qxT, sxT = _k("requant_128x1", qx)(qx, sx)  # x re-tiled 128×1 for the Wgrad
@@ -465,28 +457,54 @@ class Fp8Experts(nn.ModuleList):
         self.wc = WeightCache(lambda: _swiglu_weights(list(self)))  # all experts' weights stacked, (E, ...)
 
     @torch.compiler.disable
-    def grouped(self, xs: Tensor, counts: Tensor) -> Tensor:
-        """xs (N*K, D) the routed (token, expert) pairs sorted by expert, counts (E,) pairs per expert on the
-        device -> (N*K, D) each pair through its expert. Reads the E counts on the host once."""
-        E, dev = len(self), xs.device
+    def grouped(self, u: Tensor, g: Tensor, idx: Tensor, counts: Tensor) -> Tensor:
+        """u (N, D) tokens, g and idx (N, K) gate weights and chosen experts, counts (E,) pairs per expert ->
+        (N, D) fp32 = Σ_k g[n, k]·FFN_idx[n,k](u[n]). The (token, expert) pairs are laid out sorted by expert,
+        each expert's segment padded with zero rows to whole 128-row tiles. Reads the E counts on the host once."""
+        (N, K), E, dev = idx.shape, len(self), u.device
+        flat, ar = idx.flatten(), torch.arange(N * K, device=dev)  # expert of each pair; pair numbers
+        order = flat.argsort(stable=True)  # pairs sorted by expert
         padded = (counts + TILE - 1) // TILE * TILE  # (E,) each segment rounded up to whole 128-row tiles
         ends = padded.cumsum(0)
         shift = (ends - padded) - (counts.cumsum(0) - counts)  # (E,) padded start − sorted start of each expert
-        # row of each sorted pair in the padded buffer: its own index, moved by its expert's shift
-        expert_of = torch.repeat_interleave(torch.arange(E, device=dev), counts, output_size=xs.shape[0])
-        dest = torch.arange(xs.shape[0], device=dev) + shift[expert_of]  # (N*K,)
+        pos = torch.empty_like(order).index_copy_(0, order, ar + shift[flat[order]])  # (N*K,) row of each pair
         sizes = padded.tolist()  # the one host read per layer: segment bounds for slicing
         M = sum(sizes)
         starts = [sum(sizes[:e]) for e in range(E)]
         seg = Segments(list(zip(starts, sizes)), torch.repeat_interleave(ends - padded, padded, output_size=M),
                        torch.repeat_interleave(padded, padded, output_size=M))
-        out_dtype = _out_dtype(xs)
-        xp = xs.new_zeros(M, xs.shape[1], dtype=out_dtype).index_copy(0, dest, xs.to(out_dtype))  # (M, D)
+        row_pair = torch.full((M,), N * K, device=dev).index_copy_(0, pos, ar)  # pair of each row; N*K: padding
+        out_dtype = _out_dtype(u)
+        xp = _Gather.apply(u.to(out_dtype), torch.where(row_pair < N * K, row_pair // K, N), pos.view(N, K), True)  # (M, D)
         ws = [w for m in self for w in (m.w1.weight, m.w2.weight, m.w3.weight)]
         with torch.autocast(dev.type, enabled=False):
             yp = _Fp8SwiGLUFn.apply(xp, seg, self.wc.get(ws), out_dtype, hopper_gemms(self.backend, dev),
                                     ws[0].shape[0], *ws)  # (M, D)
-        return yp[dest]  # (N*K, D), padding rows dropped
+        yk = _Gather.apply(yp, pos, row_pair, False)  # (N*K, D) back in token order, padding rows dropped
+        return (yk.view(N, K, -1).float() * g[:, :, None]).sum(dim=1)  # (N, D), summed in fp32
+
+
+def _take(x: Tensor, i: Tensor, pad: bool) -> Tensor:
+    # x[i]; with pad, the index len(x) reads a row of zeros (a padding row of the expert segments)
+    return (torch.cat([x, x.new_zeros(1, x.shape[1])]) if pad else x)[i]
+
+
+class _Gather(torch.autograd.Function):
+    """y = x[i] with a gather as backward (autograd's own is a scatter-add, with atomics): `back` (rows of x, k)
+    holds the k rows of y each row of x went to, so dx = Σ_j dy[back[:, j]]. One side is the 128-padded expert
+    buffer, whose padding rows read zeros: y's when `to_padded` (index len(x)), else dx's (index len(dy))."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, i: Tensor, back: Tensor, to_padded: bool) -> Tensor:
+        ctx.save_for_backward(back)
+        ctx.to_padded = to_padded
+        return _take(x, i, to_padded)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        back, = ctx.saved_tensors
+        dx = _take(dy, back.flatten(), not ctx.to_padded).view(*back.shape, dy.shape[1])
+        return (dx.sum(dim=1) if back.dim() == 2 else dx), None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -499,7 +517,7 @@ def _is_swiglu(m: nn.Module) -> bool:
     return names == {"w1", "w2", "w3"} and all(type(c) is nn.Linear and c.bias is None for c in m.children())
 
 
-def convert_to_fp8(model: nn.Module, backend: str = "auto", fused_swiglu: bool = True) -> nn.Module:
+def convert_to_fp8(model: nn.Module, backend: str = "auto", fused_swiglu: bool = True, experts: bool = True) -> nn.Module:
     """Swap, in place, the nn.Linear layers that DeepSeek-V3 runs in FP8: every projection inside
     model.layers and model.mtp (attention wq/wq_a/wq_b/wkv_a/wkv_b/wo, the SwiGLU w1/w2/w3 of dense FFNs,
     routed and shared experts, MTP's eh_proj). Left in BF16/FP32: the embedding, the output head, the MoE
@@ -508,11 +526,17 @@ def convert_to_fp8(model: nn.Module, backend: str = "auto", fused_swiglu: bool =
     Fp8Experts (model.MoE's 'grouped' path then runs the experts in one FP8 call). backend: 'auto' (the
     hardware GEMM where its probe passes, else emulated), 'hopper' (error if it does not work here) or
     'emulated' (plain-PyTorch GEMM, any device); stored on each layer. Call after model.to(device), before
-    torch.compile (the hardware probe runs eagerly). Returns the model."""
+    torch.compile (the hardware probe runs eagerly). experts=False leaves the routed experts in BF16 (model.MoE's
+    grouped GEMM): a deviation for narrow experts, where no FP8 GEMM of torch 2.11 beats BF16 on an H200
+    (README). Returns the model."""
     _check_backend(backend)
     roots = [getattr(model, n) for n in ("layers", "mtp") if isinstance(getattr(model, n, None), nn.Module)]
-    for parent in [m for r in roots for m in r.modules()]:
+    keep = set() if experts else {m for r in roots for e in r.modules()
+                                  if isinstance(getattr(e, "experts", None), nn.ModuleList) for m in e.experts.modules()}
+    for parent in [m for r in roots for m in r.modules() if m not in keep]:
         for name, child in list(parent.named_children()):
+            if child in keep:
+                continue
             if fused_swiglu and name == "experts" and type(child) is nn.ModuleList and all(map(_is_swiglu, child)):
                 setattr(parent, name, Fp8Experts(child, backend))
             elif fused_swiglu and _is_swiglu(child):

@@ -148,7 +148,7 @@ train_data, val_data = data.load_tokens(meta["train_bin"]), data.load_tokens(met
 model = Transformer(model_args).to(device)
 if cfg["fp8"]:
     from fp8 import convert_to_fp8
-    convert_to_fp8(model)   # Fprop/Dgrad/Wgrad of every Linear in the blocks in FP8 (§3.3); same state dict
+    convert_to_fp8(model, experts=cfg["fp8_experts"])   # Fprop/Dgrad/Wgrad of the blocks' Linears in FP8 (§3.3)
 n = model.num_params()   # before sharding: the whole model's counts
 has_moe = bool(model.moe_layers())   # False for an all-dense model: no router, no MaxVio to report
 flops_per_token = model.flops_per_token(T)

@@ -52,14 +52,15 @@ def run(cfg: dict, tag: str, device: str, profile: bool) -> dict:
     with torch.device(device):  # initialized on the GPU: a 4.5B-parameter model takes minutes on the CPU
         model = Transformer(args)
     if use_fp8:
-        fp8.convert_to_fp8(model)
+        fp8.convert_to_fp8(model, experts=cfg["fp8_experts"])
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [dict(params=decay, weight_decay=cfg["weight_decay"]), dict(params=no_decay, weight_decay=0.0)]
     betas = (cfg["beta1"], cfg["beta2"])
     opt = fp8.AdamWBF16(groups, lr=cfg["lr"], betas=betas) if use_fp8 else \
         torch.optim.AdamW(groups, lr=cfg["lr"], betas=betas, fused=cuda)
-    step_model = torch.compile(model) if cfg["compile"] else model
+    if cfg["compile"]:
+        model.compile_blocks()  # as train.py: each Block compiled, FP8 layers opaque inside it (fp8.py)
     train_data = data.load_tokens(meta["train_bin"])
     gen = torch.Generator().manual_seed(cfg["seed"] + 1000)  # the same batches for every run
     B, T, A = cfg["batch_size"], cfg["seq_len"], cfg["grad_accum"]
@@ -72,7 +73,7 @@ def run(cfg: dict, tag: str, device: str, profile: bool) -> dict:
         for _ in range(A):
             x, y = data.get_batch(train_data, B, T, gen, device)
             with autocast:
-                _, losses = step_model(x, y)
+                _, losses = model(x, y)
             (losses["loss"] / A).backward()
             total += losses["ce"].detach() / A
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
@@ -94,7 +95,7 @@ def run(cfg: dict, tag: str, device: str, profile: bool) -> dict:
         times.append(time.perf_counter() - t)
         losses.append(loss)
         if prof is not None:
-            prof_table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=25, max_name_column_width=60)
+            prof_table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=40, max_name_column_width=70)
         if it % 50 == 0 or it == cfg["steps"] - 1:
             print(f"  {tag} step {it + 1}/{cfg['steps']}: loss {loss:.4f}, {times[-1] * 1000:.0f} ms", flush=True)
     n = model.num_params()
@@ -108,7 +109,7 @@ def run(cfg: dict, tag: str, device: str, profile: bool) -> dict:
                times=times, params=n, profile=prof_table)
     print(f"  {tag}: {ms:.0f} ms/step, {tok_s:,.0f} tokens/s, peak {res['peak_gib']:.1f} GiB, "
           f"first step {times[0]:.1f} s", flush=True)
-    del model, opt, step_model
+    del model, opt
     if cuda:
         torch.cuda.empty_cache()
     return res
@@ -140,7 +141,7 @@ def main():
     print(f"# {cmd}\n{name}, torch {torch.__version__}, {datetime.date.today()}; "
           f"preset {cfg['config']}, {cfg['steps']} steps of {cfg['batch_size'] * cfg['seq_len'] * cfg['grad_accum']:,} "
           f"tokens, compile={cfg['compile']}\n", flush=True)
-    res = {t: run(cfg, t, device, t == cfg["profile"]) for t in tags}
+    res = {t: run(cfg, t, device, t in cfg["profile"].split(",")) for t in tags}
     n = next(iter(res.values()))["params"]
     print(f"\nparameters: {n['total'] / 1e9:.2f}B total, {n['activated'] / 1e9:.2f}B activated "
           f"(+{n['mtp'] / 1e9:.2f}B MTP, {n['mtp_activated'] / 1e9:.2f}B activated)\n")
