@@ -29,37 +29,31 @@ FP32 accumulator on the CUDA cores. Our emulated GEMM is exactly that loop: per 
 more precise than the hardware: fp32, not ~14 bits). The hardware back end is cuBLAS's blockwise-scaled
 FP8 GEMM behind torch._scaled_mm, which applies the scales per 128-chunk in the same way.
 
-torch._scaled_mm layout rules (blockwise scaling: sm90, cuBLAS ≥ 12.9; probed on an H200 with torch
-2.11+cu130 by bench/bench_fp8.py --probe). out = (a·s_a)(b·s_b) for a (M, K) row-major FP8 and b (K, N)
-*column-major* FP8: pass our (N, K) row-major operand as b.t(). The 1×128 scales of a are (M, K/128) fp32
-column-major (stride (1, M)). b's scales are (K/128, N/128) column-major for 128×128 blocks (our row-major
-(N/128, K/128) transposed), or (K/128, N) row-major for 1×128 tiles of b's rows. Fprop and Dgrad use
-1×128 × 128×128; Wgrad uses 1×128 × 1×128, both tiles along the tokens (its reduction dim). All three matched
-the emulated GEMM to 1.3e-4 (fp32 output). Quirks seen, handled by zero padding in gemm_hopper: with
-K/128 = 5 the 128×128 call returned garbage (and refused scales whose leading dim was padded to 4), so K is
-padded to a multiple of 4·128; M = 1 and M = 243 rows were refused (CUBLAS_STATUS_NOT_SUPPORTED) while 8, 16,
-32, 64, 200 and 256 ran, so rows are padded to a multiple of 16 (our reading: the column-major scales' leading
-dim must be 16-byte aligned). The probe that picks the back end runs such awkward shapes first.
+torch._scaled_mm layout rules (blockwise scaling: sm90, cuBLAS ≥ 12.9; probed on an H200, torch 2.11+cu130,
+bench/bench_fp8.py --probe): out = (a·s_a)(b·s_b) for a (M, K) row-major and b (K, N) *column-major* FP8 (our
+(N, K) row-major operand as b.t()); a's 1×128 scales (M, K/128) fp32 column-major; b's scales (K/128, N/128)
+column-major for 128×128 blocks, (K/128, N) row-major for 1×128 tiles. Fprop and Dgrad are 1×128 × 128×128,
+Wgrad 1×128 × 1×128 with both tiles along the tokens; all matched the emulated GEMM to 1.3e-4 (fp32 output).
+Quirks, handled by zero padding in gemm_hopper: K/128 = 5 with 128×128 blocks returned garbage (K is padded to
+a multiple of 4·128); M = 1 and M = 243 rows were refused while 8, 16, 32, 64, 200, 256 ran (rows padded to a
+multiple of 16). The probe that picks the back end runs such awkward shapes first.
 
 What we simplify (vs. the DeepSeek-V3 framework):
-- NOTE: the input of attention's output projection wo is cached in its own dtype (BF16 under autocast)
-  instead of the paper's custom E5M6 format; its FP8 quantization uses power-of-2 scales as in §3.3.3.
-- NOTE: SwiGLU FFNs (dense, experts, shared) run as one fused FP8 function that caches x and the SwiGLU
-  inputs in FP8 and recomputes the SwiGLU output in backward (§3.3.3). A MoE layer's routed experts run in
-  one call on expert-sorted, 128-padded tokens (below); dispatch/combine stay in BF16 (no FP8 all-to-all).
+- NOTE: the input of attention's output projection wo is cached in its own dtype (BF16 under autocast), not
+  the paper's E5M6; its FP8 quantization uses power-of-2 scales as in §3.3.3.
+- NOTE: SwiGLU FFNs (dense, experts, shared) are one fused FP8 function that caches x and the SwiGLU inputs
+  in FP8 and recomputes the SwiGLU output in backward (§3.3.3). Dispatch/combine stay BF16 (no FP8 all-to-all).
 - No grouped FP8 GEMM kernel: torch 2.11 has none with blockwise scales on sm90 (`_scaled_grouped_mm` takes
-  rowwise scales only), so each expert is one `_scaled_mm` on views of whole-layer buffers (no other
-  per-expert work), which costs one host read of the E token counts per MoE layer.
-- Dimensions that are not multiples of 128 are zero-padded to 128 in the quantizers (exact, but a 64-wide
-  layer does a 128-wide GEMM), and further on the hardware path (above). See kernels.py.
-- Weights are quantized once per optimizer step (a cache keyed by the weight's version counter), no delayed
-  scaling (none needed).
-- The cached 1×128 FP8 activations are re-tiled to 128×1 for Wgrad by dequantize + quantize, which adds
-  a second rounding (the paper's custom kernels transpose FP8 tiles directly).
-- The GEMMs are cuBLAS's (not DeepGEMM); the quantizers are torch.compile'd PyTorch, which reached 16-58% of
-  the copy bandwidth on an H200 (bench/bench_fp8.py), so they cost ~20% of an FP8 Linear's time.
-- AdamW moments are BF16 with round-to-nearest; this is fine for β2 = 0.95 (§4.2) but a BF16 second moment
-  stops decaying for β2 ≥ ~0.996 (1 − β2 falls below BF16's half-ulp), so keep β2 ≤ 0.99 with AdamWBF16.
+  rowwise scales only), so each expert is one `_scaled_mm` on views of whole-layer buffers, which costs one
+  host read of the E token counts per MoE layer. convert_to_fp8(experts=False) keeps narrow experts in BF16.
+- Dimensions that are not multiples of 128 are zero-padded in the quantizers (exact, but a 64-wide layer does
+  a 128-wide GEMM). Weights are quantized once per optimizer step; no delayed scaling (none needed).
+- The cached 1×128 FP8 activations are re-tiled to 128×1 for Wgrad by dequantize + quantize: a second
+  rounding (the paper's kernels transpose FP8 tiles directly).
+- The GEMMs are cuBLAS's (not DeepGEMM); quantizers and transposes are torch.compile'd PyTorch at 10-60% of
+  the copy bandwidth on an H200 (bench/bench_fp8.py, README), not fused into the GEMMs as in the paper.
+- AdamW moments are BF16 with round-to-nearest; fine for β2 = 0.95 (§4.2), but a BF16 second moment stops
+  decaying for β2 ≥ ~0.996 (1 − β2 falls below BF16's half-ulp), so keep β2 ≤ 0.99 with AdamWBF16.
 
 Run: python -m pytest tests/test_fp8.py -q      (bench on an H200: python bench/bench_fp8.py)
 
@@ -148,9 +142,8 @@ def gemm_hopper(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch
 
 @functools.cache
 def _probe_hopper(idx: int) -> HopperGemms:
-    """Run both scale combinations once on awkward shapes (rows not a multiple of 16, K/128 = 5: padded by
-    gemm_hopper for 128×128 blocks, not for Wgrad's tiles, whose K is an expert's token count) and compare
-    with the emulated GEMM; any refusal or mismatch -> emulated. Cached per device: one probe per process."""
+    """Run both scale combinations once on awkward shapes (rows not a multiple of 16, K/128 = 5) and compare
+    with the emulated GEMM; any refusal or mismatch -> emulated. Cached: one probe per device and process."""
     if torch.cuda.get_device_capability(idx) < (9, 0) or not hasattr(torch, "_scaled_mm"):
         return EMULATED
     g = torch.Generator(device=f"cuda:{idx}").manual_seed(0)
@@ -198,9 +191,8 @@ def fp8_gemm(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch.dt
 
 
 def _quant_stack(ws: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """E matrices (N, K) -> q (E, Np, Kp) e4m3, s (E, Np/128, Kp/128): each in its own 128×128 blocks. Each is
-    quantized where it lies (one compiled kernel serves them all) and the FP8 results are stacked: 1 byte per
-    value to copy, where stacking the fp32 weights first would move 4."""
+    """E matrices (N, K) -> q (E, Np, Kp) e4m3, s (E, Np/128, Kp/128), each in its own 128×128 blocks (quantized
+    where it lies, then stacked: 1 byte per value to copy, where stacking the fp32 weights would move 4)."""
     qs = [_k("quant_128x128", w)(w) for w in ws]
     return torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
 
@@ -237,16 +229,12 @@ def _swiglu_weights(mlps) -> list[tuple[Tensor, Tensor]]:
 
 # ----------------------------------------------------------------------------------------------------------
 # GEMMs over row segments: a Linear or one FFN is one segment of any number of rows; the routed experts of a
-# layer are one segment each.
-#
-# Experts: x holds every (token, expert) pair sorted by expert, each expert's rows a segment padded with zero
-# rows to a multiple of 128 (DeepGEMM's "contiguous" layout). Each whole operand is quantized once: a 1×128
-# tile lies in one row, and a 128×1 tile (Wgrad) never crosses a segment, so the tiles are exactly those of
-# quantizing each expert's rows alone. What runs per expert is one GEMM on views of the shared buffers,
-# written into slices of one output: no pad, copy or quantizer call per expert (an expert with no token
-# runs nothing). The one layout that slicing cannot give: cuBLAS wants an expert's 1×128 scales (rows, K/128)
-# column-major with leading dim `rows`, and a row slice of the whole (M, K/128) keeps leading dim M, so the
-# scales of the GEMMs' a operands are rearranged segment by segment in one scatter (_segment_scales).
+# layer are one segment each, every (token, expert) pair sorted by expert and each expert's rows padded with zero
+# rows to a multiple of 128 (DeepGEMM's "contiguous" layout). Each whole operand is quantized once: a 1×128 tile
+# lies in one row and a 128×1 tile (Wgrad) never crosses a segment, so the tiles are those of each expert alone.
+# Per expert runs one GEMM on views of the shared buffers, into slices of one output (nothing for an empty one).
+# Slicing cannot give one layout: cuBLAS wants an expert's 1×128 scales (rows, K/128) column-major with leading
+# dim `rows`, so the scales of the a operands are rearranged segment by segment in one scatter (_segment_scales).
 
 
 class Segments(NamedTuple):
@@ -365,9 +353,8 @@ class Fp8Linear(nn.Linear):
         new.weight, new.bias = lin.weight, lin.bias  # the very same Parameters: optimizers and views still hold
         return new
 
-    # Opaque to a torch.compile of the whole model (train.py --compile=True): the graph breaks around the
-    # layer, which runs its own compiled kernels and cuBLAS's FP8 GEMM. Traced into, this frame was compiled
-    # again for each new guard (8 times in 6 steps of a small model) until dynamo's recompile limit ran out.
+    # Opaque to torch.compile (the graph breaks around the layer, which runs its own compiled kernels): traced
+    # into, this frame was compiled again for each new guard until dynamo's recompile limit ran out.
     @torch.compiler.disable
     def forward(self, x: Tensor) -> Tensor:
         out_dtype = _out_dtype(x)
@@ -462,6 +449,8 @@ class Fp8Experts(nn.ModuleList):
         (N, D) fp32 = Σ_k g[n, k]·FFN_idx[n,k](u[n]). The (token, expert) pairs are laid out sorted by expert,
         each expert's segment padded with zero rows to whole 128-row tiles. Reads the E counts on the host once."""
         (N, K), E, dev = idx.shape, len(self), u.device
+        ws = [w for m in self for w in (m.w1.weight, m.w2.weight, m.w3.weight)]
+        wc = self.wc.get(ws)  # weights quantized (once per step) before the host read below, which waits for the GPU
         flat, ar = idx.flatten(), torch.arange(N * K, device=dev)  # expert of each pair; pair numbers
         order = flat.argsort(stable=True)  # pairs sorted by expert
         padded = (counts + TILE - 1) // TILE * TILE  # (E,) each segment rounded up to whole 128-row tiles
@@ -469,16 +458,14 @@ class Fp8Experts(nn.ModuleList):
         shift = (ends - padded) - (counts.cumsum(0) - counts)  # (E,) padded start − sorted start of each expert
         pos = torch.empty_like(order).index_copy_(0, order, ar + shift[flat[order]])  # (N*K,) row of each pair
         sizes = padded.tolist()  # the one host read per layer: segment bounds for slicing
-        M = sum(sizes)
-        starts = [sum(sizes[:e]) for e in range(E)]
+        M, starts = sum(sizes), [sum(sizes[:e]) for e in range(E)]
         seg = Segments(list(zip(starts, sizes)), torch.repeat_interleave(ends - padded, padded, output_size=M),
                        torch.repeat_interleave(padded, padded, output_size=M))
         row_pair = torch.full((M,), N * K, device=dev).index_copy_(0, pos, ar)  # pair of each row; N*K: padding
         out_dtype = _out_dtype(u)
         xp = _Gather.apply(u.to(out_dtype), torch.where(row_pair < N * K, row_pair // K, N), pos.view(N, K), True)  # (M, D)
-        ws = [w for m in self for w in (m.w1.weight, m.w2.weight, m.w3.weight)]
         with torch.autocast(dev.type, enabled=False):
-            yp = _Fp8SwiGLUFn.apply(xp, seg, self.wc.get(ws), out_dtype, hopper_gemms(self.backend, dev),
+            yp = _Fp8SwiGLUFn.apply(xp, seg, wc, out_dtype, hopper_gemms(self.backend, dev),
                                     ws[0].shape[0], *ws)  # (M, D)
         yk = _Gather.apply(yp, pos, row_pair, False)  # (N*K, D) back in token order, padding rows dropped
         return (yk.view(N, K, -1).float() * g[:, :, None]).sum(dim=1)  # (N, D), summed in fp32
@@ -490,9 +477,8 @@ def _take(x: Tensor, i: Tensor, pad: bool) -> Tensor:
 
 
 class _Gather(torch.autograd.Function):
-    """y = x[i] with a gather as backward (autograd's own is a scatter-add, with atomics): `back` (rows of x, k)
-    holds the k rows of y each row of x went to, so dx = Σ_j dy[back[:, j]]. One side is the 128-padded expert
-    buffer, whose padding rows read zeros: y's when `to_padded` (index len(x)), else dx's (index len(dy))."""
+    """y = x[i] with a gather as backward (autograd's is a scatter-add): `back` (rows of x, k) holds the rows of
+    y each row of x went to, dx = Σ_j dy[back[:, j]]. Padding rows read zeros: y's if to_padded, else dx's."""
 
     @staticmethod
     def forward(ctx, x: Tensor, i: Tensor, back: Tensor, to_padded: bool) -> Tensor:
@@ -517,7 +503,7 @@ def _is_swiglu(m: nn.Module) -> bool:
     return names == {"w1", "w2", "w3"} and all(type(c) is nn.Linear and c.bias is None for c in m.children())
 
 
-def convert_to_fp8(model: nn.Module, backend: str = "auto", fused_swiglu: bool = True, experts: bool = True) -> nn.Module:
+def convert_to_fp8(model: nn.Module, backend: str = "auto", experts: bool = True) -> nn.Module:
     """Swap, in place, the nn.Linear layers that DeepSeek-V3 runs in FP8: every projection inside
     model.layers and model.mtp (attention wq/wq_a/wq_b/wkv_a/wkv_b/wo, the SwiGLU w1/w2/w3 of dense FFNs,
     routed and shared experts, MTP's eh_proj). Left in BF16/FP32: the embedding, the output head, the MoE
@@ -526,26 +512,28 @@ def convert_to_fp8(model: nn.Module, backend: str = "auto", fused_swiglu: bool =
     Fp8Experts (model.MoE's 'grouped' path then runs the experts in one FP8 call). backend: 'auto' (the
     hardware GEMM where its probe passes, else emulated), 'hopper' (error if it does not work here) or
     'emulated' (plain-PyTorch GEMM, any device); stored on each layer. Call after model.to(device), before
-    torch.compile (the hardware probe runs eagerly). experts=False leaves the routed experts in BF16 (model.MoE's
-    grouped GEMM): a deviation for narrow experts, where no FP8 GEMM of torch 2.11 beats BF16 on an H200
-    (README). Returns the model."""
+    torch.compile (the hardware probe runs eagerly). experts=False keeps the routed experts in BF16 (model.MoE's
+    grouped GEMM), a deviation for narrow experts, where no FP8 GEMM beat BF16 on an H200 (README). Returns the
+    model."""
     _check_backend(backend)
-    roots = [getattr(model, n) for n in ("layers", "mtp") if isinstance(getattr(model, n, None), nn.Module)]
-    keep = set() if experts else {m for r in roots for e in r.modules()
-                                  if isinstance(getattr(e, "experts", None), nn.ModuleList) for m in e.experts.modules()}
-    for parent in [m for r in roots for m in r.modules() if m not in keep]:
-        for name, child in list(parent.named_children()):
-            if child in keep:
-                continue
-            if fused_swiglu and name == "experts" and type(child) is nn.ModuleList and all(map(_is_swiglu, child)):
-                setattr(parent, name, Fp8Experts(child, backend))
-            elif fused_swiglu and _is_swiglu(child):
+
+    def convert(parent: nn.Module):
+        for name, child in parent.named_children():
+            if name == "experts" and type(child) is nn.ModuleList and all(map(_is_swiglu, child)):
+                if experts:
+                    setattr(parent, name, Fp8Experts(child, backend))
+            elif _is_swiglu(child):
                 setattr(parent, name, Fp8SwiGLU(child.w1, child.w2, child.w3, backend))
             elif type(child) is nn.Linear:
                 # §3.3.3: the input of the linear after attention is kept in higher precision with
                 # power-of-2 scales (attention's backward reads it too)
                 hp = name == "wo"
                 setattr(parent, name, Fp8Linear.from_linear(child, pow2_scales=hp, cache_input_hp=hp, backend=backend))
+            else:
+                convert(child)
+    for n in ("layers", "mtp"):
+        if isinstance(getattr(model, n, None), nn.Module):
+            convert(getattr(model, n))
     p = next(model.parameters(), None)
     if p is not None:
         hopper_gemms(backend, p.device)  # probe now, eagerly (and fail now for 'hopper' where it cannot run)
@@ -584,8 +572,10 @@ class AdamWBF16(torch.optim.Optimizer):
                     st["exp_avg_sq"] = torch.zeros_like(st["exp_avg"])
                     if p.dtype != torch.float32:
                         st["master"] = p.detach().float()
-                if p.device not in lr_wd:  # lr changes every step: a device tensor, not a constant of the kernel
-                    lr_wd[p.device] = torch.tensor([group["lr"], group["weight_decay"]], device=p.device)
+                if p.device not in lr_wd:  # lr changes every step: a device tensor, not a constant of the kernel,
+                    # set by kernels (torch.tensor(..., device=) would wait for the GPU to finish the backward)
+                    lr_wd[p.device] = torch.full((2,), group["lr"], device=p.device)
+                    lr_wd[p.device][1].fill_(group["weight_decay"])
                 w = st.get("master", p.detach())  # detach shares p's storage and version counter
                 update = kernels.adamw_bf16 if p.is_cuda else kernels.adamw_bf16_ref
                 update(w, p.grad.detach().contiguous(), st["exp_avg"], st["exp_avg_sq"], st["step"],
