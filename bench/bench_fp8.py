@@ -1,11 +1,12 @@
 """
 Benchmark of the FP8 framework on one Hopper GPU: per-GEMM TFLOP/s (Fprop/Dgrad/Wgrad) FP8 vs BF16, the
 compiled quantization kernels' GB/s vs the measured copy bandwidth, Fp8Linear / Fp8SwiGLU forward+backward
-time vs BF16, and the activation memory each keeps for backward. Prints markdown tables.
+time vs BF16, the activation memory each keeps for backward, and one optimizer step (fused AdamW vs AdamWBF16).
+Prints markdown tables.
 
 Run:  PYTHONUNBUFFERED=1 python bench/bench_fp8.py | tee bench_fp8.md       (H200: ~2 min)
       python bench/bench_fp8.py --probe     (layouts of blockwise torch._scaled_mm + hopper == emulated checks)
-      python bench/bench_fp8.py --smoke     (convert_to_fp8 + torch.compile on a small model);  --only=gemm,quant,layers
+      python bench/bench_fp8.py --smoke     (convert_to_fp8 + torch.compile on a small model);  --only=gemm,quant,layers,optim
 Timings are medians of CUDA-event-timed runs after warm-up, on random data (never zeros).
 """
 import datetime
