@@ -256,32 +256,39 @@ def generate_speculative(model, prompt: list[int], max_new_tokens: int, gen, tem
     while len(seq) - P < max_new_tokens:
         # never draft past max_new_tokens or the cache: the round writes main positions n+1..n+1+d
         d = min(D, max_new_tokens - (len(seq) - P) - 1, L - n - 2)
-        # 1. draft, depth by depth; depth k first catches up on slots valid[k]..n-1 in the same chunk
+        # 1. draft, depth by depth; depth k first catches up on slots valid[k]..n-1 in the same chunk. The drafts
+        # stay on the device (1,) tensors: the round reads nothing back until its end, so the GPU runs drafting,
+        # verification and acceptance back to back (one host sync per round, as plain decoding has per token)
         drafts, qs = [], []
         for k in range(1, d + 1):
-            s, ext = valid[k], seq + drafts
-            toks = torch.tensor([ext[s + k:n + k + 1]], device=dev)             # x_{j+k} for j = s..n: (1, n-s+1)
-            logits_k, h_k = steps.mtp(k, hid[k - 1, :, s:n + 1], toks, s)        # (1, n-s+1, V/D)
+            s = valid[k]   # depth k reads x_{j+k} for j = s..n: committed up to x_{n+1}, then drafts d_1..d_{k-1}
+            committed = torch.tensor(seq[s + k:n + 2], dtype=torch.long, device=dev)
+            toks = torch.cat([committed, *drafts[max(0, s + k - n - 2):]])     # (n-s+1,)
+            logits_k, h_k = steps.mtp(k, hid[k - 1, :, s:n + 1], toks[None], s)   # (1, n-s+1, V/D)
             hid[k, :, s:n + 1] = h_k
             qs.append(probs_from_logits(logits_k[:, -1], *sampling))            # (1, V): q_k of x_{n+k+1}
-            drafts.append(draw(qs[-1], gen).item())
+            drafts.append(draw(qs[-1], gen))                                     # (1,) d_k on the device
         # 2. verify: one main forward over [x_{n+1}, d_1..d_d] at positions n+1..n+1+d
-        logits, h = steps.main(torch.tensor([seq[-1:] + drafts], device=dev), n + 1)   # (1, d+1, V/D)
+        first = torch.tensor(seq[-1:], dtype=torch.long, device=dev)
+        logits, h = steps.main(torch.cat([first, *drafts])[None], n + 1)       # (1, d+1, V/D)
         forwards += 1
         hid[0, :, n + 1:n + 2 + d] = h                                          # (1, d+1, D)
         p = probs_from_logits(logits[0], *sampling)                             # (d+1, V): p[i] of x_{n+2+i}
-        # 3. accept left to right; p is applied identically (same temperature/top-k/top-p) as q
-        a = 0
-        for i in range(d):
+        # 3. accept left to right: every draft gets its own uniform and residual draw (independent, so using
+        # the first rejection's residual draw is the rule of accept_or_resample); the token after d kept drafts
+        # is drawn from the verify forward's last position. One read-back: [kept (d), token (d), that token (1)]
+        if d:
+            ok, tok = accept_or_resample(p[:d], torch.cat(qs), torch.cat(drafts), gen)   # (d,), (d,)
+            out = torch.cat([ok.long(), tok, draw(p[d:d + 1], gen)]).tolist()
+        else:
+            out = draw(p[d:d + 1], gen).tolist()
+        kept, toks_out = out[:d], out[d:]
+        a = kept.index(0) if 0 in kept else d                                   # drafts kept, left to right
+        for i in range(min(a + 1, d)):
             tried[i + 1] += 1
-            ok, tok = accept_or_resample(p[i:i + 1], qs[i], torch.tensor([drafts[i]], device=dev), gen)
-            if not ok.item():
-                break
-            a += 1
-            accepted[i + 1] += 1
-        if a == d:
-            tok = draw(p[d:d + 1], gen)          # every draft kept: the verify forward's last position is free
-        new = drafts[:a] + [tok.item()]
+            accepted[i + 1] += i < a
+        # the kept drafts (tok = draft where kept), then the first rejection's residual draw or the free token
+        new = toks_out[:a + 1]
         # 4. commit; depth k's slot j (j <= n) used x_{j+k}, which is committed iff j + k <= n + 1 + a
         for k in range(1, d + 1):
             valid[k] = min(n + 1, n + 2 + a - k)
@@ -316,7 +323,8 @@ def load_checkpoint(out_dir: str, device: str, dtype: torch.dtype):
     except C.CheckpointError as e:
         raise SampleError(str(e)) from None
     try:
-        model = Transformer(ModelArgs(**ckpt["model_args"]))
+        with torch.device(device):   # drawn on the device it runs on (its random init is overwritten next)
+            model = Transformer(ModelArgs(**ckpt["model_args"]))
         # a torch.compile'd model's state_dict prefixes every key with _orig_mod.; an FP8 model has the same keys
         if "layout" in ckpt:   # written by ranks (train.py under torchrun): gather the shards of every rank
             from parallel import consolidate
@@ -391,7 +399,7 @@ def run(c: dict) -> int:
         print(utf8.decode(enc.decode_single_token_bytes(tok)), end="", flush=True)
 
     steps = Steps(model, "graphs" if c["graphs"] else "eager")   # --graphs=False: eager, launch-bound on a GPU
-    tokens, secs, fwd = 0, 0.0, 0
+    tokens, secs, fwd, per_sample = 0, 0.0, 0, []
     tried, acc = [0] * len(model.mtp), [0] * len(model.mtp)
     for i in range(c["num_samples"]):
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")   # a token may end mid-character
@@ -404,10 +412,16 @@ def run(c: dict) -> int:
             acc = [x + y for x, y in zip(acc, st["accepted"])]
         else:
             new, st = generate(model, prompt, c["max_new_tokens"], gen, **sampling, on_token=stream, steps=steps)
-        secs += time.perf_counter() - t0
+        per_sample.append((len(new), time.perf_counter() - t0))
+        secs += per_sample[-1][1]
         tokens, fwd = tokens + len(new), fwd + st["forwards"]
     print(f"\n---------------\n{tokens} tokens in {secs:.2f} s: {tokens / secs:.1f} tokens/s "
-          f"({'speculative' if c['speculative'] else 'plain'} decoding, prefill included)")
+          f"({'speculative' if c['speculative'] else 'plain'} decoding, prefill"
+          f"{' and CUDA graph capture' if steps.mode == 'graphs' else ''} included)")
+    if len(per_sample) > 1:   # the first sample captured the graphs; the later ones only replay them
+        n, t = sum(x for x, _ in per_sample[1:]), sum(y for _, y in per_sample[1:])
+        print(f"samples 2..{len(per_sample)}: {n} tokens in {t:.2f} s: {n / t:.1f} tokens/s (first sample: "
+              f"{per_sample[0][0] / per_sample[0][1]:.1f} tokens/s)")
     if c["speculative"]:
         rates = ", ".join(f"depth {k}: {y}/{x} = {y / max(x, 1):.1%}" for k, (x, y) in enumerate(zip(tried, acc), 1))
         print(f"acceptance (of drafts that reached verification) {rates}; {tokens / fwd:.2f} tokens per main forward"

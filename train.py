@@ -145,7 +145,9 @@ train_data, val_data = data.load_tokens(meta["train_bin"]), data.load_tokens(met
 # -----------------------------------------------------------------------------
 # model and optimizer
 
-model = Transformer(model_args).to(device)
+# built where it trains: on a GPU the weights are drawn there (seconds, not the CPU's minute for 600M parameters)
+with torch.device(device):
+    model = Transformer(model_args)
 if cfg["fp8"]:
     from fp8 import convert_to_fp8
     convert_to_fp8(model, experts=cfg["fp8_experts"])   # Fprop/Dgrad/Wgrad of the blocks' Linears in FP8 (§3.3)

@@ -11,7 +11,8 @@ so they must produce the same tokens (checked; bf16 rounding can flip a near-tie
 (D+1)-token forward).
 
 Run: python bench/bench_sample.py [--out_dir=out-small | --config small] [--device=cpu] [--new_tokens=64] [--threads=1]
-     GPU: python bench/bench_sample.py --config gpu --device=cuda --prompt_len=128 --new_tokens=256
+     GPU: python bench/bench_sample.py --config gpu --device=cuda --prompt_len=128 --new_tokens=256 --no_cache=False
+          [--eager_all=False: of the launch-bound eager paths only the baseline]
 """
 import os
 import statistics
@@ -26,7 +27,8 @@ from config import MODEL_DEFAULTS, PRESETS, ConfigError, parse, to_model_args  #
 from model import Transformer  # noqa: E402
 
 DEFAULTS = dict(out_dir="", preset="", device="auto", dtype="auto", prompt="<|endoftext|>", prompt_len=32,
-                new_tokens=64, repeats=5, temperature=0.0, draft_depth=0, seed=0, no_cache=True, threads=0)
+                new_tokens=64, repeats=5, temperature=0.0, draft_depth=0, seed=0, no_cache=True, threads=0,
+                eager_all=True)
 # a preset holds training keys too (out_dir, lr, ...): the bench takes only its ModelArgs fields
 MODEL_PRESETS = {name: {k: v for k, v in p.items() if k in MODEL_DEFAULTS} for name, p in PRESETS.items()}
 
@@ -103,9 +105,11 @@ def main(argv):
     paths = {}
     if c["no_cache"]:
         paths["no cache (recompute prefix)"] = lambda: run(cache=False, impl="naive")
-    paths["latent cache, naive"] = lambda: run(impl="naive")
+    if c["eager_all"]:   # --eager_all=False: of the eager paths only the baseline (GPU runs: time the graphs)
+        paths["latent cache, naive"] = lambda: run(impl="naive")
     paths["latent cache, absorb"] = lambda: run()
-    paths["speculative (MTP draft), absorb"] = lambda: run(spec=True)
+    if c["eager_all"] or graphed.mode != "graphs":
+        paths["speculative (MTP draft), absorb"] = lambda: run(spec=True)
     if graphed.mode == "graphs":
         paths["CUDA graphs, absorb"] = lambda: run(steps=graphed)
         paths["CUDA graphs, speculative, absorb"] = lambda: run(spec=True, steps=graphed)
@@ -120,7 +124,9 @@ def main(argv):
         same = "n/a (sampling)" if c["temperature"] else ("yes" if not diff else f"no (first diff at {diff[0]})")
         print(f"| {label} | {N / wall:.1f} | {base_wall / wall:.2f}x |{f' {N / cpu:.1f} |' if cpu_col else ''} "
               f"{st['forwards'] / len(tokens):.2f} | {same} |")
-    st = results["speculative (MTP draft), absorb"][2][1]
+    spec = "speculative (MTP draft), absorb" if "speculative (MTP draft), absorb" in results else \
+        "CUDA graphs, speculative, absorb"
+    st = results[spec][2][1]
     rates = ", ".join(f"depth {k}: {y}/{x} = {y / max(x, 1):.1%}" for k, (x, y) in enumerate(zip(st["tried"], st["accepted"]), 1))
     note = "" if c["out_dir"] else "  (random weights: meaningless, the MTP module has learnt nothing)"
     print(f"\nacceptance of drafts that reached verification: {rates}{note}")

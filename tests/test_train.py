@@ -362,3 +362,33 @@ def test_plot_curve_draws_every_eval(tmp_path):
     dots = [e for e in ET.parse(dst).iter() if e.tag.endswith("circle")]
     assert len(dots) == 2 * 3 and sum(d.get("fill") == "#d62728" for d in dots) == 2   # best marked in both panels
     assert "best 2.1000 at step 20" in dst.read_text()
+
+
+def test_sweep_runs_side_by_side_and_tabulates_their_evals(tmp_path, capsys):
+    # bench/sweep.py: two train.py processes at once; the table's best and final val bpb are each run's own evals
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import sweep
+    out = tmp_path / "sw"
+    common = " ".join(TINY) + " --max_iters=4 --eval_interval=2 --device=cpu"
+    assert sweep.main(["--config=small", "--seconds=280", f"--out={out}", f"--common={common}",
+                       "--run=--dropout=0.0", "--run=--dropout=0.5 --lr=0.01"]) == 0
+    table = capsys.readouterr().out
+    bests = []
+    for i in range(2):
+        evals = [json.loads(l) for l in open(out / f"run{i}" / "metrics.jsonl") if "val_bpb" in l]
+        assert [e["step"] for e in evals] == [2, 4]
+        best = min(evals, key=lambda e: e["val_bpb"])
+        row = next(l for l in table.splitlines() if l.startswith(f"| run{i} |"))
+        assert f"{best['val_bpb']:.4f} ({best['step']})" in row and f"{evals[-1]['val_bpb']:.4f} (4)" in row
+        assert row.endswith("| exit 0 |")
+        bests.append(best["val_bpb"])
+    assert bests[0] != bests[1]                                   # two different configurations really ran
+    assert not any((out / f"run{i}" / f).exists() for i in range(2) for f in ("ckpt.pt", "best.pt"))  # --save=False
+    assert json.load(open(out / "summary.json"))["runs"][1]["overrides"] == "--dropout=0.5 --lr=0.01"
+
+
+def test_sweep_checks_every_run_before_starting_any(tmp_path):
+    p = subprocess.run([sys.executable, "bench/sweep.py", "--config=small", f"--out={tmp_path / 'sw'}",
+                        "--run=--dropout=0.1", "--run=--dropuot=0.2"], cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "unknown option --dropuot" in p.stderr, p.stderr
+    assert not (tmp_path / "sw").exists()
