@@ -207,7 +207,7 @@ class WeightCache:
     def get(self, weights: list[Tensor]) -> "WeightCache":
         key = tuple((w._version, w.data_ptr()) for w in weights)
         if key != self.key:
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(weights[0].device.type, enabled=False):  # FP8 has no autocast
                 self.key, self.fwd, self._bwd = key, self.quantize(), None
         return self
 

@@ -12,7 +12,8 @@ same batches, so their gap is what a different initialization alone moves the lo
 Run:  python bench/bench_fp8_train.py --config gpu --steps=300
       python bench/bench_fp8_train.py --config v3-width --steps=30 --runs=bf16,fp8 --profile=fp8
 Options: --steps, --last (steps the loss gap averages over; default: the last 20%), --compile (default: the
-preset's), --runs (any of bf16, bf16-seed2, fp8, in order), --profile=RUN (one step of that run under
+preset's), --runs (any of bf16, bf16-seed2, fp8, in order; fp8-adamw (FP8 layers, torch's AdamW with FP32
+moments) and bf16-adamwbf16 (BF16 layers, AdamWBF16) tell the layers' effect from the optimizer's), --profile=RUN (one step of that run under
 torch.profiler: the ops with the most GPU time), --out=FILE.json (every run's per-step losses and times),
 and any train.py key (e.g. --batch_size=4).
 Timings: median step time over the steps after the first 3 (each step ends with a device sync), tokens/s from
@@ -36,12 +37,13 @@ from config import MODEL_DEFAULTS, PRESETS, TRAIN_DEFAULTS, die, lr_at, parse_or
 from model import Transformer  # noqa: E402
 
 BENCH_DEFAULTS = dict(steps=300, last=0, runs="bf16,bf16-seed2,fp8", profile="", out="", seed2=4242)
+RUNS = ("bf16", "bf16-seed2", "fp8", "fp8-adamw", "bf16-adamwbf16")
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense BF16 FLOP/s per GPU, train.py's MFU denominator
 
 
 def run(cfg: dict, tag: str, device: str, profile: bool) -> dict:
-    """Train cfg for cfg['steps'] steps as `tag` (bf16 | bf16-seed2 | fp8); returns the measurements."""
-    use_fp8 = tag == "fp8"
+    """Train cfg for cfg['steps'] steps as `tag` (one of RUNS); returns the measurements."""
+    use_fp8, bf16_moments = tag.startswith("fp8"), tag in ("fp8", "bf16-adamwbf16")
     torch.manual_seed(cfg["seed2"] if tag == "bf16-seed2" else cfg["seed"])
     args = to_model_args(cfg)
     meta = data.prepare(cfg["data"], cfg["vocab_size"])
@@ -57,7 +59,7 @@ def run(cfg: dict, tag: str, device: str, profile: bool) -> dict:
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [dict(params=decay, weight_decay=cfg["weight_decay"]), dict(params=no_decay, weight_decay=0.0)]
     betas = (cfg["beta1"], cfg["beta2"])
-    opt = fp8.AdamWBF16(groups, lr=cfg["lr"], betas=betas) if use_fp8 else \
+    opt = fp8.AdamWBF16(groups, lr=cfg["lr"], betas=betas) if bf16_moments else \
         torch.optim.AdamW(groups, lr=cfg["lr"], betas=betas, fused=cuda)
     if cfg["compile"]:
         model.compile_blocks()  # as train.py: each Block compiled, FP8 layers opaque inside it (fp8.py)
@@ -128,8 +130,8 @@ def main():
     if device.startswith("cuda") and not torch.cuda.is_available():
         die("bench_fp8_train.py", "needs a CUDA GPU (--device=cpu runs it slowly, as a smoke test)")
     tags = cfg["runs"].split(",")
-    if not tags or any(t not in ("bf16", "bf16-seed2", "fp8") for t in tags):
-        die("bench_fp8_train.py", f"--runs takes bf16, bf16-seed2, fp8; got {cfg['runs']!r}")
+    if not tags or any(t not in RUNS for t in tags):
+        die("bench_fp8_train.py", f"--runs takes {', '.join(RUNS)}; got {cfg['runs']!r}")
     if cfg["steps"] < 1 or cfg["last"] < 0:
         die("bench_fp8_train.py", f"--steps must be >= 1 and --last >= 0, got {cfg['steps']} and {cfg['last']}")
     cfg["max_iters"] = cfg["steps"]  # the LR schedule (warm-up, constant, decay) spans the benchmark

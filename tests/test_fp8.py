@@ -385,6 +385,18 @@ def test_convert_to_fp8_swaps_exactly_the_paper_layers():
     assert rel_err(model(tok).logits, ref) < 0.05
 
 
+def test_fp8_model_trains_under_bf16_autocast():
+    # train.py's step: autocast around the forward; the FP8 layers (and their weight quantization) opt out of it
+    torch.manual_seed(0)
+    model = fp8.convert_to_fp8(Transformer(tiny_args()), backend="emulated")
+    tok = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, L = model(tok, tok)
+    L["loss"].backward()
+    assert torch.isfinite(logits).all() and torch.isfinite(L["loss"])
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.layers[1].ffn.experts.parameters())
+
+
 def test_convert_to_fp8_can_leave_the_routed_experts_in_bf16():
     torch.manual_seed(0)
     model = fp8.convert_to_fp8(Transformer(tiny_args()), experts=False)
