@@ -507,3 +507,29 @@ def test_fp8_training_tracks_fp32():
     # noise moves the trajectory and the router). The paper's < 0.25% is for long runs; we bound a 30-step
     # run of a tiny model at 0.5% (whole run) and 2% (last 10 steps)
     assert mean_rel < 0.005 and last_rel < 0.02
+
+
+def test_fp8_model_is_causal():
+    # no FP8 tile or scale may reach across tokens: 1×128 activation tiles lie inside one token's row, and the
+    # experts' padded segments only regroup rows. Changing tokens from position 40 on must leave every logit
+    # before 40 unchanged (a scale shared across rows would leak a later token's magnitude backwards): bit-identical
+    # for the emulated GEMM; on a Hopper GPU within 1e-3 of the logits' scale (cuBLAS may pick another kernel
+    # when an expert's row count changes). dim 256: two full 128-wide tiles per row, so the real tiling runs.
+    cases = [("emulated", "cpu")]
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0):
+        cases.append(("hopper", "cuda"))
+    for backend, device in cases:
+        for experts in (True, False):
+            torch.manual_seed(0)
+            with torch.device(device):
+                model = Transformer(tiny_args(dim=256, inter_dim=512, moe_inter_dim=128)).eval()
+            fp8.convert_to_fp8(model, backend=backend, experts=experts)
+            g = torch.Generator().manual_seed(1)
+            tok = torch.randint(0, 64, (2, 64), generator=g)
+            tok2 = tok.clone()
+            tok2[:, 40:] = torch.randint(0, 64, (2, 24), generator=g)
+            with torch.no_grad():
+                a, b = model(tok.to(device)).logits, model(tok2.to(device)).logits
+            before, after = (a[:, :40] - b[:, :40]).abs().max(), (a[:, 40:] - b[:, 40:]).abs().max()
+            assert before <= (0 if backend == "emulated" else 1e-3 * a.abs().max()), (backend, experts, before)
+            assert after > 0.1  # the change itself is seen

@@ -161,7 +161,7 @@ def test_compiled_kernels_match_eager_cuda():
     for update in (K.adamw_bf16, K.adamw_bf16_ref):
         g = torch.Generator(device="cuda").manual_seed(5)
         w, grad = torch.randn(300, 70, device="cuda", generator=g), torch.randn(300, 70, device="cuda", generator=g)
-        m, v = (torch.randn(300, 70, device="cuda", generator=g) * 0.1).bfloat16(), torch.rand(300, 70, device="cuda").bfloat16()
+        m, v = (torch.randn(300, 70, device="cuda", generator=g) * 0.1).bfloat16(), torch.rand(300, 70, device="cuda", generator=g).bfloat16()
         step, lr_wd = torch.zeros((), device="cuda"), torch.tensor([1e-2, 0.1], device="cuda")
         for _ in range(3):
             update(w, grad, m, v, step, lr_wd, 0.9, 0.95, 1e-8)
