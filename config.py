@@ -46,6 +46,7 @@ TRAIN_DEFAULTS = dict(
     time_budget=0.0,
     # system
     device="auto", dtype="auto", compile=False, fp8=False, seed=1337,
+    fp8_experts=True,   # with fp8: the routed experts in FP8 too (False: their GEMMs stay BF16, see fp8.convert_to_fp8)
     data_cache=None,   # folder of the prepared data (None: data_cache/ beside data.py; set it for a read-only checkout)
     # parallelism under torchrun (parallel.py): pipeline x data x expert ranks = world size (dp=0: whatever pp*ep
     # leaves); with pp > 1, grad_accum is the number of DualPipe micro-batches; zero shards the optimizer state
@@ -84,7 +85,8 @@ PRESETS = {
         dim=1024, inter_dim=2816, moe_inter_dim=1024, n_layers=4, n_dense_layers=1, n_heads=8,
         n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, n_expert_groups=4, n_limited_groups=2,
         route_scale=2.5, q_lora_rank=384, kv_lora_rank=256, qk_nope_head_dim=128, qk_rope_head_dim=64,
-        v_head_dim=128, max_seq_len=1024, original_seq_len=1024, n_mtp_depth=1, init_std=0.006),
+        v_head_dim=128, max_seq_len=1024, original_seq_len=1024, n_mtp_depth=1, init_std=0.006,
+        fp8_experts=False),  # with --fp8=True the 1024-wide routed experts stay BF16 (README: FP8 loses there)
 }
 PRESETS["multi-gpu"] = dict(PRESETS["gpu"], out_dir="out-multi-gpu")  # same model; run it under torchrun
 # the real DeepSeek-V3 (671B + 11.6B MTP) on the paper's layout (§3.2: 2048 GPUs = PP16 x EP64 x DP2), one
@@ -94,8 +96,8 @@ PRESETS["v3"] = dict(V3_ARGS, out_dir="out-v3", batch_size=1, seq_len=4096, grad
 # DeepSeek-V3's exact per-layer widths (dim 7168, MLA: 128 heads, q/kv latents 1536/512, head dims 128+64/128;
 # dense FFN 18432, experts 2048, 8 of them active per token in 4 of 8 groups, 1 shared expert, 1 MTP module) but
 # 4 layers (1 dense + 3 MoE) and 16 routed experts, so that BF16 and FP8 training both fit one 141 GB H200:
-# 3.51B total / 2.45B activated (+1.04B MTP, 0.69B activated), 8,192 tokens/step, eager. H200, 2026-12-01
-# (bench/bench_fp8_train.py): BF16 438 ms/step, 100.1 GiB peak; --fp8=True 445 ms/step, 78.4 GiB. lr not tuned.
+# 3.51B total / 2.45B activated (+1.04B MTP, 0.69B activated), 8,192 tokens/step, eager. H200, 2026-12-02
+# (bench/bench_fp8_train.py): BF16 425 ms/step, 93.5 GiB peak; --fp8=True 379 ms/step, 67.6 GiB. lr not tuned.
 PRESETS["v3-width"] = dict(
     out_dir="out-v3-width", max_iters=300, eval_interval=100, eval_iters=10, log_interval=10, compile=False,
     vocab_size=8192, batch_size=8, seq_len=1024, lr=3e-4, min_lr=3e-5, warmup_iters=20,

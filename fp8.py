@@ -29,37 +29,31 @@ FP32 accumulator on the CUDA cores. Our emulated GEMM is exactly that loop: per 
 more precise than the hardware: fp32, not ~14 bits). The hardware back end is cuBLAS's blockwise-scaled
 FP8 GEMM behind torch._scaled_mm, which applies the scales per 128-chunk in the same way.
 
-torch._scaled_mm layout rules (blockwise scaling: sm90, cuBLAS ≥ 12.9; probed on an H200 with torch
-2.11+cu130 by bench/bench_fp8.py --probe). out = (a·s_a)(b·s_b) for a (M, K) row-major FP8 and b (K, N)
-*column-major* FP8: pass our (N, K) row-major operand as b.t(). The 1×128 scales of a are (M, K/128) fp32
-column-major (stride (1, M)). b's scales are (K/128, N/128) column-major for 128×128 blocks (our row-major
-(N/128, K/128) transposed), or (K/128, N) row-major for 1×128 tiles of b's rows. Fprop and Dgrad use
-1×128 × 128×128; Wgrad uses 1×128 × 1×128, both tiles along the tokens (its reduction dim). All three matched
-the emulated GEMM to 1.3e-4 (fp32 output). Quirks seen, handled by zero padding in gemm_hopper: with
-K/128 = 5 the 128×128 call returned garbage (and refused scales whose leading dim was padded to 4), so K is
-padded to a multiple of 4·128; M = 1 and M = 243 rows were refused (CUBLAS_STATUS_NOT_SUPPORTED) while 8, 16,
-32, 64, 200 and 256 ran, so rows are padded to a multiple of 16 (our reading: the column-major scales' leading
-dim must be 16-byte aligned). The probe that picks the back end runs such awkward shapes first.
+torch._scaled_mm layout rules (blockwise scaling: sm90, cuBLAS ≥ 12.9; probed on an H200, torch 2.11+cu130,
+bench/bench_fp8.py --probe): out = (a·s_a)(b·s_b) for a (M, K) row-major and b (K, N) *column-major* FP8 (our
+(N, K) row-major operand as b.t()); a's 1×128 scales (M, K/128) fp32 column-major; b's scales (K/128, N/128)
+column-major for 128×128 blocks, (K/128, N) row-major for 1×128 tiles. Fprop and Dgrad are 1×128 × 128×128,
+Wgrad 1×128 × 1×128 with both tiles along the tokens; all matched the emulated GEMM to 1.3e-4 (fp32 output).
+Quirks, handled by zero padding in gemm_hopper: K/128 = 5 with 128×128 blocks returned garbage (K is padded to
+a multiple of 4·128); M = 1 and M = 243 rows were refused while 8, 16, 32, 64, 200, 256 ran (rows padded to a
+multiple of 16). The probe that picks the back end runs such awkward shapes first.
 
 What we simplify (vs. the DeepSeek-V3 framework):
-- NOTE: the input of attention's output projection wo is cached in its own dtype (BF16 under autocast)
-  instead of the paper's custom E5M6 format; its FP8 quantization uses power-of-2 scales as in §3.3.3.
-- NOTE: SwiGLU FFNs (dense, experts, shared) run as one fused FP8 function that caches x and the SwiGLU
-  inputs in FP8 and recomputes the SwiGLU output in backward (§3.3.3). A MoE layer's routed experts run in
-  one call on expert-sorted, 128-padded tokens (below); dispatch/combine stay in BF16 (no FP8 all-to-all).
+- NOTE: the input of attention's output projection wo is cached in its own dtype (BF16 under autocast), not
+  the paper's E5M6; its FP8 quantization uses power-of-2 scales as in §3.3.3.
+- NOTE: SwiGLU FFNs (dense, experts, shared) are one fused FP8 function that caches x and the SwiGLU inputs
+  in FP8 and recomputes the SwiGLU output in backward (§3.3.3). Dispatch/combine stay BF16 (no FP8 all-to-all).
 - No grouped FP8 GEMM kernel: torch 2.11 has none with blockwise scales on sm90 (`_scaled_grouped_mm` takes
-  rowwise scales only), so each expert is one `_scaled_mm` on views of whole-layer buffers (no other
-  per-expert work), which costs one host read of the E token counts per MoE layer.
-- Dimensions that are not multiples of 128 are zero-padded to 128 in the quantizers (exact, but a 64-wide
-  layer does a 128-wide GEMM), and further on the hardware path (above). See kernels.py.
-- Weights are quantized once per optimizer step (a cache keyed by the weight's version counter), no delayed
-  scaling (none needed).
-- The cached 1×128 FP8 activations are re-tiled to 128×1 for Wgrad by dequantize + quantize, which adds
-  a second rounding (the paper's custom kernels transpose FP8 tiles directly).
-- The GEMMs are cuBLAS's (not DeepGEMM); the quantizers are torch.compile'd PyTorch, which reached 16-58% of
-  the copy bandwidth on an H200 (bench/bench_fp8.py), so they cost ~20% of an FP8 Linear's time.
-- AdamW moments are BF16 with round-to-nearest; this is fine for β2 = 0.95 (§4.2) but a BF16 second moment
-  stops decaying for β2 ≥ ~0.996 (1 − β2 falls below BF16's half-ulp), so keep β2 ≤ 0.99 with AdamWBF16.
+  rowwise scales only), so each expert is one `_scaled_mm` on views of whole-layer buffers, which costs one
+  host read of the E token counts per MoE layer. convert_to_fp8(experts=False) keeps narrow experts in BF16.
+- Dimensions that are not multiples of 128 are zero-padded in the quantizers (exact, but a 64-wide layer does
+  a 128-wide GEMM). Weights are quantized once per optimizer step; no delayed scaling (none needed).
+- The cached 1×128 FP8 activations are re-tiled to 128×1 for Wgrad by dequantize + quantize: a second
+  rounding (the paper's kernels transpose FP8 tiles directly).
+- The GEMMs are cuBLAS's (not DeepGEMM); quantizers and transposes are torch.compile'd PyTorch at 10-60% of
+  the copy bandwidth on an H200 (bench/bench_fp8.py, README), not fused into the GEMMs as in the paper.
+- AdamW moments are BF16 with round-to-nearest; fine for β2 = 0.95 (§4.2), but a BF16 second moment stops
+  decaying for β2 ≥ ~0.996 (1 − β2 falls below BF16's half-ulp), so keep β2 ≤ 0.99 with AdamWBF16.
 
 Run: python -m pytest tests/test_fp8.py -q      (bench on an H200: python bench/bench_fp8.py)
 
@@ -148,9 +142,8 @@ def gemm_hopper(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch
 
 @functools.cache
 def _probe_hopper(idx: int) -> HopperGemms:
-    """Run both scale combinations once on awkward shapes (rows not a multiple of 16, K/128 = 5: padded by
-    gemm_hopper for 128×128 blocks, not for Wgrad's tiles, whose K is an expert's token count) and compare
-    with the emulated GEMM; any refusal or mismatch -> emulated. Cached per device: one probe per process."""
+    """Run both scale combinations once on awkward shapes (rows not a multiple of 16, K/128 = 5) and compare
+    with the emulated GEMM; any refusal or mismatch -> emulated. Cached: one probe per device and process."""
     if torch.cuda.get_device_capability(idx) < (9, 0) or not hasattr(torch, "_scaled_mm"):
         return EMULATED
     g = torch.Generator(device=f"cuda:{idx}").manual_seed(0)
@@ -198,16 +191,10 @@ def fp8_gemm(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch.dt
 
 
 def _quant_stack(ws: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """E matrices (N, K) -> q (E, Np, Kp) e4m3, s (E, Np/128, Kp/128): each in its own 128×128 blocks. Each is
-    quantized where it lies (one compiled kernel serves them all) and the FP8 results are stacked: 1 byte per
-    value to copy, where stacking the fp32 weights first would move 4."""
+    """E matrices (N, K) -> q (E, Np, Kp) e4m3, s (E, Np/128, Kp/128), each in its own 128×128 blocks (quantized
+    where it lies, then stacked: 1 byte per value to copy, where stacking the fp32 weights would move 4)."""
     qs = [_k("quant_128x128", w)(w) for w in ws]
     return torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
-
-
-def _transpose(q: Tensor, s: Tensor) -> tuple[Tensor, Tensor]:
-    # a square block is the same block of Wᵀ: (E, Np, Kp) -> (E, Kp, Np) row-major, and the scales likewise
-    return q.transpose(1, 2).contiguous(), s.transpose(1, 2).contiguous()
 
 
 class WeightCache:
@@ -220,14 +207,14 @@ class WeightCache:
     def get(self, weights: list[Tensor]) -> "WeightCache":
         key = tuple((w._version, w.data_ptr()) for w in weights)
         if key != self.key:
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast(weights[0].device.type, enabled=False):  # FP8 has no autocast
                 self.key, self.fwd, self._bwd = key, self.quantize(), None
         return self
 
     @property
     def bwd(self):
         if self._bwd is None:
-            self._bwd = [_transpose(q, s) for q, s in self.fwd]
+            self._bwd = [_k("transpose_128x128", q)(q, s) for q, s in self.fwd]  # Wᵀ's blocks, for Dgrad
         return self._bwd
 
 
@@ -242,16 +229,12 @@ def _swiglu_weights(mlps) -> list[tuple[Tensor, Tensor]]:
 
 # ----------------------------------------------------------------------------------------------------------
 # GEMMs over row segments: a Linear or one FFN is one segment of any number of rows; the routed experts of a
-# layer are one segment each.
-#
-# Experts: x holds every (token, expert) pair sorted by expert, each expert's rows a segment padded with zero
-# rows to a multiple of 128 (DeepGEMM's "contiguous" layout). Each whole operand is quantized once: a 1×128
-# tile lies in one row, and a 128×1 tile (Wgrad) never crosses a segment, so the tiles are exactly those of
-# quantizing each expert's rows alone. What runs per expert is one GEMM on views of the shared buffers,
-# written into slices of one output: no pad, copy or quantizer call per expert (an expert with no token
-# runs nothing). The one layout that slicing cannot give: cuBLAS wants an expert's 1×128 scales (rows, K/128)
-# column-major with leading dim `rows`, and a row slice of the whole (M, K/128) keeps leading dim M, so the
-# scales of the GEMMs' a operands are rearranged segment by segment in one scatter (_segment_scales).
+# layer are one segment each, every (token, expert) pair sorted by expert and each expert's rows padded with zero
+# rows to a multiple of 128 (DeepGEMM's "contiguous" layout). Each whole operand is quantized once: a 1×128 tile
+# lies in one row and a 128×1 tile (Wgrad) never crosses a segment, so the tiles are those of each expert alone.
+# Per expert runs one GEMM on views of the shared buffers, into slices of one output (nothing for an empty one).
+# Slicing cannot give one layout: cuBLAS wants an expert's 1×128 scales (rows, K/128) column-major with leading
+# dim `rows`, so the scales of the a operands are rearranged segment by segment in one scatter (_segment_scales).
 
 
 class Segments(NamedTuple):
@@ -370,9 +353,8 @@ class Fp8Linear(nn.Linear):
         new.weight, new.bias = lin.weight, lin.bias  # the very same Parameters: optimizers and views still hold
         return new
 
-    # Opaque to a torch.compile of the whole model (train.py --compile=True): the graph breaks around the
-    # layer, which runs its own compiled kernels and cuBLAS's FP8 GEMM. Traced into, this frame was compiled
-    # again for each new guard (8 times in 6 steps of a small model) until dynamo's recompile limit ran out.
+    # Opaque to torch.compile (the graph breaks around the layer, which runs its own compiled kernels): traced
+    # into, this frame was compiled again for each new guard until dynamo's recompile limit ran out.
     @torch.compiler.disable
     def forward(self, x: Tensor) -> Tensor:
         out_dtype = _out_dtype(x)
@@ -418,14 +400,11 @@ class _Fp8SwiGLUFn(torch.autograd.Function):
         dy2 = dy.reshape(-1, D)  # (M, D)
         with torch.autocast(dy.device.type, enabled=False):
             # padded width Fp throughout: the padding columns of a and b are zero, so are h, da and db there
-            ab = _k("dequant_1x128", qab)(qab, sab)  # (M, 2Fp)
-            a, b = ab[:, :Fp], ab[:, Fp:]
-            h = _k("swiglu", a)(a, b)  # the SwiGLU output, recomputed (M, Fp)
+            hT, shT = _k("swiglu_quant_128x1", qab)(qab, sab)  # the SwiGLU output, recomputed: (Fp, Mp), 128×1
             qdy, sdy = _k("quant_1x128", dy2)(dy2)  # (M, Dp), (M, Dp/128)
-            dh = _grouped(qdy, sdy, qw2T, sw2T, seg, torch.float32, hw)  # W2's Dgrad (M, Fp)
-            hT, shT = _k("quant_128x1", h)(h)  # (Fp, Mp), (Fp, Mp/128)
+            dh = _grouped(qdy, sdy, qw2T, sw2T, seg, dy.dtype, hw)  # W2's Dgrad (M, Fp)
             dw2 = _grouped_wgrad(dy2, hT, shT, seg, hw)  # W2's Wgrad (E, Dp, Fp)
-            dab = torch.cat(_k("swiglu_bwd", a)(a, b, dh), dim=1)  # [da | db] (M, 2Fp)
+            dab = _k("swiglu_bwd", qab)(qab, sab, dh)  # [da | db] (M, 2Fp)
             qdab, sdab = _k("quant_1x128", dab)(dab)  # (M, 2Fp), (M, 2Fp/128)
             dx = _grouped(qdab, sdab, qw13T, sw13T, seg, x_dtype, hw)[:, :D]  # da·W1 + db·W3, one GEMM (K = 2Fp)
             qxT, sxT = _k("requant_128x1", qx)(qx, sx)  # x re-tiled 128×1 for the Wgrad
@@ -465,28 +444,53 @@ class Fp8Experts(nn.ModuleList):
         self.wc = WeightCache(lambda: _swiglu_weights(list(self)))  # all experts' weights stacked, (E, ...)
 
     @torch.compiler.disable
-    def grouped(self, xs: Tensor, counts: Tensor) -> Tensor:
-        """xs (N*K, D) the routed (token, expert) pairs sorted by expert, counts (E,) pairs per expert on the
-        device -> (N*K, D) each pair through its expert. Reads the E counts on the host once."""
-        E, dev = len(self), xs.device
+    def grouped(self, u: Tensor, g: Tensor, idx: Tensor, counts: Tensor) -> Tensor:
+        """u (N, D) tokens, g and idx (N, K) gate weights and chosen experts, counts (E,) pairs per expert ->
+        (N, D) fp32 = Σ_k g[n, k]·FFN_idx[n,k](u[n]). The (token, expert) pairs are laid out sorted by expert,
+        each expert's segment padded with zero rows to whole 128-row tiles. Reads the E counts on the host once."""
+        (N, K), E, dev = idx.shape, len(self), u.device
+        ws = [w for m in self for w in (m.w1.weight, m.w2.weight, m.w3.weight)]
+        wc = self.wc.get(ws)  # weights quantized (once per step) before the host read below, which waits for the GPU
+        flat, ar = idx.flatten(), torch.arange(N * K, device=dev)  # expert of each pair; pair numbers
+        order = flat.argsort(stable=True)  # pairs sorted by expert
         padded = (counts + TILE - 1) // TILE * TILE  # (E,) each segment rounded up to whole 128-row tiles
         ends = padded.cumsum(0)
         shift = (ends - padded) - (counts.cumsum(0) - counts)  # (E,) padded start − sorted start of each expert
-        # row of each sorted pair in the padded buffer: its own index, moved by its expert's shift
-        expert_of = torch.repeat_interleave(torch.arange(E, device=dev), counts, output_size=xs.shape[0])
-        dest = torch.arange(xs.shape[0], device=dev) + shift[expert_of]  # (N*K,)
+        pos = torch.empty_like(order).index_copy_(0, order, ar + shift[flat[order]])  # (N*K,) row of each pair
         sizes = padded.tolist()  # the one host read per layer: segment bounds for slicing
-        M = sum(sizes)
-        starts = [sum(sizes[:e]) for e in range(E)]
+        M, starts = sum(sizes), [sum(sizes[:e]) for e in range(E)]
         seg = Segments(list(zip(starts, sizes)), torch.repeat_interleave(ends - padded, padded, output_size=M),
                        torch.repeat_interleave(padded, padded, output_size=M))
-        out_dtype = _out_dtype(xs)
-        xp = xs.new_zeros(M, xs.shape[1], dtype=out_dtype).index_copy(0, dest, xs.to(out_dtype))  # (M, D)
-        ws = [w for m in self for w in (m.w1.weight, m.w2.weight, m.w3.weight)]
+        row_pair = torch.full((M,), N * K, device=dev).index_copy_(0, pos, ar)  # pair of each row; N*K: padding
+        out_dtype = _out_dtype(u)
+        xp = _Gather.apply(u.to(out_dtype), torch.where(row_pair < N * K, row_pair // K, N), pos.view(N, K), True)  # (M, D)
         with torch.autocast(dev.type, enabled=False):
-            yp = _Fp8SwiGLUFn.apply(xp, seg, self.wc.get(ws), out_dtype, hopper_gemms(self.backend, dev),
+            yp = _Fp8SwiGLUFn.apply(xp, seg, wc, out_dtype, hopper_gemms(self.backend, dev),
                                     ws[0].shape[0], *ws)  # (M, D)
-        return yp[dest]  # (N*K, D), padding rows dropped
+        yk = _Gather.apply(yp, pos, row_pair, False)  # (N*K, D) back in token order, padding rows dropped
+        return (yk.view(N, K, -1).float() * g[:, :, None]).sum(dim=1)  # (N, D), summed in fp32
+
+
+def _take(x: Tensor, i: Tensor, pad: bool) -> Tensor:
+    # x[i]; with pad, the index len(x) reads a row of zeros (a padding row of the expert segments)
+    return (torch.cat([x, x.new_zeros(1, x.shape[1])]) if pad else x)[i]
+
+
+class _Gather(torch.autograd.Function):
+    """y = x[i] with a gather as backward (autograd's is a scatter-add): `back` (rows of x, k) holds the rows of
+    y each row of x went to, dx = Σ_j dy[back[:, j]]. Padding rows read zeros: y's if to_padded, else dx's."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, i: Tensor, back: Tensor, to_padded: bool) -> Tensor:
+        ctx.save_for_backward(back)
+        ctx.to_padded = to_padded
+        return _take(x, i, to_padded)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        back, = ctx.saved_tensors
+        dx = _take(dy, back.flatten(), not ctx.to_padded).view(*back.shape, dy.shape[1])
+        return (dx.sum(dim=1) if back.dim() == 2 else dx), None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -499,7 +503,7 @@ def _is_swiglu(m: nn.Module) -> bool:
     return names == {"w1", "w2", "w3"} and all(type(c) is nn.Linear and c.bias is None for c in m.children())
 
 
-def convert_to_fp8(model: nn.Module, backend: str = "auto", fused_swiglu: bool = True) -> nn.Module:
+def convert_to_fp8(model: nn.Module, backend: str = "auto", experts: bool = True) -> nn.Module:
     """Swap, in place, the nn.Linear layers that DeepSeek-V3 runs in FP8: every projection inside
     model.layers and model.mtp (attention wq/wq_a/wq_b/wkv_a/wkv_b/wo, the SwiGLU w1/w2/w3 of dense FFNs,
     routed and shared experts, MTP's eh_proj). Left in BF16/FP32: the embedding, the output head, the MoE
@@ -508,20 +512,28 @@ def convert_to_fp8(model: nn.Module, backend: str = "auto", fused_swiglu: bool =
     Fp8Experts (model.MoE's 'grouped' path then runs the experts in one FP8 call). backend: 'auto' (the
     hardware GEMM where its probe passes, else emulated), 'hopper' (error if it does not work here) or
     'emulated' (plain-PyTorch GEMM, any device); stored on each layer. Call after model.to(device), before
-    torch.compile (the hardware probe runs eagerly). Returns the model."""
+    torch.compile (the hardware probe runs eagerly). experts=False keeps the routed experts in BF16 (model.MoE's
+    grouped GEMM), a deviation for narrow experts, where no FP8 GEMM beat BF16 on an H200 (README). Returns the
+    model."""
     _check_backend(backend)
-    roots = [getattr(model, n) for n in ("layers", "mtp") if isinstance(getattr(model, n, None), nn.Module)]
-    for parent in [m for r in roots for m in r.modules()]:
-        for name, child in list(parent.named_children()):
-            if fused_swiglu and name == "experts" and type(child) is nn.ModuleList and all(map(_is_swiglu, child)):
-                setattr(parent, name, Fp8Experts(child, backend))
-            elif fused_swiglu and _is_swiglu(child):
+
+    def convert(parent: nn.Module):
+        for name, child in parent.named_children():
+            if name == "experts" and type(child) is nn.ModuleList and all(map(_is_swiglu, child)):
+                if experts:
+                    setattr(parent, name, Fp8Experts(child, backend))
+            elif _is_swiglu(child):
                 setattr(parent, name, Fp8SwiGLU(child.w1, child.w2, child.w3, backend))
             elif type(child) is nn.Linear:
                 # §3.3.3: the input of the linear after attention is kept in higher precision with
                 # power-of-2 scales (attention's backward reads it too)
                 hp = name == "wo"
                 setattr(parent, name, Fp8Linear.from_linear(child, pow2_scales=hp, cache_input_hp=hp, backend=backend))
+            else:
+                convert(child)
+    for n in ("layers", "mtp"):
+        if isinstance(getattr(model, n, None), nn.Module):
+            convert(getattr(model, n))
     p = next(model.parameters(), None)
     if p is not None:
         hopper_gemms(backend, p.device)  # probe now, eagerly (and fail now for 'hopper' where it cannot run)
@@ -560,8 +572,10 @@ class AdamWBF16(torch.optim.Optimizer):
                     st["exp_avg_sq"] = torch.zeros_like(st["exp_avg"])
                     if p.dtype != torch.float32:
                         st["master"] = p.detach().float()
-                if p.device not in lr_wd:  # lr changes every step: a device tensor, not a constant of the kernel
-                    lr_wd[p.device] = torch.tensor([group["lr"], group["weight_decay"]], device=p.device)
+                if p.device not in lr_wd:  # lr changes every step: a device tensor, not a constant of the kernel,
+                    # set by kernels (torch.tensor(..., device=) would wait for the GPU to finish the backward)
+                    lr_wd[p.device] = torch.full((2,), group["lr"], device=p.device)
+                    lr_wd[p.device][1].fill_(group["weight_decay"])
                 w = st.get("master", p.detach())  # detach shares p's storage and version counter
                 update = kernels.adamw_bf16 if p.is_cuda else kernels.adamw_bf16_ref
                 update(w, p.grad.detach().contiguous(), st["exp_avg"], st["exp_avg_sq"], st["step"],

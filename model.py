@@ -498,10 +498,8 @@ class MoE(nn.Module):
         Tokens move by ONE permutation each way (permute_by_expert / unpermute_and_combine), whose backward
         is the inverse permutation: gathers only, no scatter-add (atomics) as index_add_ would need.
         The per-expert weights are stacked on the fly: (E, I, D), one extra read of the expert weights."""
-        if hasattr(self.experts, "grouped"):   # fp8.Fp8Experts: all experts in one FP8 call (see fp8.py)
-            order, tok, xs = self.sort_by_expert(u, idx)
-            ys = at_least_fp32(self.experts.grouped(xs, counts)) * g.flatten()[order, None]  # (N*K, D) gated
-            return torch.zeros_like(u).index_add_(0, tok, ys.to(u.dtype))
+        if hasattr(self.experts, "grouped"):   # fp8.Fp8Experts: dispatch, experts and combine in one FP8 call
+            return self.experts.grouped(u, g, idx, counts).to(u.dtype)
         dt = torch.get_autocast_dtype(u.device.type) if torch.is_autocast_enabled(u.device.type) else u.dtype
         if dt == torch.bfloat16 and u.device.type == "cpu" and not torch.compiler.is_compiling():
             dt = torch.float32   # eager CPU: a bf16 _grouped_mm is a slow generic loop (it made a bf16 step 1.4x slower)

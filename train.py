@@ -153,7 +153,7 @@ with torch.device(device):
     model = Transformer(model_args)
 if cfg["fp8"]:
     from fp8 import convert_to_fp8
-    convert_to_fp8(model)   # Fprop/Dgrad/Wgrad of every Linear in the blocks in FP8 (§3.3); same state dict
+    convert_to_fp8(model, experts=cfg["fp8_experts"])   # Fprop/Dgrad/Wgrad of the blocks' Linears in FP8 (§3.3)
 n = model.num_params()   # before sharding: the whole model's counts
 has_moe = bool(model.moe_layers())   # False for an all-dense model: no router, no MaxVio to report
 flops_per_token = model.flops_per_token(T)

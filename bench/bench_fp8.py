@@ -1,11 +1,12 @@
 """
 Benchmark of the FP8 framework on one Hopper GPU: per-GEMM TFLOP/s (Fprop/Dgrad/Wgrad) FP8 vs BF16, the
 compiled quantization kernels' GB/s vs the measured copy bandwidth, Fp8Linear / Fp8SwiGLU forward+backward
-time vs BF16, and the activation memory each keeps for backward. Prints markdown tables.
+time vs BF16, the activation memory each keeps for backward, and one optimizer step (fused AdamW vs AdamWBF16).
+Prints markdown tables.
 
 Run:  PYTHONUNBUFFERED=1 python bench/bench_fp8.py | tee bench_fp8.md       (H200: ~2 min)
       python bench/bench_fp8.py --probe     (layouts of blockwise torch._scaled_mm + hopper == emulated checks)
-      python bench/bench_fp8.py --smoke     (convert_to_fp8 + torch.compile on a small model);  --only=gemm,quant,layers
+      python bench/bench_fp8.py --smoke     (convert_to_fp8 + torch.compile on a small model);  --only=gemm,quant,layers,optim
 Timings are medians of CUDA-event-timed runs after warm-up, on random data (never zeros).
 """
 import datetime
@@ -349,6 +350,28 @@ def layer_table():
     table(["activations saved for backward", "BF16 MiB", "FP8 MiB", "saved"], mem)
 
 
+def optim_table(bw):
+    """One optimizer step over v3-width-like parameters (~1.1B): torch's fused AdamW (FP32 moments, 28 bytes per
+    parameter moved) vs fp8.AdamWBF16 (BF16 moments, 20 bytes). The step's time includes the host's launches."""
+    shapes = [(2048, 7168)] * 48 + [(7168, 2048)] * 24 + [(24576, 1536), (32768, 512), (1536, 7168), (576, 7168),
+                                                           (7168, 16384), (8192, 7168)] * 2 + [(7168,)] * 10
+    g = torch.Generator(device="cuda").manual_seed(0)
+    params = [torch.randn(s, device="cuda", generator=g) * 0.02 for s in shapes]
+    n = sum(p.numel() for p in params)
+    rows = []
+    for name, make, nbytes in (
+            ("torch AdamW fused (fp32 moments)", lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True), 28),
+            ("fp8.AdamWBF16 (BF16 moments)", lambda ps: fp8.AdamWBF16(ps, lr=1e-4), 20)):
+        ps = [nn.Parameter(p.clone()) for p in params]
+        for p in ps:
+            p.grad = torch.randn(p.shape, device="cuda", generator=g) * 1e-3
+        opt = make(ps)
+        ms = bench(opt.step, warmup=3, iters=10)
+        rows.append((name, f"{ms:.2f}", f"{n * nbytes / ms / 1e6:.0f}", f"{n * nbytes / ms / 1e6 / bw:.0%}"))
+        del ps, opt
+    table([f"optimizer step, {n / 1e9:.2f}B parameters", "ms", "GB/s", "of copy bandwidth"], rows)
+
+
 def main():
     if not torch.cuda.is_available():
         sys.exit("bench_fp8.py needs a CUDA GPU (the CPU path is exercised by tests/test_fp8.py)")
@@ -370,6 +393,8 @@ def main():
         section("quant", lambda: quant_table(bw))
     if only is None or "layers" in only:
         section("layers", layer_table)
+    if only is None or "optim" in only:
+        section("optim", lambda: optim_table(bw))
 
 
 if __name__ == "__main__":

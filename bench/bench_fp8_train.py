@@ -12,7 +12,8 @@ same batches, so their gap is what a different initialization alone moves the lo
 Run:  python bench/bench_fp8_train.py --config gpu --steps=300
       python bench/bench_fp8_train.py --config v3-width --steps=30 --runs=bf16,fp8 --profile=fp8
 Options: --steps, --last (steps the loss gap averages over; default: the last 20%), --compile (default: the
-preset's), --runs (any of bf16, bf16-seed2, fp8, in order), --profile=RUN (one step of that run under
+preset's), --runs (any of bf16, bf16-seed2, fp8, in order; fp8-adamw (FP8 layers, torch's AdamW with FP32
+moments) and bf16-adamwbf16 (BF16 layers, AdamWBF16) tell the layers' effect from the optimizer's), --profile=RUN (one step of that run under
 torch.profiler: the ops with the most GPU time), --out=FILE.json (every run's per-step losses and times),
 and any train.py key (e.g. --batch_size=4).
 Timings: median step time over the steps after the first 3 (each step ends with a device sync), tokens/s from
@@ -36,12 +37,13 @@ from config import MODEL_DEFAULTS, PRESETS, TRAIN_DEFAULTS, die, lr_at, parse_or
 from model import Transformer  # noqa: E402
 
 BENCH_DEFAULTS = dict(steps=300, last=0, runs="bf16,bf16-seed2,fp8", profile="", out="", seed2=4242)
+RUNS = ("bf16", "bf16-seed2", "fp8", "fp8-adamw", "bf16-adamwbf16")
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense BF16 FLOP/s per GPU, train.py's MFU denominator
 
 
 def run(cfg: dict, tag: str, device: str, profile: bool) -> dict:
-    """Train cfg for cfg['steps'] steps as `tag` (bf16 | bf16-seed2 | fp8); returns the measurements."""
-    use_fp8 = tag == "fp8"
+    """Train cfg for cfg['steps'] steps as `tag` (one of RUNS); returns the measurements."""
+    use_fp8, bf16_moments = tag.startswith("fp8"), tag in ("fp8", "bf16-adamwbf16")
     torch.manual_seed(cfg["seed2"] if tag == "bf16-seed2" else cfg["seed"])
     args = to_model_args(cfg)
     meta = data.prepare(cfg["data"], cfg["vocab_size"])
@@ -52,14 +54,15 @@ def run(cfg: dict, tag: str, device: str, profile: bool) -> dict:
     with torch.device(device):  # initialized on the GPU: a 4.5B-parameter model takes minutes on the CPU
         model = Transformer(args)
     if use_fp8:
-        fp8.convert_to_fp8(model)
+        fp8.convert_to_fp8(model, experts=cfg["fp8_experts"])
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [dict(params=decay, weight_decay=cfg["weight_decay"]), dict(params=no_decay, weight_decay=0.0)]
     betas = (cfg["beta1"], cfg["beta2"])
-    opt = fp8.AdamWBF16(groups, lr=cfg["lr"], betas=betas) if use_fp8 else \
+    opt = fp8.AdamWBF16(groups, lr=cfg["lr"], betas=betas) if bf16_moments else \
         torch.optim.AdamW(groups, lr=cfg["lr"], betas=betas, fused=cuda)
-    step_model = torch.compile(model) if cfg["compile"] else model
+    if cfg["compile"]:
+        model.compile_blocks()  # as train.py: each Block compiled, FP8 layers opaque inside it (fp8.py)
     train_data = data.load_tokens(meta["train_bin"])
     gen = torch.Generator().manual_seed(cfg["seed"] + 1000)  # the same batches for every run
     B, T, A = cfg["batch_size"], cfg["seq_len"], cfg["grad_accum"]
@@ -72,7 +75,7 @@ def run(cfg: dict, tag: str, device: str, profile: bool) -> dict:
         for _ in range(A):
             x, y = data.get_batch(train_data, B, T, gen, device)
             with autocast:
-                _, losses = step_model(x, y)
+                _, losses = model(x, y)
             (losses["loss"] / A).backward()
             total += losses["ce"].detach() / A
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
@@ -94,7 +97,7 @@ def run(cfg: dict, tag: str, device: str, profile: bool) -> dict:
         times.append(time.perf_counter() - t)
         losses.append(loss)
         if prof is not None:
-            prof_table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=25, max_name_column_width=60)
+            prof_table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=40, max_name_column_width=70)
         if it % 50 == 0 or it == cfg["steps"] - 1:
             print(f"  {tag} step {it + 1}/{cfg['steps']}: loss {loss:.4f}, {times[-1] * 1000:.0f} ms", flush=True)
     n = model.num_params()
@@ -108,7 +111,7 @@ def run(cfg: dict, tag: str, device: str, profile: bool) -> dict:
                times=times, params=n, profile=prof_table)
     print(f"  {tag}: {ms:.0f} ms/step, {tok_s:,.0f} tokens/s, peak {res['peak_gib']:.1f} GiB, "
           f"first step {times[0]:.1f} s", flush=True)
-    del model, opt, step_model
+    del model, opt
     if cuda:
         torch.cuda.empty_cache()
     return res
@@ -127,8 +130,8 @@ def main():
     if device.startswith("cuda") and not torch.cuda.is_available():
         die("bench_fp8_train.py", "needs a CUDA GPU (--device=cpu runs it slowly, as a smoke test)")
     tags = cfg["runs"].split(",")
-    if not tags or any(t not in ("bf16", "bf16-seed2", "fp8") for t in tags):
-        die("bench_fp8_train.py", f"--runs takes bf16, bf16-seed2, fp8; got {cfg['runs']!r}")
+    if not tags or any(t not in RUNS for t in tags):
+        die("bench_fp8_train.py", f"--runs takes {', '.join(RUNS)}; got {cfg['runs']!r}")
     if cfg["steps"] < 1 or cfg["last"] < 0:
         die("bench_fp8_train.py", f"--steps must be >= 1 and --last >= 0, got {cfg['steps']} and {cfg['last']}")
     cfg["max_iters"] = cfg["steps"]  # the LR schedule (warm-up, constant, decay) spans the benchmark
@@ -140,7 +143,7 @@ def main():
     print(f"# {cmd}\n{name}, torch {torch.__version__}, {datetime.date.today()}; "
           f"preset {cfg['config']}, {cfg['steps']} steps of {cfg['batch_size'] * cfg['seq_len'] * cfg['grad_accum']:,} "
           f"tokens, compile={cfg['compile']}\n", flush=True)
-    res = {t: run(cfg, t, device, t == cfg["profile"]) for t in tags}
+    res = {t: run(cfg, t, device, t in cfg["profile"].split(",")) for t in tags}
     n = next(iter(res.values()))["params"]
     print(f"\nparameters: {n['total'] / 1e9:.2f}B total, {n['activated'] / 1e9:.2f}B activated "
           f"(+{n['mtp'] / 1e9:.2f}B MTP, {n['mtp_activated'] / 1e9:.2f}B activated)\n")

@@ -102,27 +102,34 @@ def test_extreme_tiles_give_finite_scales_and_values():
 
 
 def test_swiglu_quant_and_backward():
-    a, b, dy = torch.randn(64, 200), torch.randn(64, 200), torch.randn(64, 200)
-    ref = F.silu(a.double()) * b.double()
-    assert rel_err(K.swiglu_ref(a, b), ref) < 1e-6 and K.swiglu_ref(a.bfloat16(), b.bfloat16()).dtype == torch.bfloat16
+    a, b, dh = torch.randn(200, 200), torch.randn(200, 200), torch.randn(200, 200)
     q, s = K.swiglu_quant_ref(a, b)
     q2, s2 = K.quant_1x128_ref(F.silu(a) * b)  # same values, two separate passes
     assert torch.equal(q.float(), q2.float()) and torch.equal(s, s2)
-    ad, bd = a.double().requires_grad_(), b.double().requires_grad_()
-    (F.silu(ad) * bd).backward(dy.double())
-    da, db = K.swiglu_bwd_ref(a, b, dy)
-    assert rel_err(da, ad.grad) < 1e-6 and rel_err(db, bd.grad) < 1e-6  # fp32 vs float64 autograd
+    # backward reads [a | b] from the FP8 cache: compare with float64 autograd on those (dequantized) values
+    qab, sab = K.quant_1x128_ref(torch.cat([a, b], dim=1))  # (200, 512): each of a, b padded 200 -> 256
+    ad, bd = (t.double().requires_grad_() for t in K.dequant_1x128_ref(qab, sab).chunk(2, dim=1))
+    h = F.silu(ad) * bd
+    h.backward(F.pad(dh, (0, 56)).double())
+    dab = K.swiglu_bwd_ref(qab, sab, F.pad(dh, (0, 56)))
+    assert dab.shape == (200, 512) and rel_err(dab, torch.cat([ad.grad, bd.grad], dim=1)) < 1e-6  # fp32 vs float64
+    # the recomputed output, quantized 128×1 in the same pass == recompute, then quantize
+    hT, shT = K.swiglu_quant_128x1_ref(qab, sab)
+    a32, b32 = K.dequant_1x128_ref(qab, sab).chunk(2, dim=1)
+    hT2, shT2 = K.quant_128x1_ref(F.silu(a32) * b32)
+    assert hT.shape == (256, 256) and torch.equal(hT.float(), hT2.float()) and torch.equal(shT, shT2)
 
 
 def _all_kernels(x, w, a, b, dy):
     q1 = K.quant_1x128_ref(x)
     return (q1, K.quant_128x1_ref(x, True), K.quant_128x128_ref(w), K.requant_128x1_ref(*q1),
-            K.dequant_1x128_ref(*q1), K.swiglu_quant_ref(a, b), K.swiglu_bwd_ref(a, b, dy))
+            K.swiglu_quant_ref(a, b), K.swiglu_quant_128x1_ref(*q1), K.swiglu_bwd_ref(*q1, dy),
+            K.transpose_128x128_ref(*(t[None] for t in K.quant_128x128_ref(w))))
 
 
 def _inputs(device):
     g = torch.Generator().manual_seed(3)
-    shapes = [(200, 200), (200, 300), (64, 200), (64, 200), (64, 200)]
+    shapes = [(200, 200), (200, 300), (64, 200), (64, 200), (200, 128)]
     return [torch.randn(*s, generator=g).to(device) for s in shapes]
 
 
@@ -146,14 +153,15 @@ def test_compiled_kernels_match_eager_cuda():
     args = _inputs("cuda")
     x, w, a, b, dy = args
     out = (K.quant_1x128(x), K.quant_128x1(x, True), K.quant_128x128(w), K.requant_128x1(*K.quant_1x128(x)),
-           K.dequant_1x128(*K.quant_1x128(x)), K.swiglu_quant(a, b), K.swiglu_bwd(a, b, dy))
+           K.swiglu_quant(a, b), K.swiglu_quant_128x1(*K.quant_1x128(x)), K.swiglu_bwd(*K.quant_1x128(x), dy),
+           K.transpose_128x128(*(t[None] for t in K.quant_128x128(w))))
     _assert_same(out, _all_kernels(*args))
     # the optimizer's update: compiled (one kernel for every parameter shape) == eager
     states = []
     for update in (K.adamw_bf16, K.adamw_bf16_ref):
         g = torch.Generator(device="cuda").manual_seed(5)
         w, grad = torch.randn(300, 70, device="cuda", generator=g), torch.randn(300, 70, device="cuda", generator=g)
-        m, v = (torch.randn(300, 70, device="cuda", generator=g) * 0.1).bfloat16(), torch.rand(300, 70, device="cuda").bfloat16()
+        m, v = (torch.randn(300, 70, device="cuda", generator=g) * 0.1).bfloat16(), torch.rand(300, 70, device="cuda", generator=g).bfloat16()
         step, lr_wd = torch.zeros((), device="cuda"), torch.tensor([1e-2, 0.1], device="cuda")
         for _ in range(3):
             update(w, grad, m, v, step, lr_wd, 0.9, 0.95, 1e-8)
