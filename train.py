@@ -481,6 +481,7 @@ if interrupted:
     sys.exit(130)
 if ddp:   # every replica of a weight must end identical (same reduced gradients, same router updates)
     in_sync = P.in_sync(model, groups)
+    dist.barrier()   # leave together: a gloo rank that tears down while its peer is still in a collective can abort
     dist.destroy_process_group()
     if not in_sync:
         fail("replicas of a weight ended different across ranks", code=1)
