@@ -595,6 +595,58 @@ class SoftmaxCrossEntropy(torch.autograd.Function):
         return g.scatter_add_(1, tgt, -scale), None                 # minus the one-hot at each target
 
 
+class HeadCrossEntropy(torch.autograd.Function):
+    """The output head and its CE loss in one pass over chunks of rows, and with gradients wanted their gradients
+    too: logits = h Wᵀ, p = softmax, loss = mean -log p[target], G = (p - onehot) / n, dh = G W, dW = Gᵀ h. The
+    CPU fast path of Transformer.head_loss; the reference is Transformer.logits then cross_entropy (same maths).
+    Why: at the small preset's (2048, 4096) logits every vocabulary-wide pass (softmax, its gradient, the GEMMs
+    reading it) streams 32 MiB through memory; a chunk of 256 rows (4 MiB) stays in the cache from the logits to
+    dh and dW. backward only scales the saved dh and dW by the loss's gradient (plus, if a caller differentiated
+    the returned logits too, their own gradient). h (N, D), weight (V, D), targets (N,) long (-1 = ignore),
+    keep_logits: also return the logits (N, V) (else an empty tensor) -> (loss scalar, logits)."""
+    CHUNK = 256
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, keep_logits: bool):
+        ctx.set_materialize_grads(False)
+        N, V = h.size(0), weight.size(0)
+        want_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        valid = targets >= 0                                                    # (N,)
+        n = valid.sum()
+        logits = h.new_empty(N, V) if keep_logits else h.new_empty(0)
+        gh = torch.empty_like(h) if want_grad else None                         # (N, D)
+        gw = torch.zeros_like(weight) if want_grad else None                    # (V, D)
+        total = h.new_zeros(())
+        for s in range(0, N, HeadCrossEntropy.CHUNK):
+            e = min(N, s + HeadCrossEntropy.CHUNK)
+            hc, tgt, ok = h[s:e], targets[s:e].clamp(min=0)[:, None], valid[s:e]   # (c, D), (c, 1), (c,)
+            z = torch.mm(hc, weight.t(), out=logits[s:e]) if keep_logits else hc @ weight.t()   # (c, V)
+            p = torch.softmax(z, dim=-1)                                        # (c, V)
+            nll = -p.gather(1, tgt).squeeze(1).log()                            # (c,)
+            if not torch.isfinite(nll).all():   # p[target] underflowed or NaN logits: the exact form
+                nll = torch.logsumexp(z, dim=-1) - z.gather(1, tgt).squeeze(1)
+            total += nll.where(ok, 0).sum()
+            if want_grad:
+                scale = ok[:, None].to(p.dtype) / n                            # (c, 1): 0 on ignored rows
+                g = p.mul_(scale).scatter_add_(1, tgt, -scale)                  # (c, V) = (p - onehot) / n
+                torch.mm(g, weight, out=gh[s:e])                                # (c, D)
+                gw.addmm_(g.t(), hc)                                            # (V, D)
+        ctx.save_for_backward(gh, gw, h, weight)
+        if not keep_logits:
+            ctx.mark_non_differentiable(logits)
+        return total / n, logits
+
+    @staticmethod
+    def backward(ctx, g_loss, g_logits):
+        gh, gw, h, weight = ctx.saved_tensors
+        dh = gh * g_loss if g_loss is not None else torch.zeros_like(h)
+        dw = gw * g_loss if g_loss is not None else torch.zeros_like(weight)
+        if g_logits is not None:   # a caller's own loss on the returned logits
+            dh = dh.addmm_(g_logits, weight)
+            dw = dw.addmm_(g_logits.t(), h)
+        return dh, dw, None, None
+
+
 class Block(nn.Module):
     """Pre-norm block: x + MLA(norm(x)), then + FFN(norm(x)). Dense FFN for the first n_dense_layers.
 
@@ -648,6 +700,8 @@ class MTP(nn.Module):
 
 
 class Transformer(nn.Module):
+    fused_head = True   # head_loss's CPU fast path (False: the reference, for benchmarks: bench/ab_step.py)
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -679,12 +733,11 @@ class Transformer(nn.Module):
         """
         T = tokens.size(1)
         h = self.trunk(tokens, start_pos)                       # (B, T, D)
-        logits = self.logits(h)                                 # (B, T, V)
         if targets is None:
-            return Output(logits, None)
+            return Output(self.logits(h), None)                 # (B, T, V)
 
-        assert targets.shape == logits.shape[:2], f"targets {tuple(targets.shape)} != tokens {tuple(logits.shape[:2])}"
-        ce = cross_entropy(logits, targets)
+        assert targets.shape == h.shape[:2], f"targets {tuple(targets.shape)} != tokens {tuple(h.shape[:2])}"
+        logits, ce = self.head_loss(h, targets)                 # (B, T, V), scalar
         # MTP (eq. 21-25): depth k at position i sees t_{i+k} and predicts t_{i+k+1} = targets[i+k]. The last k
         # positions have no t_{i+k}: they read a wrapped-around token and their target is ignored (-1); causal
         # attention keeps them from reaching earlier positions, so the loss is that of the T-k valid positions.
@@ -694,9 +747,10 @@ class Transformer(nn.Module):
         for k in range(1, len(self.mtp) + 1):
             if T - k <= 0:
                 break
-            logits_k, h_k = self.mtp_forward(k, h_k, tokens.roll(-k, dims=1), start_pos)   # (B, T, V/D)
+            _, h_k = self.mtp_forward(k, h_k, tokens.roll(-k, dims=1), start_pos, with_logits=False)  # (B, T, D)
             valid = torch.arange(T, device=targets.device) < T - k                        # (T,)
-            mtp_k.append(cross_entropy(logits_k, targets.roll(-k, dims=1).where(valid, -1)))
+            mtp_k.append(self.head_loss(self.mtp[k - 1].head_input(h_k), targets.roll(-k, dims=1).where(valid, -1),
+                                        keep_logits=False)[1])
         mtp = self.args.mtp_lambda / len(self.mtp) * sum(mtp_k) if mtp_k else ce.new_zeros(())
         moes = [m for m in self.moe_layers() if m.balance_loss is not None]
         balance = sum(m.balance_loss for m in moes) if moes else ce.new_zeros(())
@@ -733,14 +787,29 @@ class Transformer(nn.Module):
         """final-normed hidden states (B, T, D) -> logits (B, T, V) in (at least) fp32, through the shared head."""
         return at_least_fp32(self.head(h))
 
-    def mtp_forward(self, k: int, h_prev: torch.Tensor, next_tokens: torch.Tensor, start_pos: int = 0):
+    def head_loss(self, h: torch.Tensor, targets: torch.Tensor, keep_logits: bool = True):
+        """final-normed hidden states (B, T, D) and targets (B, T) -> (logits (B, T, V) or None, mean CE): the
+        reference is `logits` then `cross_entropy`; eager CPU fp32/fp64 (no autocast, a plain nn.Linear head) takes
+        HeadCrossEntropy, the same numbers chunk by chunk (measured: README "Small preset")."""
+        fused = self.fused_head and h.device.type == "cpu" and not torch.compiler.is_compiling() \
+            and type(self.head) is nn.Linear \
+            and not torch.is_autocast_enabled("cpu") and h.dtype == self.head.weight.dtype in (torch.float32, torch.float64)
+        if not fused:
+            logits = self.logits(h)
+            return (logits if keep_logits else None), cross_entropy(logits, targets)
+        loss, logits = HeadCrossEntropy.apply(h.flatten(0, 1), self.head.weight, targets.flatten(), keep_logits)
+        return (logits.view(*h.shape[:2], -1) if keep_logits else None), loss
+
+    def mtp_forward(self, k: int, h_prev: torch.Tensor, next_tokens: torch.Tensor, start_pos: int = 0,
+                    with_logits: bool = True):
         """MTP depth k (1-based): h_prev (B, T, D) from depth k-1 at positions start_pos.., next_tokens (B, T) the
-        tokens one step further. Returns its logits (B, T, V) and its states h_k (B, T, D), the input of depth
-        k+1. Training (forward) and speculative decoding (sample.py) both call it."""
+        tokens one step further. Returns its logits (B, T, V) (None if not with_logits: training makes them with
+        its loss, head_loss) and its states h_k (B, T, D), the input of depth k+1. Training (forward) and
+        speculative decoding (sample.py) both call it."""
         freqs = self.rope_rows(start_pos, next_tokens.size(1))
         module = self.mtp[k - 1]
         h_k = module(h_prev, self.embed(next_tokens), freqs, start_pos)   # eqs. (21)-(22), chained un-normed
-        return self.logits(module.head_input(h_k)), h_k                    # eq. (23): own norm, shared head
+        return (self.logits(module.head_input(h_k)) if with_logits else None), h_k   # eq. (23): own norm, shared head
 
     def pipeline_stage(self, s: int, pp: int) -> "Transformer":
         """Stage s of a pp-stage pipeline (dualpipe.py): a Transformer holding THIS model's own modules (no copy)

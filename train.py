@@ -37,7 +37,7 @@ import checkpoint as C
 import data
 import parallel as P
 from config import (MODEL_DEFAULTS, PRESETS, TRAIN_DEFAULTS, budget_horizon, check_train, die, lr_at, parse,
-                    to_model_args)
+                    setup_cpu, to_model_args)
 from model import Transformer
 from sample import generate
 
@@ -118,6 +118,11 @@ torch.manual_seed(cfg["seed"])   # the same on every rank: identical initial wei
 if device_type == "cuda":
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+else:   # malloc keeps freed memory (vocabulary-wide tensors are not page-faulted every step); --cpu_matmul
+    try:
+        setup_cpu(cfg["cpu_matmul"])
+    except ValueError as e:
+        fail(str(e))
 
 # -----------------------------------------------------------------------------
 # data

@@ -25,7 +25,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data as D  # noqa: E402  (needs the path above)
-from config import MODEL_DEFAULTS, PRESETS, TRAIN_DEFAULTS, check_train, parse, to_model_args
+from config import MODEL_DEFAULTS, PRESETS, TRAIN_DEFAULTS, check_train, parse, setup_cpu, to_model_args
 from model import MoE, Transformer
 
 OPTS = dict(threads=2, steps=5, warmup=5, top=15, detail=0)
@@ -132,6 +132,7 @@ def main(argv):
     except ValueError as e:   # ConfigError, or a violated model invariant
         print(f"profile_step.py: error: {e}", file=sys.stderr)
         return 2
+    setup_cpu(cfg["cpu_matmul"])   # as train.py on a CPU: malloc keeps freed memory, --cpu_matmul
     torch.set_num_threads(opts["threads"])
     torch.manual_seed(cfg["seed"])
     meta = D.prepare(cfg["data"], cfg["vocab_size"])
@@ -172,7 +173,7 @@ def main(argv):
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(opts["steps"]):
             step()
-    report(prof, dict(opts, dtype=dtype), plain, cfg, args)
+    report(prof, dict(opts, dtype=dtype + (", bf16 matmuls" if cfg["cpu_matmul"] == "bf16" else "")), plain, cfg, args)
     return 0
 
 

@@ -304,6 +304,38 @@ def test_cpu_cross_entropy_equals_the_reference():
     assert cross_entropy(nan, torch.tensor([[1, 2]])).isnan()   # divergence stays visible (train.py stops on it)
 
 
+def test_fused_head_loss_equals_the_reference(monkeypatch):
+    # HeadCrossEntropy (head GEMM, softmax, CE and their gradients chunk by chunk) against the head's nn.Linear then
+    # F.cross_entropy, float64, fresh random inputs, ignored (-1) targets, chunks of 64 rows over 150 rows (a short
+    # last chunk); loss, logits and both gradients within 1e-12 (same maths, other order). Also a caller's own loss
+    # on the returned logits (their gradient adds to the loss's), and no gradient work under no_grad.
+    import model as M
+    monkeypatch.setattr(M.HeadCrossEntropy, "CHUNK", 64)
+    model = tiny_model().train()
+    V, D = model.args.vocab_size, model.args.dim
+    for scale in (1.0, 60.0):   # 60: some p[target] underflow to 0 (losses of hundreds of nats): the exact form
+        h = (scale * torch.randn(3, 50, D, dtype=torch.float64)).requires_grad_()
+        targets = torch.randint(0, V, (3, 50))
+        targets[:, -7:] = -1
+        extra = torch.randn(3, 50, V, dtype=torch.float64)   # weights of a caller's own loss on the logits
+        logits, ce = model.head_loss(h, targets)
+        fast = torch.autograd.grad(ce + (logits * extra).sum(), (h, model.head.weight))
+        ref_logits = model.head(h)
+        ref_ce = F.cross_entropy(ref_logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+        ref = torch.autograd.grad(ref_ce + (ref_logits * extra).sum(), (h, model.head.weight), retain_graph=True)
+        assert abs(ce.item() - ref_ce.item()) < 1e-12 * ref_ce.item() and rel_err(logits, ref_logits) < 1e-12
+        assert all(rel_err(a, b) < 1e-12 for a, b in zip(fast, ref))
+        only_ce = torch.autograd.grad(model.head_loss(h, targets, keep_logits=False)[1], h)[0]
+        assert rel_err(only_ce, torch.autograd.grad(ref_ce, h)[0]) < 1e-12 and (only_ce[:, -7:] == 0).all()
+    with torch.no_grad():   # eval: the loss only
+        assert model.head_loss(h, targets, keep_logits=False)[0] is None
+    # the whole model: Transformer.forward's losses (fused head) against the reference head and loss on its trunk
+    x = tokens(2, 30)
+    y = torch.roll(x, -1, 1)
+    _, losses = model(x, y)
+    assert abs(losses["ce"].item() - M.cross_entropy(model.logits(model.trunk(x)), y).item()) < 1e-12
+
+
 def test_bias_update_direction_and_only_in_training():
     model = tiny_model(dtype=torch.float32)
     moe = model.moe_layers()[0]
