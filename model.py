@@ -139,6 +139,8 @@ def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
+    fused_cpu = True   # RMSNormCPU on eager CPU (False: F.rms_norm, for benchmarks: bench/ab_step.py)
+
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
         self.eps = eps
@@ -147,7 +149,31 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         # norm in (at least) fp32 whatever the input dtype (bf16 sums of squares lose digits), cast back after
         xf = at_least_fp32(x)
+        if self.fused_cpu and x.device.type == "cpu" and not torch.compiler.is_compiling():   # same maths, fewer ops
+            return RMSNormCPU.apply(xf, self.weight.to(xf.dtype), self.eps).to(x.dtype)
         return F.rms_norm(xf, (x.size(-1),), self.weight.to(xf.dtype), self.eps).to(x.dtype)
+
+
+class RMSNormCPU(torch.autograd.Function):
+    """y = x / rms(x) · w with a hand-written backward, for eager CPU: F.rms_norm runs there as ~5 separate ops
+    forward and ~10 backward (pow, mean, rsqrt, muls and their gradients); this keeps x̂ = x / rms(x) and 1/rms
+    and returns dx = (g·w − x̂ · mean(g·w · x̂)) / rms, dw = Σ g · x̂ (measured on (2048, 128) fp32 forward +
+    backward: 6.0 -> 1.4-1.6 ms, one thread). x (..., D), w (D,)."""
+
+    @staticmethod
+    def forward(ctx, x, w, eps: float):
+        r = torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True).add_(eps))        # (..., 1) 1/rms
+        xn = x * r                                                            # (..., D)
+        ctx.save_for_backward(xn, w, r)
+        return xn * w
+
+    @staticmethod
+    def backward(ctx, g):
+        xn, w, r = ctx.saved_tensors
+        gw = (g * xn).reshape(-1, xn.size(-1)).sum(0)                          # (D,)
+        gx = g * w                                                            # (..., D)
+        gx = (gx - xn * (gx * xn).mean(dim=-1, keepdim=True)).mul_(r)
+        return gx, gw, None
 
 
 def precompute_freqs_cis(args: ModelArgs) -> torch.Tensor:

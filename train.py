@@ -316,7 +316,8 @@ if master:
     tokens_per_step = B * T * cfg["grad_accum"] * batch_ranks
     print(f"FLOPs/token (train, incl. MTP): {flops_per_token / 1e6:.1f}M; tokens/step: {tokens_per_step:,}; "
           f"device {device}, {dtype}{', fp8' if cfg['fp8'] else ''}{', compiled' if cfg['compile'] else ''}"
-          f"{f', {layout}' if ddp else ''}")
+          f"{', bf16-input matmuls' if device_type == 'cpu' and cfg['cpu_matmul'] == 'bf16' else ''}"
+          f"{f', {torch.get_num_threads()} threads' if device_type == 'cpu' else ''}{f', {layout}' if ddp else ''}")
 
 
 def train_step(it: int, horizon: int) -> torch.Tensor:

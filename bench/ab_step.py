@@ -3,10 +3,12 @@ A/B timing of CPU training steps in ONE process, alternating: step of A, step of
 noisy machine (other jobs come and go) slows both sides alike. Prints the median ms/step of each and B/A.
 
 A side is a comma-separated list of key=value settings on top of the preset:
-  cpu_matmul=ieee|bf16   float32 matmul precision (config.setup_cpu), switched before each of its steps
+  cpu_matmul=ieee|bf16   float32 matmul precision (config.setup_cpu), switched before each of its steps (a
+                         train.py key: the preset's unless given)
   malloc=keep|default    glibc keeps freed memory (config.setup_cpu) or hands blocks > 32 MiB back (its default)
   threads=N              torch.set_num_threads before each of its steps
   head=fused|reference   Transformer.head_loss's CPU fast path (HeadCrossEntropy) or the reference
+  norm=fused|reference   RMSNorm's CPU fast path (RMSNormCPU) or F.rms_norm, switched before each of its steps
   any train.py / ModelArgs key (e.g. head_impl=reference, batch_size=32): a model of its own; both sides start from
                          the same seed, so equal settings give the same weights
 Run: python bench/ab_step.py [--config small] --a=head=reference --b=head=fused [--steps=20] [--warmup=3]
@@ -25,9 +27,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data as D  # noqa: E402  (needs the path above)
 from config import (MODEL_DEFAULTS, PRESETS, TRAIN_DEFAULTS, ConfigError, check_train, parse, setup_cpu,
                     to_model_args)
-from model import Transformer
+from model import RMSNorm, Transformer
 
-SYSTEM = dict(cpu_matmul="ieee", malloc="keep", threads=2, head="fused")
+SYSTEM = dict(malloc="keep", threads=2, head="fused", norm="fused")
 
 
 def side(spec: str, rest: list[str]):
@@ -54,6 +56,7 @@ def side(spec: str, rest: list[str]):
     opt = torch.optim.AdamW([dict(params=decay, weight_decay=cfg["weight_decay"]),
                              dict(params=no_decay, weight_decay=0.0)], lr=cfg["lr"],
                             betas=(cfg["beta1"], cfg["beta2"]), fused=True)   # as train.py
+    sysset["cpu_matmul"] = cfg["cpu_matmul"]
     return sysset, model, opt, cfg, D.load_tokens(meta["train_bin"])
 
 
@@ -64,6 +67,7 @@ def apply(sysset):
         libc.mallopt(-3, 128 * 1024)   # glibc's initial M_MMAP_THRESHOLD and M_TRIM_THRESHOLD
         libc.mallopt(-1, 128 * 1024)
     torch.set_num_threads(sysset["threads"])
+    RMSNorm.fused_cpu = sysset["norm"] == "fused"
 
 
 def main(argv):

@@ -336,6 +336,20 @@ def test_fused_head_loss_equals_the_reference(monkeypatch):
     assert abs(losses["ce"].item() - M.cross_entropy(model.logits(model.trunk(x)), y).item()) < 1e-12
 
 
+def test_cpu_rms_norm_equals_the_reference():
+    # model.RMSNormCPU (hand-written backward) against F.rms_norm and autograd, float64, fresh random (B, T, D) input
+    # and weight, a random upstream gradient; 1e-12: the same maths in another order
+    from model import RMSNormCPU
+    x = torch.randn(3, 7, 48, dtype=torch.float64, requires_grad=True)
+    w = (1 + 0.3 * torch.randn(48, dtype=torch.float64)).requires_grad_()
+    g = torch.randn(3, 7, 48, dtype=torch.float64)
+    fast = RMSNormCPU.apply(x, w, 1e-6)
+    ref = F.rms_norm(x, (48,), w, 1e-6)
+    assert rel_err(fast, ref) < 1e-12
+    for a, b in zip(torch.autograd.grad((fast * g).sum(), (x, w)), torch.autograd.grad((ref * g).sum(), (x, w))):
+        assert rel_err(a, b) < 1e-12
+
+
 def test_bias_update_direction_and_only_in_training():
     model = tiny_model(dtype=torch.float32)
     moe = model.moe_layers()[0]
