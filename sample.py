@@ -16,9 +16,10 @@ Simplifications vs. the real thing:
   - speculation keeps every position's final hidden state per MTP depth ((D+1) x S x dim numbers, beside the
     latent cache) because the MTP modules read them; only the last ~2D positions are ever read again.
   - no sliding context: prompt + max_new_tokens must fit in max_seq_len (RoPE positions are absolute).
-  - decoding one sequence of a small model is bound by Python and kernel launches, so on a GPU each step is a
-    CUDA graph replay (Steps, --graphs=True): static shapes, the whole cache attended with a mask. No
-    torch.compile of the step (its kernels are not the bottleneck once the launches are gone).
+  - decoding one sequence of a small model is bound by Python and kernel launches, so on a GPU each whole step or
+    speculative round (sampling and acceptance included) is one CUDA graph replay (Steps, --graphs=True): static
+    shapes, the whole cache attended with a mask, tokens read back every READ_EVERY steps. No torch.compile of the
+    step: inside the graphs the time is now the number of small kernels, which compiling could fuse (not tried).
 
 Run: python sample.py --out_dir=out-small --prompt="ROMEO:" --max_new_tokens=300 [--speculative=True]
   (--prompt=FILE:path.txt reads the prompt from a file; the default prompt is <|endoftext|>, a new play)
