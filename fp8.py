@@ -68,6 +68,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import kernels
 
@@ -185,9 +186,21 @@ def fp8_gemm(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch.dt
 
 
 # ----------------------------------------------------------------------------------------------------------
-# FP8 weights, made once per optimizer step. A weight changes only in place (the optimizer step, a load), and
-# every in-place change bumps the tensor's version counter, so (version, address) keys a cache: the forward
-# of every micro-batch and the evaluation in between reuse one quantization, and the backward one transpose.
+# FP8 weights, made once per optimizer step: the forward of every micro-batch and the evaluation in between reuse
+# one quantization, and the backward one transpose. The cache must notice every change of a weight. In-place ops
+# bump a tensor's version counter (a load, `p.mul_()`, the compiled AdamWBF16 kernel), but torch's fused optimizers
+# (`torch.optim.AdamW(fused=True)`, what train.py uses on a GPU) write the parameters without bumping it -- keyed
+# on the version alone, the cache served the first step's FP8 weights for the whole run (the FP8 layers never
+# trained, and the GPU loss curve looked *better* than BF16's). So the key is (optimizer steps taken, version,
+# address): torch calls a global hook after every step() of any torch.optim.Optimizer, which counts the steps.
+_optimizer_steps = [0]
+
+
+@functools.cache
+def _count_optimizer_steps() -> None:
+    def bump(opt, args, kwargs):
+        _optimizer_steps[0] += 1
+    register_optimizer_step_post_hook(bump)  # registered once per process, at the first FP8 layer
 
 
 def _quant_stack(ws: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -203,9 +216,10 @@ class WeightCache:
 
     def __init__(self, quantize):
         self.quantize, self.key, self.fwd, self._bwd = quantize, None, None, None
+        _count_optimizer_steps()
 
     def get(self, weights: list[Tensor]) -> "WeightCache":
-        key = tuple((w._version, w.data_ptr()) for w in weights)
+        key = (_optimizer_steps[0], *((w._version, w.data_ptr()) for w in weights))
         if key != self.key:
             with torch.no_grad(), torch.autocast(weights[0].device.type, enabled=False):  # FP8 has no autocast
                 self.key, self.fwd, self._bwd = key, self.quantize(), None

@@ -34,6 +34,7 @@ Dimension legend (used in every shape comment):
   Cq q_lora_rank, Ckv kv_lora_rank (the latent c_kv that is cached)
   N tokens flattened (B*T), E routed experts, K active experts per token, G expert groups, I expert hidden
 """
+import contextlib
 import math
 from dataclasses import dataclass, fields
 from typing import Callable, NamedTuple
@@ -870,6 +871,31 @@ class Transformer(nn.Module):
         the losses run eagerly between them."""
         for block in [*self.layers, *(m.block for m in self.mtp)]:
             block.compile(**kwargs)
+
+    def warm_up_blocks(self, batch_size: int, seq_len: int, autocast=None):
+        """Run every Block (forward and backward) once on random activations of a training step's shape, under the
+        step's autocast: after compile_blocks, this compiles the graphs the first step would (train.py does it
+        while the data is prepared). It leaves no trace: the RNG states (dropout), the routers' token counts and
+        balance losses, and the gradients are put back as they were."""
+        dev = self.embed.weight.device
+        cuda = dev.type == "cuda"
+        rng = torch.get_rng_state(), torch.cuda.get_rng_state(dev) if cuda else None
+        loads, grads = [m.load.clone() for m in self.moe_layers()], {p: p.grad for p in self.parameters()}
+        self.zero_grad(set_to_none=True)
+        x = torch.randn(batch_size, seq_len, self.args.dim, device=dev, requires_grad=True)
+        freqs = self.rope_rows(0, seq_len)
+        with autocast or contextlib.nullcontext():   # each Block gets what the first step gives it: fp32, needs grad
+            outs = [blk(x, freqs, 0) for blk in [*self.layers, *(m.block for m in self.mtp)]]
+        sum(o.float().square().mean() for o in outs).backward()
+        for p, g in grads.items():
+            p.grad = g
+        for m, load in zip(self.moe_layers(), loads):
+            m.load.copy_(load)
+            m.balance_loss = None
+        torch.set_rng_state(rng[0])
+        if cuda:
+            torch.cuda.set_rng_state(rng[1], dev)
+            torch.cuda.synchronize(dev)
 
     def rollback_cache(self, start: int, end: int, depth: int = 0):
         """Forget cache positions start..end-1 of the main model's blocks (depth 0) or of MTP depth k. The cache

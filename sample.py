@@ -16,9 +16,10 @@ Simplifications vs. the real thing:
   - speculation keeps every position's final hidden state per MTP depth ((D+1) x S x dim numbers, beside the
     latent cache) because the MTP modules read them; only the last ~2D positions are ever read again.
   - no sliding context: prompt + max_new_tokens must fit in max_seq_len (RoPE positions are absolute).
-  - decoding one sequence of a small model is bound by Python and kernel launches, so on a GPU each step is a
-    CUDA graph replay (Steps, --graphs=True): static shapes, the whole cache attended with a mask. No
-    torch.compile of the step (its kernels are not the bottleneck once the launches are gone).
+  - decoding one sequence of a small model is bound by Python and kernel launches, so on a GPU each whole step or
+    speculative round (sampling and acceptance included) is one CUDA graph replay (Steps, --graphs=True): static
+    shapes, the whole cache attended with a mask, tokens read back every READ_EVERY steps. No torch.compile of the
+    step: inside the graphs the time is now the number of small kernels, which compiling could fuse (not tried).
 
 Run: python sample.py --out_dir=out-small --prompt="ROMEO:" --max_new_tokens=300 [--speculative=True]
   (--prompt=FILE:path.txt reads the prompt from a file; the default prompt is <|endoftext|>, a new play)
@@ -35,6 +36,9 @@ import torch
 
 from config import ConfigError, check_device, parse
 from model import ModelArgs, Transformer
+
+
+READ_EVERY = 16   # whole-step decoding (Steps.whole) reads the new tokens back once per this many steps or rounds
 
 
 class SampleError(ValueError):
@@ -64,7 +68,11 @@ def probs_from_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int
 
 
 def draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)          # (N, V) -> (N,)
+    """One token per row of probs (N, V) -> (N,): argmax of p / E with E ~ Exp(1), which picks x with probability
+    p(x) (the exponential race). It is what torch.multinomial(probs, 1) computes, draw for draw (the same noise
+    from the same generator), without the host read-back multinomial does to check its input, which a CUDA
+    graph cannot contain."""
+    return (probs / torch.empty_like(probs).exponential_(generator=gen)).argmax(-1)
 
 
 def accept_or_resample(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, gen: torch.Generator):
@@ -103,14 +111,18 @@ class Steps:
                 full max_seq_len, attended with a mask: MLA.write_cache_static); the reference for 'graphs';
       'graphs'  'static', captured once per (module, T) into a CUDA graph and replayed: one launch per step.
     A graph replays on the buffers it was captured with: inputs are copied into them, and the outputs it returns
-    are overwritten by its next replay (callers use or copy them before that)."""
+    are overwritten by its next replay (callers use or copy them before that).
+    whole=True (static modes): a WHOLE plain step or speculative round -- forwards, sampling, acceptance, position
+    update -- runs on the device (`step`, `round`) on persistent buffers (`bufs`: the sequence, the position, the
+    MTP states), so one graph replays it with no host work in between; generate reads the tokens back once
+    every READ_EVERY steps or rounds. whole=False keeps one graph per forward and a read-back per step."""
 
-    def __init__(self, model: Transformer, mode: str = "eager"):
+    def __init__(self, model: Transformer, mode: str = "eager", whole: bool = True):
         assert mode in ("eager", "static", "graphs"), mode
         if mode == "graphs" and not model.embed.weight.is_cuda:
             mode = "eager"   # CUDA graphs need a GPU (and without them static shapes buy nothing)
         self.model, self.mode, self.graphs, self.cache_len, self.cache = model, mode, {}, 0, None
-        self.dev = model.embed.weight.device
+        self.dev, self.whole, self.b = model.embed.weight.device, whole and mode != "eager", {}
 
     def reset(self, need: int) -> int:
         """A fresh (zeroed) cache for a sequence of `need` positions; returns its length. The static modes keep
@@ -178,6 +190,76 @@ class Steps:
         graph.replay()
         return out
 
+    # --- whole steps and rounds on the device: no host read inside, so a graph can hold all of it ----------
+
+    def bufs(self, D: int) -> dict:
+        """Persistent buffers of whole-step decoding with D draft depths (0: plain): seq (the tokens by position,
+        room for a round's overshoot), n (1,) the last position in the main cache, a (1,) drafts kept by the last
+        round, tried/acc (D,) per-depth counts, hid (D+1, 1, S, dim) every depth's states (as generate_speculative's)."""
+        if D not in self.b:   # kept for the Steps' life: the graphs hold their addresses
+            L, dev, w = self.model.args.max_seq_len, self.dev, self.model.embed.weight
+            z = lambda *shape: torch.zeros(shape, dtype=torch.long, device=dev)
+            self.b[D] = dict(D=D, seq=z(L + D + 2), n=z(1), a=z(1), tried=z(D), acc=z(D),
+                             ar=torch.arange(D + 2, device=dev), hid=w.new_zeros(D + 1, 1, L, w.size(1)) if D else None)
+        return self.b[D]
+
+    def step(self, b, sampling, gen):
+        """One plain step: the token at seq[n+1] goes in at position n+1, the next one is drawn into seq[n+2]."""
+        m = self.model
+        logits = m.logits(m.trunk(b["seq"][b["n"] + 1][None], b["n"] + 1))             # (1, 1, V)
+        b["seq"].index_copy_(0, b["n"] + 2, draw(probs_from_logits(logits[:, -1], *sampling), gen))
+        b["n"] += 1
+
+    def round(self, b, sampling, gen):
+        """One speculative round of generate_speculative with all D drafts, computed from device state only:
+        each MTP depth k re-runs the fixed window of positions n-D..n (it covers every slot the last round left
+        stale: valid[k] >= n-D; re-running valid ones rewrites the same values), so every shape is static."""
+        m, D = self.model, b["D"]
+        n, seq, hid, ar = b["n"], b["seq"], b["hid"], b["ar"]
+        win = n - D + ar[:D + 1]                                                        # (D+1,) positions n-D..n
+        drafts, qs = [], []
+        for k in range(1, D + 1):   # depth k at positions n-D..n reads x_{n-D+k}..x_{n+1}, then d_1..d_{k-1}
+            toks = torch.cat([seq[n - D + k + ar[:D + 2 - k]], *drafts])                # (D+1,)
+            logits_k, h_k = m.mtp_forward(k, hid[k - 1].index_select(1, win), toks[None], n - D)
+            hid[k].index_copy_(1, win, h_k)
+            qs.append(probs_from_logits(logits_k[:, -1], *sampling))                     # (1, V)
+            drafts.append(draw(qs[-1], gen))                                             # (1,)
+        h = m.trunk(torch.cat([seq[n + 1], *drafts])[None], n + 1)                      # (1, D+1, dim) verify
+        hid[0].index_copy_(1, n + 1 + ar[:D + 1], h)
+        p = probs_from_logits(m.logits(h)[0], *sampling)                                # (D+1, V)
+        ok, tok = accept_or_resample(p[:D], torch.cat(qs), torch.cat(drafts), gen)       # (D,), (D,)
+        a = ok.long().cumprod(0).sum(0, keepdim=True)                                   # (1,) drafts kept
+        seq.index_copy_(0, n + 2 + ar[:D + 1], torch.cat([tok, draw(p[D:], gen)]))       # committed: n+2..n+2+a
+        b["tried"] += ar[:D] <= a
+        b["acc"] += ar[:D] < a
+        b["a"].copy_(a)
+        n += 1 + a
+
+    def replay(self, fn, b, sampling, gen):
+        """Run fn (step or round) on the buffers: eagerly in 'static' mode; in 'graphs' mode the first call runs it
+        eagerly (on a side stream: library handles, workspaces) and then captures it, later calls replay."""
+        key = (fn.__name__, b["D"], tuple(sampling), gen)
+        if self.mode == "static" or key in self.graphs and self.graphs[key] is None:   # None: capture failed
+            return fn(b, sampling, gen)
+        if key in self.graphs:
+            return self.graphs[key].replay()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn(b, sampling, gen)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            if gen is not torch.cuda.default_generators[self.dev.index or 0]:
+                graph.register_generator_state(gen)   # replays draw fresh numbers from gen, as eager calls would
+            with torch.cuda.graph(graph):   # records only: the buffers are not changed by the capture
+                fn(b, sampling, gen)
+        except RuntimeError as e:
+            print(f"sample.py: CUDA graph capture failed ({str(e).splitlines()[0][:200]}); whole steps run eagerly",
+                  file=sys.stderr)
+            graph = None
+        self.graphs[key] = graph
+
 
 # -----------------------------------------------------------------------------
 # plain decoding: with the latent cache, or recomputing the whole prefix for every token
@@ -204,6 +286,22 @@ def generate(model, prompt: list[int], max_new_tokens: int, gen, temperature=1.0
     steps = steps or Steps(model)
     steps.reset(len(prompt) + max_new_tokens)
     logits = model.logits(steps.prefill(seq)[:, -1:])                         # (1, 1, V)
+    if steps.whole:   # every step on the device; the tokens come back READ_EVERY at a time
+        b, P = steps.bufs(0), len(prompt)
+        b["seq"][:P] = seq[0]
+        b["seq"][P:P + 1] = draw(probs_from_logits(logits[:, -1], temperature, top_k, top_p), gen)
+        b["n"].fill_(P - 1)
+        todo = 1
+        while True:
+            got = b["seq"][P + len(new):P + len(new) + todo].tolist()   # the one read-back per READ_EVERY steps
+            new += got
+            for t in got if on_token else ():
+                on_token(t)
+            if len(new) == max_new_tokens:
+                return new, dict(forwards=max_new_tokens)
+            todo = min(READ_EVERY, max_new_tokens - len(new))
+            for _ in range(todo):
+                steps.replay(steps.step, b, (temperature, top_k, top_p), gen)
     while True:
         tok = draw(probs_from_logits(logits[:, -1], temperature, top_k, top_p), gen)  # (1,)
         new.append(tok.item())
@@ -242,7 +340,8 @@ def generate_speculative(model, prompt: list[int], max_new_tokens: int, gen, tem
     # cache length: room for the last round's drafts (never more than max_seq_len positions)
     L = min(P + max_new_tokens + D, model.args.max_seq_len)
     steps.reset(L)
-    hid = model.embed.weight.new_zeros(D + 1, 1, L, model.args.dim)  # h_{k,j}: depth k's state at position j (k=0: main)
+    b = steps.bufs(D) if steps.whole else None   # whole rounds on the device share hid with the rounds below
+    hid = b["hid"] if b else model.embed.weight.new_zeros(D + 1, 1, L, model.args.dim)  # h_{k,j}: depth k, position j
 
     h = steps.prefill(torch.tensor([prompt], device=dev))      # prefill: (1, P, D) final-normed states
     logits = model.logits(h[:, -1:])                           # (1, 1, V)
@@ -254,6 +353,26 @@ def generate_speculative(model, prompt: list[int], max_new_tokens: int, gen, tem
     valid = [0] * (D + 1)     # valid[k]: leading slots of MTP depth k's cache (and hid[k]) built from committed tokens
     tried, accepted, forwards = [0] * (D + 1), [0] * (D + 1), 1
     while len(seq) - P < max_new_tokens:
+        # whole rounds (Steps.round: all D drafts, the MTP window n-D..n) while R of them fit in max_new_tokens
+        # and the cache, whatever they accept (1..D+1 tokens each); then one read-back
+        R = min(READ_EVERY, (min(max_new_tokens - 1 - D, L - P - D) - (len(seq) - P)) // (D + 1) + 1)
+        if b and R > 0 and n >= D and min(valid[1:]) >= n - D:
+            b["seq"][:len(seq)] = torch.tensor(seq)
+            b["n"].fill_(n)
+            for x in (b["tried"], b["acc"]):
+                x.zero_()
+            for _ in range(R):
+                steps.replay(steps.round, b, sampling, gen)
+            out = torch.cat([b["n"], b["a"], b["tried"], b["acc"], b["seq"][len(seq):len(seq) + R * (D + 1)]]).tolist()
+            n2, a = out[:2]
+            tried = [0] + [x + y for x, y in zip(tried[1:], out[2:2 + D])]
+            accepted = [0] + [x + y for x, y in zip(accepted[1:], out[2 + D:2 + 2 * D])]
+            valid = [0] + [min(n2 - a, n2 + 1 - k) for k in range(1, D + 1)]   # as step 4 below, for the last round
+            new = out[2 + 2 * D:2 + 2 * D + n2 - n]
+            n, seq, forwards = n2, seq + new, forwards + R
+            for t in new if on_token else ():
+                on_token(t)
+            continue
         # never draft past max_new_tokens or the cache: the round writes main positions n+1..n+1+d
         d = min(D, max_new_tokens - (len(seq) - P) - 1, L - n - 2)
         # 1. draft, depth by depth; depth k first catches up on slots valid[k]..n-1 in the same chunk. The drafts

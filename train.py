@@ -41,6 +41,7 @@ from config import (MODEL_DEFAULTS, PRESETS, TRAIN_DEFAULTS, budget_horizon, che
 from model import Transformer
 from sample import generate
 
+T_IMPORTS = time.time()
 # -----------------------------------------------------------------------------
 # config: defaults and presets live in config.py; --config NAME picks a preset, --key=value overrides any field
 
@@ -125,11 +126,38 @@ else:   # malloc keeps freed memory (vocabulary-wide tensors are not page-faulte
         fail(str(e))
 
 # -----------------------------------------------------------------------------
-# data
+# data; on one process with compiled Blocks it is prepared in a forked child while this process builds the model
+# and compiles the Blocks (the first step would compile them anyway): start-up takes the longer of the two
 
+
+def build_model(args):
+    torch.manual_seed(cfg["seed"])   # the weights are the first draw after seeding, whenever they are built
+    with torch.device(device):   # drawn where it trains: on a GPU, seconds instead of the CPU's minute for 600M
+        return Transformer(args)
+
+
+model, startup = None, {"imports": T_IMPORTS - T_LAUNCH}
 try:
     cache = os.path.expanduser(cfg["data_cache"]) if cfg["data_cache"] else data.CACHE_DIR
-    meta = data.prepare(cfg["data"], cfg["vocab_size"], cache) if master else None
+    if cfg["compile"] and device_type == "cuda" and not ddp and not cfg["fp8"]:
+        import concurrent.futures
+        import multiprocessing
+        # fork: the child inherits the imports and needs no CUDA (this process has not started CUDA yet)
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("fork")) as pool:
+            t0 = time.time()
+            pending = pool.submit(data.prepare, cfg["data"], cfg["vocab_size"], cache)
+            model = build_model(model_args)
+            startup["model"] = time.time() - t0
+            if not (pending.done() and pending.exception()):   # bad input fails at once, without the compile
+                model.compile_blocks()
+                model.warm_up_blocks(cfg["batch_size"], cfg["seq_len"], autocast)
+            startup["compile (data prepared meanwhile)"] = time.time() - t0 - startup["model"]
+            meta = pending.result()
+            startup["waiting for the data"] = time.time() - t0 - sum(list(startup.values())[1:])
+    else:
+        t0 = time.time()
+        meta = data.prepare(cfg["data"], cfg["vocab_size"], cache) if master else None
+        startup["data"] = time.time() - t0
     if ddp:   # rank 0 prepares (and caches); the others read the cache
         obj = [meta]
         dist.broadcast_object_list(obj, src=0)
@@ -153,9 +181,10 @@ train_data, val_data = data.load_tokens(meta["train_bin"]), data.load_tokens(met
 # -----------------------------------------------------------------------------
 # model and optimizer
 
-# built where it trains: on a GPU the weights are drawn there (seconds, not the CPU's minute for 600M parameters)
-with torch.device(device):
-    model = Transformer(model_args)
+if model is None or model.embed.num_embeddings != model_args.vocab_size:   # (a tokenizer that stopped early)
+    t0 = time.time()
+    model = build_model(model_args)
+    startup["model"] = time.time() - t0
 if cfg["fp8"]:
     from fp8 import convert_to_fp8
     convert_to_fp8(model, experts=cfg["fp8_experts"])   # Fprop/Dgrad/Wgrad of the blocks' Linears in FP8 (§3.3)
@@ -206,8 +235,8 @@ if cfg["resume"]:
         train_gen.set_state(ckpt["rng"]["data"])
         if device_type == "cuda" and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
-if cfg["compile"]:   # regional: each Block compiled once and reused by every layer of its kind (model.py)
-    model.compile_blocks()
+if cfg["compile"] and "compile (data prepared meanwhile)" not in startup:   # (the warm-up above compiled them)
+    model.compile_blocks()   # regional: each Block compiled once and reused by every layer of its kind (model.py)
 step_model = dp_model   # DDP over the dense replicas on ranks, else the model itself
 
 
@@ -387,6 +416,7 @@ if cfg["time_budget"]:
              f"final eval/sample/checkpoint needs ~{end_s:.1f} s (--time_budget=0: train max_iters steps, untimed)")
 bar = tqdm(total=horizon, initial=step, disable=not master, dynamic_ncols=True, mininterval=1.0)
 window, t_window, first_step = [], time.time(), step
+t_loop = t_window
 while step < horizon and not stop_now():
     loss = train_step(step, horizon)
     window.append(loss)
@@ -401,6 +431,8 @@ while step < horizon and not stop_now():
             tqdm.write(f"first step: {time.time() - t_window:.1f} s (compilation included), "
                        f"{time.time() - T_LAUNCH:.1f} s after launch; optimizer state {state.item() / 2**20:.2f} MiB "
                        f"on the fullest rank{' (ZeRO-1: sharded over each replica group)' if ddp and cfg['zero'] else ''}")
+            tqdm.write("start-up: " + ", ".join(f"{k} {v:.1f} s" for k, v in startup.items()) +
+                       f"; the first step began {t_loop - T_LAUNCH:.1f} s after launch")
     if step % cfg["log_interval"] == 0 or step % cfg["eval_interval"] == 0 or step >= horizon:
         losses = torch.stack(window).cpu()   # one host sync per log interval, not per step
         bad = (~torch.isfinite(losses)).nonzero()

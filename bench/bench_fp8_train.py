@@ -12,10 +12,13 @@ same batches, so their gap is what a different initialization alone moves the lo
 Run:  python bench/bench_fp8_train.py --config gpu --steps=300
       python bench/bench_fp8_train.py --config v3-width --steps=30 --runs=bf16,fp8 --profile=fp8
 Options: --steps, --last (steps the loss gap averages over; default: the last 20%), --compile (default: the
-preset's), --runs (any of bf16, bf16-seed2, fp8, in order; fp8-adamw (FP8 layers, torch's AdamW with FP32
-moments) and bf16-adamwbf16 (BF16 layers, AdamWBF16) tell the layers' effect from the optimizer's), --profile=RUN (one step of that run under
-torch.profiler: the ops with the most GPU time), --out=FILE.json (every run's per-step losses and times),
-and any train.py key (e.g. --batch_size=4).
+preset's), --runs (any of bf16, bf16-seed2, fp8, in order; fp8-adamw (FP8 layers, torch's AdamW with FP32 moments)
+and bf16-adamwbf16 (BF16 layers, AdamWBF16) tell the layers' effect from the optimizer's), --seeds=N (every run
+once for each of the seeds --seed, --seed+1, ..., --seed+N-1, weights and batches drawn from it; prints each run's
+signed gap to the BF16 run of its own seed, their mean and standard deviation, and BF16's own spread across the
+seeds: on the gpu preset single pairs of 300-step runs differed by up to 15% either way, README), --profile=RUN
+(one step of that run under torch.profiler: the ops with the most GPU time), --out=FILE.json (every run's per-step
+losses and times), and any train.py key (e.g. --batch_size=4).
 Timings: median step time over the steps after the first 3 (each step ends with a device sync), tokens/s from
 that; MFU counts activated parameters + attention (model.flops_per_token) against the dense BF16 peak, for FP8
 runs too, so the two MFU columns compare like the step times do.
@@ -36,7 +39,7 @@ import fp8  # noqa: E402
 from config import MODEL_DEFAULTS, PRESETS, TRAIN_DEFAULTS, die, lr_at, parse_or_exit, to_model_args  # noqa: E402
 from model import Transformer  # noqa: E402
 
-BENCH_DEFAULTS = dict(steps=300, last=0, runs="bf16,bf16-seed2,fp8", profile="", out="", seed2=4242)
+BENCH_DEFAULTS = dict(steps=300, last=0, runs="bf16,bf16-seed2,fp8", profile="", out="", seed2=4242, seeds=1)
 RUNS = ("bf16", "bf16-seed2", "fp8", "fp8-adamw", "bf16-adamwbf16")
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense BF16 FLOP/s per GPU, train.py's MFU denominator
 
@@ -117,10 +120,26 @@ def run(cfg: dict, tag: str, device: str, profile: bool) -> dict:
     return res
 
 
-def rel_gap(a: list[float], b: list[float], last: int) -> float:
-    """|mean(a) − mean(b)| / mean(b) over the last `last` steps."""
+def rel_gap(a: list[float], b: list[float], last: int, signed: bool = False) -> float:
+    """(mean(a) − mean(b)) / mean(b) over the last `last` steps, its absolute value unless signed."""
     ma, mb = statistics.mean(a[-last:]), statistics.mean(b[-last:])
-    return abs(ma - mb) / mb
+    return (ma - mb) / mb if signed else abs(ma - mb) / mb
+
+
+def seed_summary(res: dict, last: int) -> list[str]:
+    """Lines: for each run but BF16, its signed gap to the BF16 run of the same seed, per seed, mean and standard
+    deviation; and BF16's own spread across the seeds (their standard deviation over their mean)."""
+    seeds = sorted({s for _, s in res})
+    bf = [statistics.mean(res["bf16", s]["losses"][-last:]) for s in seeds]
+    lines = [f"BF16 across seeds {', '.join(map(str, seeds))}: losses {', '.join(f'{b:.4f}' for b in bf)}; "
+             f"spread (sd / mean) {100 * statistics.stdev(bf) / statistics.mean(bf):.2f}%"]
+    for tag in dict.fromkeys(t for t, _ in res):
+        if tag != "bf16":
+            g = [100 * rel_gap(res[tag, s]["losses"], res["bf16", s]["losses"], last, signed=True) for s in seeds]
+            lines.append(f"{tag} vs BF16 of the same seed: {', '.join(f'{x:+.2f}%' for x in g)}; "
+                         f"mean {statistics.mean(g):+.2f}%, sd {statistics.stdev(g):.2f}% "
+                         f"(standard error of the mean {statistics.stdev(g) / len(g) ** 0.5:.2f}%)")
+    return lines
 
 
 def main():
@@ -134,6 +153,9 @@ def main():
         die("bench_fp8_train.py", f"--runs takes {', '.join(RUNS)}; got {cfg['runs']!r}")
     if cfg["steps"] < 1 or cfg["last"] < 0:
         die("bench_fp8_train.py", f"--steps must be >= 1 and --last >= 0, got {cfg['steps']} and {cfg['last']}")
+    if cfg["seeds"] < 1:
+        die("bench_fp8_train.py", f"--seeds must be >= 1, got {cfg['seeds']}")
+    seeds = [cfg["seed"] + i for i in range(cfg["seeds"])]
     cfg["max_iters"] = cfg["steps"]  # the LR schedule (warm-up, constant, decay) spans the benchmark
     last = cfg["last"] or max(1, cfg["steps"] // 5)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -143,32 +165,37 @@ def main():
     print(f"# {cmd}\n{name}, torch {torch.__version__}, {datetime.date.today()}; "
           f"preset {cfg['config']}, {cfg['steps']} steps of {cfg['batch_size'] * cfg['seq_len'] * cfg['grad_accum']:,} "
           f"tokens, compile={cfg['compile']}\n", flush=True)
-    res = {t: run(cfg, t, device, t in cfg["profile"].split(",")) for t in tags}
+    res = {(t, s): run(dict(cfg, seed=s), t, device, t in cfg["profile"].split(",")) for s in seeds for t in tags}
     n = next(iter(res.values()))["params"]
     print(f"\nparameters: {n['total'] / 1e9:.2f}B total, {n['activated'] / 1e9:.2f}B activated "
           f"(+{n['mtp'] / 1e9:.2f}B MTP, {n['mtp_activated'] / 1e9:.2f}B activated)\n")
     for r in res.values():
         if r["profile"]:
             print(f"one {r['tag']} step under torch.profiler (step 6):\n\n```\n{r['profile']}\n```\n")
-    base = res.get("bf16")
-    print("| run | ms/step | tokens/s | MFU | peak memory | first step | vs BF16 speed | "
+    print("| run | seed | ms/step | tokens/s | MFU | peak memory | first step | vs BF16 speed | "
           f"loss, mean of last {last} | loss gap vs BF16 |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in res.values():
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for (tag, seed), r in res.items():
+        base = res.get(("bf16", seed))
         speed = f"{r['tok_s'] / base['tok_s']:.2f}x" if base else "-"
         gap = f"{100 * rel_gap(r['losses'], base['losses'], last):.3f}%" if base and r is not base else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
-        print(f"| {r['tag']} | {r['ms']:.0f} | {r['tok_s']:,.0f} | {mfu} | {r['peak_gib']:.1f} GiB | "
+        print(f"| {tag} | {seed} | {r['ms']:.0f} | {r['tok_s']:,.0f} | {mfu} | {r['peak_gib']:.1f} GiB | "
               f"{r['first_s']:.1f} s | {speed} | {statistics.mean(r['losses'][-last:]):.4f} | {gap} |")
-    if base and "fp8" in res and "bf16-seed2" in res:
-        g8, gs = rel_gap(res["fp8"]["losses"], base["losses"], last), rel_gap(res["bf16-seed2"]["losses"], base["losses"], last)
+    one = {t: r for (t, s), r in res.items() if s == seeds[0]}
+    if "bf16" in one and "fp8" in one and "bf16-seed2" in one:
+        g8 = rel_gap(one["fp8"]["losses"], one["bf16"]["losses"], last)
+        gs = rel_gap(one["bf16-seed2"]["losses"], one["bf16"]["losses"], last)
         print(f"\nFP8 vs BF16 loss gap {100 * g8:.3f}% (paper: < 0.25%); BF16 seed spread {100 * gs:.3f}%: "
               f"FP8 is {'within' if g8 <= max(gs, 0.0025) else 'OUTSIDE'} max(0.25%, seed spread)")
+    if len(seeds) > 1 and "bf16" in tags:
+        print("\n" + "\n".join(seed_summary(res, last)))
     if cfg["out"]:
         with open(cfg["out"], "w") as f:
             json.dump(dict(command=cmd, device=name, torch=torch.__version__,
                            date=str(datetime.date.today()), cfg=cfg,
-                           runs={t: {k: v for k, v in r.items() if k != "profile"} for t, r in res.items()}), f)
+                           runs={f"{t}/seed{sd}": {k: v for k, v in r.items() if k != "profile"}
+                                 for (t, sd), r in res.items()}), f)
 
 
 if __name__ == "__main__":

@@ -92,7 +92,9 @@ def main(argv):
     sampling = dict(temperature=c["temperature"], top_k=0, top_p=1.0)
     gen = torch.Generator(device=device)
 
-    graphed = sample.Steps(model, "graphs")   # captured on its first use (the warm-up run), replayed after
+    # captured on their first use (the warm-up run), replayed after: one graph per forward and a read-back per
+    # token, or one graph per whole step / speculative round and a read-back per sample.READ_EVERY of them
+    per_forward, graphed = sample.Steps(model, "graphs", whole=False), sample.Steps(model, "graphs")
 
     def run(spec=False, cache=True, impl="absorb", steps=None):
         model.set_impl(attn=impl)
@@ -111,8 +113,10 @@ def main(argv):
     if c["eager_all"] or graphed.mode != "graphs":
         paths["speculative (MTP draft), absorb"] = lambda: run(spec=True)
     if graphed.mode == "graphs":
-        paths["CUDA graphs, absorb"] = lambda: run(steps=graphed)
-        paths["CUDA graphs, speculative, absorb"] = lambda: run(spec=True, steps=graphed)
+        paths["CUDA graph per forward, absorb"] = lambda: run(steps=per_forward)
+        paths["CUDA graph per forward, speculative"] = lambda: run(spec=True, steps=per_forward)
+        paths["CUDA graph per step, absorb"] = lambda: run(steps=graphed)
+        paths["CUDA graph per round, speculative"] = lambda: run(spec=True, steps=graphed)
     results = time_paths(paths, device, c["repeats"])
     N = c["new_tokens"]
     base_wall, base_cpu, (base_tokens, _) = results["latent cache, absorb"]
@@ -125,7 +129,7 @@ def main(argv):
         print(f"| {label} | {N / wall:.1f} | {base_wall / wall:.2f}x |{f' {N / cpu:.1f} |' if cpu_col else ''} "
               f"{st['forwards'] / len(tokens):.2f} | {same} |")
     spec = "speculative (MTP draft), absorb" if "speculative (MTP draft), absorb" in results else \
-        "CUDA graphs, speculative, absorb"
+        "CUDA graph per round, speculative"
     st = results[spec][2][1]
     rates = ", ".join(f"depth {k}: {y}/{x} = {y / max(x, 1):.1%}" for k, (x, y) in enumerate(zip(st["tried"], st["accepted"]), 1))
     note = "" if c["out_dir"] else "  (random weights: meaningless, the MTP module has learnt nothing)"

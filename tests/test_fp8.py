@@ -359,6 +359,32 @@ def test_weights_are_quantized_once_per_change():
         fp8._quant_stack = orig
 
 
+def test_weights_are_quantized_again_after_a_fused_optimizer_step():
+    # torch's fused AdamW (train.py's optimizer on a GPU; CPU has it too) writes the parameters without bumping
+    # their version counters: a cache keyed on the version alone kept the first step's FP8 weights for the whole
+    # run. After each step the FP8 model must compute exactly what a freshly converted copy of its weights does.
+    cases = [("emulated", "cpu")]
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0):
+        cases.append(("hopper", "cuda"))
+    for backend, device in cases:
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = Transformer(tiny_args(dim=256, inter_dim=256, moe_inter_dim=128))
+        fp8.convert_to_fp8(model, backend=backend)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+        tok = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(15)).to(device)
+        for _ in range(2):
+            model(tok, tok)[1]["loss"].backward()
+            opt.step()
+            opt.zero_grad()
+            fresh = copy.deepcopy(model)  # the same weights, empty caches
+            for m in fresh.modules():
+                if hasattr(m, "wc"):
+                    m.wc.key = None
+            with torch.no_grad():
+                assert torch.equal(model(tok).logits, fresh(tok).logits), backend
+
+
 # --- converting the model ---------------------------------------------------------------------------------
 
 def test_convert_to_fp8_swaps_exactly_the_paper_layers():

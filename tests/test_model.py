@@ -3,6 +3,7 @@
 Equivalence tests run in float64 so that "same maths, different order" differences are ~1e-12 and a
 tolerance of 1e-9 (relative norm error) can only be broken by a real bug, not by rounding.
 """
+import copy
 import math
 
 import pytest
@@ -511,3 +512,25 @@ def test_mtp_chain_matches_equations_21_to_23():
         assert rel_err(logits, logits_ref) < 1e-9, f"depth {k}: MTP logits differ from eqs. (21)-(23)"
         ce = F.cross_entropy(logits_ref.flatten(0, 1), y[:, k:].flatten(), ignore_index=-1)
         assert math.isclose(losses["mtp_k"][k - 1].item(), ce.item(), rel_tol=1e-9), f"depth {k}: training loss"
+
+
+def test_warm_up_blocks_leaves_no_trace():
+    # train.py runs it (to compile the Blocks) before the first step: that step must then be exactly the step of a
+    # model that never ran it -- same dropout draws, router loads, balance losses and gradients
+    torch.manual_seed(0)
+    model = Transformer(tiny_args(dropout=0.2, n_mtp_depth=1))
+    twin = copy.deepcopy(model)
+    x = torch.randint(0, model.args.vocab_size, (2, 12))
+    loss = {}
+    for m in (model, twin):
+        torch.manual_seed(7)
+        if m is model:
+            model.warm_up_blocks(2, 12)
+            model.warm_up_blocks(3, 5)
+        loss[m] = m(x, x.roll(-1, 1)).losses["loss"]
+        loss[m].backward()
+    assert loss[model].item() == loss[twin].item()
+    for a, b in zip(model.moe_layers(), twin.moe_layers()):
+        assert a.load.sum() > 0 and torch.equal(a.load, b.load)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad)), name

@@ -290,6 +290,32 @@ def test_static_steps_decode_the_same_tokens(trained, temperature=0.8):
     assert steps.cache_len == trained.args.max_seq_len
 
 
+@pytest.mark.parametrize("which", ["trained", "untrained"])
+def test_whole_rounds_on_the_device_equal_the_host_loop(trained, which, monkeypatch):
+    # Steps(whole=True) runs each plain step / speculative round on device buffers (the MTP window n-D..n, the
+    # acceptance, the position update: what one CUDA graph replays) and reads back every READ_EVERY of them:
+    # the same tokens AND the same acceptance counts, cache length and MTP validity as the host loop, greedy
+    # (then equal to plain greedy decoding) and sampled; near the end of the cache (prompt 100 of max_seq_len 128)
+    # and of max_new_tokens it must hand over to the host loop's shorter rounds
+    monkeypatch.setattr(sample, "READ_EVERY", 5)   # several read-backs per sequence
+    model = trained if which == "trained" else untrained()
+    whole = sample.Steps(model, "static")
+    for prompt, n_new in (([5, 6, 7, 8, 9, 1, 2], 45), ([3, 1, 4, 1, 5, 9, 2, 6] * 12 + [1, 2, 3, 4], 28)):
+        for temperature in (0.0, 0.8):
+            plain, _ = sample.generate(model, prompt, n_new, gen(2), temperature=temperature)
+            assert sample.generate(model, prompt, n_new, gen(2), temperature=temperature, steps=whole)[0] == plain
+            for depth in (1, 2):
+                ref, st_ref = sample.generate_speculative(model, prompt, n_new, gen(2), temperature=temperature,
+                                                          depth=depth)
+                got, st = sample.generate_speculative(model, prompt, n_new, gen(2), temperature=temperature,
+                                                      depth=depth, steps=whole)
+                assert got == ref and st == st_ref, (depth, temperature, st, st_ref)
+                assert temperature or got == plain
+                assert whole.b[depth]["tried"].sum() > 0, "no round ran on the device"
+    if which == "untrained":
+        assert st["accepted"][0] < st["tried"][0], f"an untrained draft must get rejected sometimes: {st}"
+
+
 def test_speculative_decoding_with_bf16_parameters(trained):
     # sample.py casts the parameters to bf16 (buffers stay fp32): the MTP block must take the embedding's dtype
     model = copy.deepcopy(trained)
@@ -300,18 +326,22 @@ def test_speculative_decoding_with_bf16_parameters(trained):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_cuda_graph_steps_equal_static_steps(trained):
+@pytest.mark.parametrize("whole", [True, False])
+def test_cuda_graph_steps_equal_static_steps(trained, whole):
+    # whole=True: one graph per plain step / speculative round, the generator's draws inside it; False: one per forward
     model = copy.deepcopy(trained).cuda()   # bf16 parameters, as sample.py loads them (CUDA's _grouped_mm is bf16)
     for p in model.parameters():
         p.data = p.data.bfloat16()
     prompt = [5, 6, 7, 8, 9, 1, 2]
     g = lambda: torch.Generator(device="cuda").manual_seed(1)
-    static, _ = sample.generate(model, prompt, 40, g(), temperature=0.8, steps=sample.Steps(model, "static"))
-    graphed = sample.Steps(model, "graphs")
-    for _ in range(2):
-        out, _ = sample.generate(model, prompt, 40, g(), temperature=0.8, steps=graphed)
-        assert out == static
-        spec, _ = sample.generate_speculative(model, prompt, 40, g(), temperature=0.8, steps=graphed)
-        ref, _ = sample.generate_speculative(model, prompt, 40, g(), temperature=0.8, steps=sample.Steps(model, "static"))
-        assert spec == ref
+    static = sample.Steps(model, "static", whole)
+    plain, _ = sample.generate(model, prompt, 40, g(), temperature=0.8, steps=static)
+    ref, st_ref = sample.generate_speculative(model, prompt, 40, g(), temperature=0.8, steps=static)
+    graphed = sample.Steps(model, "graphs", whole)
+    for _ in range(2):   # the first run captures, the second replays
+        assert sample.generate(model, prompt, 40, g(), temperature=0.8, steps=graphed)[0] == plain
+        spec, st = sample.generate_speculative(model, prompt, 40, g(), temperature=0.8, steps=graphed)
+        assert spec == ref and st == st_ref
     assert graphed.mode == "graphs" and graphed.graphs, "capture failed or nothing was captured"
+    assert all(v is not None for v in graphed.graphs.values()), "a capture failed"
+    assert whole == any(k[0] == "round" for k in graphed.graphs)

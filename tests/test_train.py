@@ -431,3 +431,23 @@ def test_sweep_checks_every_run_before_starting_any(tmp_path):
                         "--run=--dropout=0.1", "--run=--dropuot=0.2"], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "unknown option --dropuot" in p.stderr, p.stderr
     assert not (tmp_path / "sw").exists()
+
+
+def test_bench_fp8_train_repeats_runs_over_seeds_and_summarizes_the_gaps():
+    # bench/bench_fp8_train.py --seeds=2: every run once per seed, and the summary's signed gaps are each FP8 run's
+    # loss against the BF16 run of its own seed (the table's numbers), so one unlucky pair cannot decide the verdict
+    p = subprocess.run([sys.executable, "bench/bench_fp8_train.py", "--config=small", "--device=cpu", *TINY,
+                        "--steps=3", "--seeds=2", "--runs=bf16,fp8-adamw", "--compile=False"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = [l.split(" | ") for l in p.stdout.splitlines() if l.startswith("| bf16 |") or l.startswith("| fp8-adamw |")]
+    loss = {(r[0].strip("| "), int(r[1])): float(r[8]) for r in rows}
+    assert sorted(loss) == [("bf16", 1337), ("bf16", 1338), ("fp8-adamw", 1337), ("fp8-adamw", 1338)]
+    assert loss["bf16", 1337] != loss["bf16", 1338]  # the seed really changes the run
+    line = next(l for l in p.stdout.splitlines() if l.startswith("fp8-adamw vs BF16 of the same seed:"))
+    gaps = [float(g.strip(" %")) for g in line.split(":")[1].split(";")[0].split(",")]
+    want = [100 * (loss["fp8-adamw", s] - loss["bf16", s]) / loss["bf16", s] for s in (1337, 1338)]
+    assert all(abs(g - w) < 0.01 for g, w in zip(gaps, want)), (gaps, want)
+    bad = subprocess.run([sys.executable, "bench/bench_fp8_train.py", "--config=small", "--device=cpu", "--seeds=0"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--seeds must be >= 1" in bad.stderr
