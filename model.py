@@ -817,9 +817,10 @@ class Transformer(nn.Module):
     def head_loss(self, h: torch.Tensor, targets: torch.Tensor, keep_logits: bool = True):
         """final-normed hidden states (B, T, D) and targets (B, T) -> (logits (B, T, V) or None, mean CE): the
         reference is `logits` then `cross_entropy`; eager CPU fp32/fp64 (no autocast, a plain nn.Linear head) takes
-        HeadCrossEntropy, the same numbers chunk by chunk (measured: README "Small preset")."""
+        HeadCrossEntropy, the same numbers chunk by chunk (measured: README "Small preset"), unless the head has hooks."""
+        # a head with hooks runs as the module: dualpipe.py's zero-bubble split defers its dW through them
         fused = self.fused_head and h.device.type == "cpu" and not torch.compiler.is_compiling() \
-            and type(self.head) is nn.Linear \
+            and type(self.head) is nn.Linear and not (self.head._forward_hooks or self.head._forward_pre_hooks) \
             and not torch.is_autocast_enabled("cpu") and h.dtype == self.head.weight.dtype in (torch.float32, torch.float64)
         if not fused:
             logits = self.logits(h)

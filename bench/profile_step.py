@@ -52,7 +52,13 @@ def label_modules(model: Transformer):
         mod.register_forward_hook(leave)
 
     hook(model.embed, "## embedding")
-    hook(model.head, "## head + loss")
+    # the head and its loss: Transformer.head_loss (a hook on model.head would send it down the unfused path)
+    head_loss = model.head_loss
+
+    def labelled_head_loss(*a, **kw):
+        with record_function("## head + loss"):
+            return head_loss(*a, **kw)
+    model.head_loss = labelled_head_loss
     hook(model.norm, "## norms")
     # MTP: from the first module's forward to the end of Transformer.forward, so its head and loss count too
     mtp_open = []

@@ -403,6 +403,20 @@ def test_profile_step_attributes_the_whole_step():
     assert abs(sum(parts) - float(rows["step"][4])) < 0.02 * float(rows["step"][4]) + 0.5, (sum(parts), rows["step"])
 
 
+def test_ab_step_times_both_sides_and_refuses_bad_settings():
+    # bench/ab_step.py on the tiny model: both sides time their steps (reference vs fused head and norm, ieee vs bf16
+    # matmuls) and the ratio is theirs; an unknown setting value is one line and exit 2
+    cmd = [sys.executable, "bench/ab_step.py", "--config", "small", *TINY, "--steps=2", "--warmup=1"]
+    p = subprocess.run([*cmd, "--a=head=reference,norm=reference,threads=1,cpu_matmul=ieee",
+                        "--b=threads=1,cpu_matmul=bf16"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    ms = [float(l.split("median ")[1].split(" ms")[0]) for l in p.stdout.splitlines() if l.startswith(("A [", "B ["))]
+    ratio = float(p.stdout.split("B/A = ")[1].split(";")[0])
+    assert len(ms) == 2 and min(ms) > 0 and abs(ratio - ms[1] / ms[0]) < 0.01 * ratio, p.stdout   # printed rounded
+    bad = subprocess.run([*cmd, "--a=malloc=huge"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("ab_step.py: error: malloc"), bad.stderr
+
+
 def test_sweep_runs_side_by_side_and_tabulates_their_evals(tmp_path, capsys):
     # bench/sweep.py: two train.py processes at once; the table's best and final val bpb are each run's own evals
     sys.path.insert(0, os.path.join(ROOT, "bench"))
