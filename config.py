@@ -66,10 +66,11 @@ PRESETS = {
     # caps it). Retuned 2026-12-02 (README "Small preset"): in what 290 s buy at 2 threads, vocab 4096 x 675 steps
     # reached 2.082 bits/byte, vocab 2048 x 770 steps 2.117, 8 x 128 tokens x 1010 steps (vocab 4096) 2.134; bf16
     # autocast was 0.021 worse at equal steps and no faster at 2 threads. init_std 0.02, not the paper's 0.006
-    # (tuned for d=7168): at d=128, 300 steps reach 2.283 vs 2.391 bpb
+    # (tuned for d=7168): at d=128, 300 steps reach 2.283 vs 2.391 bpb. Exact fp32 matmuls (cpu_matmul 'ieee'):
+    # at 2 threads 'bf16' made the whole step 1.21-1.35x slower (bench/ab_step.py, 2026-12-02), though it speeds
+    # the head's matmuls 2.5-3x at one thread
     "small": dict(
         out_dir="out-small", time_budget=290.0, max_iters=3000, eval_interval=250, eval_iters=20, vocab_size=4096,
-        cpu_matmul="bf16",
         batch_size=16, seq_len=128, lr=3e-3, min_lr=3e-5, warmup_iters=50, decay_frac=0.6,
         dim=128, inter_dim=384, moe_inter_dim=96, n_layers=4, n_dense_layers=1, n_heads=4,
         n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, n_expert_groups=4, n_limited_groups=2,
