@@ -48,8 +48,9 @@ TRAIN_DEFAULTS = dict(
     # system
     device="auto", dtype="auto", compile=False, fp8=False, seed=1337,
     # CPU float32 matmuls: 'ieee' exact fp32; 'bf16' rounds their inputs to bf16 and accumulates in fp32 (oneDNN,
-    # AMX/AVX512-BF16: ~3x faster), every tensor, gradient and optimizer state stays fp32 (TF32's CPU cousin;
-    # unlike --dtype=bfloat16, which makes activations and their gradients bf16). Ignored on a GPU.
+    # AMX/AVX512-BF16: the head's GEMMs 2.5-3x faster at one thread, a whole small-preset step slower at two); every
+    # tensor, gradient and optimizer state stays fp32 (TF32's CPU cousin; unlike --dtype=bfloat16, which makes
+    # activations and their gradients bf16). Ignored on a GPU.
     cpu_matmul="ieee",
     fp8_experts=True,   # with fp8: the routed experts in FP8 too (False: their GEMMs stay BF16, see fp8.convert_to_fp8)
     data_cache=None,   # folder of the prepared data (None: data_cache/ beside data.py; set it for a read-only checkout)

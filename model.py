@@ -596,6 +596,16 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
 
 
+def softmax_nll(z: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits z (N, V), targets tgt (N, 1) (>= 0) -> (p = softmax(z) (N, V), -log p[tgt] (N,)) from the one softmax,
+    with the exact log-sum-exp form where p[target] underflowed (loss > ~87 nats) or the logits hold a NaN."""
+    p = torch.softmax(z, dim=-1)                                    # (N, V)
+    nll = -p.gather(1, tgt).squeeze(1).log()                        # (N,)
+    if not torch.isfinite(nll).all():
+        nll = torch.logsumexp(z, dim=-1) - z.gather(1, tgt).squeeze(1)
+    return p, nll
+
+
 class SoftmaxCrossEntropy(torch.autograd.Function):
     """The same loss on the CPU, from one softmax: -log p[target] forward, (p - onehot) / n backward. F.cross_entropy
     runs log_softmax there, ~3x slower than softmax at (2048, 2048) fp32, and its backward is a second vocabulary-
@@ -606,10 +616,7 @@ class SoftmaxCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, targets):
         valid = targets >= 0                                        # (N,)
         tgt = targets.clamp(min=0)[:, None]                         # (N, 1)
-        p = torch.softmax(logits, dim=-1)                           # (N, V)
-        nll = -p.gather(1, tgt).squeeze(1).log()                    # (N,)
-        if not torch.isfinite(nll).all():   # p[target] underflowed (loss > ~87 nats) or NaN logits: exact form
-            nll = torch.logsumexp(logits, dim=-1) - logits.gather(1, tgt).squeeze(1)
+        p, nll = softmax_nll(logits, tgt)                           # (N, V), (N,)
         n = valid.sum()
         ctx.save_for_backward(p, tgt, valid, n)
         return nll.where(valid, 0).sum() / n
@@ -648,10 +655,7 @@ class HeadCrossEntropy(torch.autograd.Function):
             e = min(N, s + HeadCrossEntropy.CHUNK)
             hc, tgt, ok = h[s:e], targets[s:e].clamp(min=0)[:, None], valid[s:e]   # (c, D), (c, 1), (c,)
             z = torch.mm(hc, weight.t(), out=logits[s:e]) if keep_logits else hc @ weight.t()   # (c, V)
-            p = torch.softmax(z, dim=-1)                                        # (c, V)
-            nll = -p.gather(1, tgt).squeeze(1).log()                            # (c,)
-            if not torch.isfinite(nll).all():   # p[target] underflowed or NaN logits: the exact form
-                nll = torch.logsumexp(z, dim=-1) - z.gather(1, tgt).squeeze(1)
+            p, nll = softmax_nll(z, tgt)                                        # (c, V), (c,)
             total += nll.where(ok, 0).sum()
             if want_grad:
                 scale = ok[:, None].to(p.dtype) / n                            # (c, 1): 0 on ignored rows

@@ -136,7 +136,7 @@ def build_model(args):
         return Transformer(args)
 
 
-model, startup = None, {"imports": T_IMPORTS - T_LAUNCH}
+model, compiled, startup = None, False, {"imports": T_IMPORTS - T_LAUNCH}
 try:
     cache = os.path.expanduser(cfg["data_cache"]) if cfg["data_cache"] else data.CACHE_DIR
     if cfg["compile"] and device_type == "cuda" and not ddp and not cfg["fp8"]:
@@ -151,6 +151,7 @@ try:
             if not (pending.done() and pending.exception()):   # bad input fails at once, without the compile
                 model.compile_blocks()
                 model.warm_up_blocks(cfg["batch_size"], cfg["seq_len"], autocast)
+                compiled = True
             startup["compile (data prepared meanwhile)"] = time.time() - t0 - startup["model"]
             meta = pending.result()
             startup["waiting for the data"] = time.time() - t0 - sum(list(startup.values())[1:])
@@ -183,7 +184,7 @@ train_data, val_data = data.load_tokens(meta["train_bin"]), data.load_tokens(met
 
 if model is None or model.embed.num_embeddings != model_args.vocab_size:   # (a tokenizer that stopped early)
     t0 = time.time()
-    model = build_model(model_args)
+    model, compiled = build_model(model_args), False   # (a rebuilt model is compiled below, like any other)
     startup["model"] = time.time() - t0
 if cfg["fp8"]:
     from fp8 import convert_to_fp8
@@ -235,7 +236,7 @@ if cfg["resume"]:
         train_gen.set_state(ckpt["rng"]["data"])
         if device_type == "cuda" and "cuda" in ckpt["rng"]:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu())
-if cfg["compile"] and "compile (data prepared meanwhile)" not in startup:   # (the warm-up above compiled them)
+if cfg["compile"] and not compiled:   # (else the warm-up above compiled them while the data was prepared)
     model.compile_blocks()   # regional: each Block compiled once and reused by every layer of its kind (model.py)
 step_model = dp_model   # DDP over the dense replicas on ranks, else the model itself
 
