@@ -482,6 +482,7 @@ class MoE(nn.Module):
         self.last_counts = None     # (E,) tokens per expert in the last forward, for logging
         self.balance_loss = None    # scalar from the last training forward (eq. 17)
         self.ep = None              # parallel.ExpertParallel when the routed experts are sharded over ranks
+        self.stacked = None         # {w1, w2, w3: (E, out, in)} whose slices ARE the experts' weights (stack_experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, T, D = x.shape
@@ -532,17 +533,37 @@ class MoE(nn.Module):
             dt = torch.float32   # eager CPU: a bf16 _grouped_mm is a slow generic loop (it made a bf16 step 1.4x slower)
         # fall back for float64 (tests), old torch, and fp32 under torch.compile (the eager CPU kernel takes
         # fp32, the shape-checking meta kernel that compile traces with wants bf16)
+        if dt == torch.float64 and torch.compiler.is_compiling():
+            return self.routed_dense(u, g, idx)   # compiled float64 (tests): no host sync, no recompiles
         if dt not in (torch.float32, torch.bfloat16) or \
                 not hasattr(torch, "_grouped_mm") or (dt == torch.float32 and torch.compiler.is_compiling()):
             return self.routed_sorted(u, g, idx, counts)
         xs, order, inv = self.permute_by_expert(u.to(dt), idx)   # (N*K, D) expert-contiguous
         offs = counts.cumsum(0).to(torch.int32)              # (E,) end row of each expert's slice
 
+        stacked = None if torch.is_grad_enabled() else self.stacked   # (training must reach each expert's weight)
+
         def gmm(x, name):   # x (N*K, in) @ W_e.T for each expert's rows -> (N*K, out)
-            w = torch.stack([getattr(e, name).weight for e in self.experts]).to(dt)  # (E, out, in)
+            w = stacked[name] if stacked else torch.stack([getattr(e, name).weight for e in self.experts])
+            w = w.to(dt)                                     # (E, out, in)
             return torch._grouped_mm(x, w.transpose(1, 2), offs=offs)
         h = F.silu(gmm(xs, "w1")) * gmm(xs, "w3")            # (N*K, I) SwiGLU
         return self.unpermute_and_combine(gmm(h, "w2"), order, inv, g).to(u.dtype)   # (N, D)
+
+    @torch.no_grad()
+    def stack_experts(self):
+        """Make the routed experts' weights slices of one (E, out, in) tensor per weight, for inference: no-grad
+        forwards then read it as it is instead of stacking E matrices per weight on every call (at batch 1 that
+        copy is most of a decoding step's memory traffic). Values unchanged; in-place updates of the weights
+        (load_state_dict, optimizers) reach the stack, re-assigning a weight's .data (a dtype cast) does not:
+        cast first."""
+        if self.ep is not None or hasattr(self.experts, "grouped"):
+            return   # sharded or FP8 experts keep their own layout
+        self.stacked = {}
+        for name in ("w1", "w2", "w3"):
+            self.stacked[name] = torch.stack([getattr(e, name).weight for e in self.experts])   # (E, out, in)
+            for e, w in zip(self.experts, self.stacked[name]):
+                getattr(e, name).weight.data = w
 
     def permute_by_expert(self, u, idx):
         """Copy each token once per chosen expert, in expert order: xs[r] = u[order[r] // K]. Returns xs
@@ -559,6 +580,12 @@ class MoE(nn.Module):
         N, K = g.shape
         yk = Permute.apply(ys, inv, order).view(N, K, -1)                    # (N, K, D) token order
         return (at_least_fp32(yk) * g[:, :, None]).sum(dim=1)                # (N, D) fp32
+
+    def routed_dense(self, u, g, idx):
+        """Every expert on every token, weighted by its gate (0 where not chosen): E/K times the expert FLOPs, but
+        static shapes and no host sync, so torch.compile traces it whole where _grouped_mm cannot run (float64)."""
+        w = torch.zeros(g.size(0), self.n_routed, dtype=g.dtype, device=g.device).scatter(1, idx, g)  # (N, E)
+        return sum(at_least_fp32(e(u)) * w[:, i, None] for i, e in enumerate(self.experts)).to(u.dtype)
 
     def routed_loop(self, u, g, idx, counts):
         """Reference: for each expert, gather its tokens, run it, scatter-add the gated output."""

@@ -18,10 +18,11 @@ Simplifications vs. the real thing:
   - no sliding context: prompt + max_new_tokens must fit in max_seq_len (RoPE positions are absolute).
   - decoding one sequence of a small model is bound by Python and kernel launches, so on a GPU each whole step or
     speculative round (sampling and acceptance included) is one CUDA graph replay (Steps, --graphs=True): static
-    shapes, the whole cache attended with a mask, tokens read back every READ_EVERY steps. No torch.compile of the
-    step: inside the graphs the time is now the number of small kernels, which compiling could fuse (not tried).
+    shapes, the whole cache attended with a mask, tokens read back every READ_EVERY steps. Inside the graphs the
+    time is the number of small kernels: --compile=True torch.compiles each step / round first (inductor fuses
+    its element-wise work), at the price of a compile before the first token.
 
-Run: python sample.py --out_dir=out-small --prompt="ROMEO:" --max_new_tokens=300 [--speculative=True]
+Run: python sample.py --out_dir=out-small --prompt="ROMEO:" --max_new_tokens=300 [--speculative=True] [--compile=True]
   (--prompt=FILE:path.txt reads the prompt from a file; the default prompt is <|endoftext|>, a new play)
 
 Dimension legend: B batch (always 1 here), T tokens in one call, S cache positions, V vocab, D model dim (dim).
@@ -72,7 +73,16 @@ def draw(probs: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     p(x) (the exponential race). It is what torch.multinomial(probs, 1) computes, draw for draw (the same noise
     from the same generator), without the host read-back multinomial does to check its input, which a CUDA
     graph cannot contain."""
-    return (probs / torch.empty_like(probs).exponential_(generator=gen)).argmax(-1)
+    return race(probs, exp_noise(probs.shape, probs.device, gen))
+
+
+def exp_noise(shape, device, gen: torch.Generator) -> torch.Tensor:
+    return torch.empty(shape, dtype=torch.float32, device=device).exponential_(generator=gen)   # Exp(1), fp32
+
+
+def race(probs: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """draw with its noise e (the shape of probs) drawn beforehand: torch.compile'd code can take no generator."""
+    return (probs / e).argmax(-1)
 
 
 def accept_or_resample(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, gen: torch.Generator):
@@ -80,15 +90,20 @@ def accept_or_resample(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, ge
     the same temperature/top-k/top-p); draft (N,) drawn from q. Returns (accepted (N,) bool, token (N,)): the
     draft where accepted, else a draw from the residual norm(max(0, p - q)). P(token = x) = p(x) exactly:
     min(p, q)(x) from acceptance plus (1 - sum min(p, q)) * residual(x) = max(0, p - q)(x) from resampling."""
+    u = torch.rand(draft.shape, generator=gen, device=p.device)            # (N,) uniforms, then the residual's noise
+    return accept_given(p, q, draft, u, exp_noise(p.shape, p.device, gen))
+
+
+def accept_given(p, q, draft, u: torch.Tensor, e: torch.Tensor):
+    """accept_or_resample with its random numbers drawn beforehand: u (N,) ~ U(0, 1), e (N, V) ~ Exp(1)."""
     pd = p.gather(1, draft[:, None]).squeeze(1)                             # (N,) p(d)
     qd = q.gather(1, draft[:, None]).squeeze(1)                             # (N,) q(d) > 0 since d ~ q
-    u = torch.rand(pd.shape, generator=gen, device=p.device)
     accepted = u * qd < pd                                                  # u < p(d)/q(d), without dividing
     residual = (p - q).clamp_min(0)                                         # (N, V)
     mass = residual.sum(-1, keepdim=True)
-    # p == q leaves no residual mass, but then every draft is accepted; p keeps multinomial well-defined
+    # p == q leaves no residual mass, but then every draft is accepted; p keeps the race well-defined
     residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), p)
-    return accepted, torch.where(accepted, draft, draw(residual, gen))
+    return accepted, torch.where(accepted, draft, race(residual, e))
 
 
 def check_length(model: Transformer, n_prompt: int, max_new_tokens: int):
@@ -115,27 +130,34 @@ class Steps:
     whole=True (static modes): a WHOLE plain step or speculative round -- forwards, sampling, acceptance, position
     update -- runs on the device (`step`, `round`) on persistent buffers (`bufs`: the sequence, the position, the
     MTP states), so one graph replays it with no host work in between; generate reads the tokens back once
-    every READ_EVERY steps or rounds. whole=False keeps one graph per forward and a read-back per step."""
+    every READ_EVERY steps or rounds. whole=False keeps one graph per forward and a read-back per step.
+    compile=True (whole only): step_core / round_core torch.compile'd, then captured as above. Inductor fuses the
+    element-wise work (norms, RoPE, routing, softmax, sampling) between the matmuls: fewer, larger kernels."""
 
-    def __init__(self, model: Transformer, mode: str = "eager", whole: bool = True):
+    def __init__(self, model: Transformer, mode: str = "eager", whole: bool = True, compile: bool = False):
         assert mode in ("eager", "static", "graphs"), mode
         if mode == "graphs" and not model.embed.weight.is_cuda:
             mode = "eager"   # CUDA graphs need a GPU (and without them static shapes buy nothing)
         self.model, self.mode, self.graphs, self.cache_len, self.cache = model, mode, {}, 0, None
         self.dev, self.whole, self.b = model.embed.weight.device, whole and mode != "eager", {}
+        self.core = dict(step=self.step_core, round=self.round_core)
+        if compile and self.whole:   # one compile per (function, D, sampling); a str names the backend (tests)
+            backend = compile if isinstance(compile, str) else "inductor"
+            self.core = {k: torch.compile(f, dynamic=False, backend=backend) for k, f in self.core.items()}
 
     def reset(self, need: int) -> int:
         """A fresh (zeroed) cache for a sequence of `need` positions; returns its length. The static modes keep
         one max_seq_len cache for every sequence (the graphs hold its address)."""
-        L = need if self.mode == "eager" else self.model.args.max_seq_len
-        first = self.model.attn_modules()[0].kv_cache
-        if self.mode != "eager" and self.cache_len == L and first is self.cache:   # (nobody replaced it meanwhile)
+        L, mods = need if self.mode == "eager" else self.model.args.max_seq_len, self.model.attn_modules()
+        if self.mode != "eager" and self.cache_len == L:
+            for m, (kv, pe) in zip(mods, self.cache):   # ours again, if another Steps on this model replaced them
+                m.kv_cache, m.pe_cache = kv, pe
             for depth in range(len(self.model.mtp) + 1):
                 self.model.rollback_cache(0, L, depth)
         else:
             self.model.setup_cache(1, L)
             self.graphs.clear()
-            self.cache_len, self.cache = L, self.model.attn_modules()[0].kv_cache
+            self.cache_len, self.cache = L, [(m.kv_cache, m.pe_cache) for m in mods]
         return L
 
     def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -204,16 +226,29 @@ class Steps:
         return self.b[D]
 
     def step(self, b, sampling, gen):
-        """One plain step: the token at seq[n+1] goes in at position n+1, the next one is drawn into seq[n+2]."""
+        """One plain step: the token at seq[n+1] goes in at position n+1, the next one is drawn into seq[n+2].
+        The random numbers are drawn first, from gen, in generate's order; step_core (torch.compile'd with
+        compile=True, which can read no generator) does the rest."""
+        self.core["step"](b, sampling, exp_noise((1, self.model.args.vocab_size), self.dev, gen))
+
+    def step_core(self, b, sampling, e):
         m = self.model
         logits = m.logits(m.trunk(b["seq"][b["n"] + 1][None], b["n"] + 1))             # (1, 1, V)
-        b["seq"].index_copy_(0, b["n"] + 2, draw(probs_from_logits(logits[:, -1], *sampling), gen))
+        b["seq"].index_copy_(0, b["n"] + 2, race(probs_from_logits(logits[:, -1], *sampling), e))
         b["n"] += 1
 
     def round(self, b, sampling, gen):
         """One speculative round of generate_speculative with all D drafts, computed from device state only:
         each MTP depth k re-runs the fixed window of positions n-D..n (it covers every slot the last round left
-        stale: valid[k] >= n-D; re-running valid ones rewrites the same values), so every shape is static."""
+        stale: valid[k] >= n-D; re-running valid ones rewrites the same values), so every shape is static.
+        The random numbers first, in generate_speculative's order: each depth's draw, then accept_or_resample's
+        uniforms and residual draws, then the draw after the last draft; round_core does the rest."""
+        D, V = b["D"], self.model.args.vocab_size
+        e_q = [exp_noise((1, V), self.dev, gen) for _ in range(D)]
+        u = torch.rand(D, generator=gen, device=self.dev)
+        self.core["round"](b, sampling, e_q, u, exp_noise((D, V), self.dev, gen), exp_noise((1, V), self.dev, gen))
+
+    def round_core(self, b, sampling, e_q, u, e_res, e_last):
         m, D = self.model, b["D"]
         n, seq, hid, ar = b["n"], b["seq"], b["hid"], b["ar"]
         win = n - D + ar[:D + 1]                                                        # (D+1,) positions n-D..n
@@ -223,13 +258,13 @@ class Steps:
             logits_k, h_k = m.mtp_forward(k, hid[k - 1].index_select(1, win), toks[None], n - D)
             hid[k].index_copy_(1, win, h_k)
             qs.append(probs_from_logits(logits_k[:, -1], *sampling))                     # (1, V)
-            drafts.append(draw(qs[-1], gen))                                             # (1,)
+            drafts.append(race(qs[-1], e_q[k - 1]))                                      # (1,)
         h = m.trunk(torch.cat([seq[n + 1], *drafts])[None], n + 1)                      # (1, D+1, dim) verify
         hid[0].index_copy_(1, n + 1 + ar[:D + 1], h)
         p = probs_from_logits(m.logits(h)[0], *sampling)                                # (D+1, V)
-        ok, tok = accept_or_resample(p[:D], torch.cat(qs), torch.cat(drafts), gen)       # (D,), (D,)
+        ok, tok = accept_given(p[:D], torch.cat(qs), torch.cat(drafts), u, e_res)       # (D,), (D,)
         a = ok.long().cumprod(0).sum(0, keepdim=True)                                   # (1,) drafts kept
-        seq.index_copy_(0, n + 2 + ar[:D + 1], torch.cat([tok, draw(p[D:], gen)]))       # committed: n+2..n+2+a
+        seq.index_copy_(0, n + 2 + ar[:D + 1], torch.cat([tok, race(p[D:], e_last)]))   # committed: n+2..n+2+a
         b["tried"] += ar[:D] <= a
         b["acc"] += ar[:D] < a
         b["a"].copy_(a)
@@ -470,7 +505,7 @@ def load_checkpoint(out_dir: str, device: str, dtype: torch.dtype):
 
 DEFAULTS = dict(out_dir="out", prompt="<|endoftext|>", num_samples=1, max_new_tokens=200, temperature=0.8,
                 top_k=200, top_p=1.0, seed=1337, device="auto", dtype="auto", attn="absorb", speculative=False,
-                draft_depth=0, graphs=True)
+                draft_depth=0, graphs=True, compile=False)
 
 
 def main(argv: list[str]) -> int:
@@ -491,6 +526,8 @@ def run(c: dict) -> int:
     dtype = c["dtype"] if c["dtype"] != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise SampleError(f"--dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    if c["compile"] and not (c["graphs"] and device.startswith("cuda")):
+        raise SampleError("--compile=True compiles the CUDA-graph steps: it needs a GPU and --graphs=True")
     if c["attn"] not in ("naive", "absorb"):
         raise SampleError(f"--attn must be naive or absorb, got {c['attn']!r}")
     model, enc, ckpt = load_checkpoint(os.path.expanduser(c["out_dir"]), device, getattr(torch, dtype))
@@ -517,7 +554,9 @@ def run(c: dict) -> int:
     def stream(tok):
         print(utf8.decode(enc.decode_single_token_bytes(tok)), end="", flush=True)
 
-    steps = Steps(model, "graphs" if c["graphs"] else "eager")   # --graphs=False: eager, launch-bound on a GPU
+    for moe in model.moe_layers():   # the experts' weights as one tensor each: no stacking per forward (same values)
+        moe.stack_experts()
+    steps = Steps(model, "graphs" if c["graphs"] else "eager", compile=c["compile"])   # --graphs=False: eager
     tokens, secs, fwd, per_sample = 0, 0.0, 0, []
     tried, acc = [0] * len(model.mtp), [0] * len(model.mtp)
     for i in range(c["num_samples"]):

@@ -10,10 +10,17 @@ slower there; the timings of the other paths do not depend on the weights. All p
 so they must produce the same tokens (checked; bf16 rounding can flip a near-tie between a 1-token and a
 (D+1)-token forward).
 
+On a GPU it also times the CUDA-graph paths: one graph per forward, one per whole step / speculative round as
+main had them (each MoE forward stacks its experts' weights), with the experts' weights stacked once
+(MoE.stack_experts), and with each step / round torch.compile'd as well (sample.Steps(compile=True), the compile
+time printed); --profile=True adds each whole-step path's kernels per step and per round and their GPU time
+(torch.profiler over the same steps run without graphs), and the slowest kernels to --log.
+
 Run: python bench/bench_sample.py [--out_dir=out-small | --config small] [--device=cpu] [--new_tokens=64] [--threads=1]
      GPU: python bench/bench_sample.py --config gpu --device=cuda --prompt_len=128 --new_tokens=256 --no_cache=False
-          [--eager_all=False: of the launch-bound eager paths only the baseline]
+          [--eager_all=False: of the launch-bound eager paths only the baseline] [--compile=False] [--profile=True]
 """
+import copy
 import os
 import statistics
 import sys
@@ -28,7 +35,7 @@ from model import Transformer  # noqa: E402
 
 DEFAULTS = dict(out_dir="", preset="", device="auto", dtype="auto", prompt="<|endoftext|>", prompt_len=32,
                 new_tokens=64, repeats=5, temperature=0.0, draft_depth=0, seed=0, no_cache=True, threads=0,
-                eager_all=True)
+                eager_all=True, compile=True, profile=False, log="")
 # a preset holds training keys too (out_dir, lr, ...): the bench takes only its ModelArgs fields
 MODEL_PRESETS = {name: {k: v for k, v in p.items() if k in MODEL_DEFAULTS} for name, p in PRESETS.items()}
 
@@ -93,16 +100,26 @@ def main(argv):
     gen = torch.Generator(device=device)
 
     # captured on their first use (the warm-up run), replayed after: one graph per forward and a read-back per
-    # token, or one graph per whole step / speculative round and a read-back per sample.READ_EVERY of them
+    # token, or one graph per whole step / speculative round and a read-back per sample.READ_EVERY of them. Each
+    # Steps keeps its own cache (and graphs) while the paths take turns; the later paths run on a copy whose
+    # experts' weights are stacked once (MoE.stack_experts; the same values), compiled or not
     per_forward, graphed = sample.Steps(model, "graphs", whole=False), sample.Steps(model, "graphs")
+    gpu = graphed.mode == "graphs"
+    if gpu:
+        fast = copy.deepcopy(model)
+        for m in fast.moe_layers():
+            m.stack_experts()
+        stacked = sample.Steps(fast, "graphs")
+        compiled = sample.Steps(fast, "graphs", compile=True) if c["compile"] else None
 
     def run(spec=False, cache=True, impl="absorb", steps=None):
-        model.set_impl(attn=impl)
+        m = steps.model if steps else model
+        m.set_impl(attn=impl)
         gen.manual_seed(c["seed"])
         if spec:
-            return sample.generate_speculative(model, prompt, c["new_tokens"], gen, **sampling, depth=c["draft_depth"],
+            return sample.generate_speculative(m, prompt, c["new_tokens"], gen, **sampling, depth=c["draft_depth"],
                                                steps=steps)
-        return sample.generate(model, prompt, c["new_tokens"], gen, **sampling, use_cache=cache, steps=steps)
+        return sample.generate(m, prompt, c["new_tokens"], gen, **sampling, use_cache=cache, steps=steps)
 
     paths = {}
     if c["no_cache"]:
@@ -110,13 +127,22 @@ def main(argv):
     if c["eager_all"]:   # --eager_all=False: of the eager paths only the baseline (GPU runs: time the graphs)
         paths["latent cache, naive"] = lambda: run(impl="naive")
     paths["latent cache, absorb"] = lambda: run()
-    if c["eager_all"] or graphed.mode != "graphs":
+    if c["eager_all"] or not gpu:
         paths["speculative (MTP draft), absorb"] = lambda: run(spec=True)
-    if graphed.mode == "graphs":
+    if gpu:
         paths["CUDA graph per forward, absorb"] = lambda: run(steps=per_forward)
         paths["CUDA graph per forward, speculative"] = lambda: run(spec=True, steps=per_forward)
-        paths["CUDA graph per step, absorb"] = lambda: run(steps=graphed)
-        paths["CUDA graph per round, speculative"] = lambda: run(spec=True, steps=graphed)
+        for name, steps in (("", graphed), (", experts stacked", stacked), (", compiled", compiled)):
+            if steps is not None:
+                paths[f"CUDA graph per step{name}, absorb"] = lambda s=steps: run(steps=s)
+                paths[f"CUDA graph per round{name}, speculative"] = lambda s=steps: run(spec=True, steps=s)
+        if compiled is not None:   # the first (warm-up) run of each compiles and captures: timed here, once
+            for label in ("CUDA graph per step, compiled, absorb", "CUDA graph per round, compiled, speculative"):
+                sync(device)
+                t0 = time.perf_counter()
+                paths[label]()
+                sync(device)
+                print(f"{label}: first run (compile + capture) {time.perf_counter() - t0:.1f} s")
     results = time_paths(paths, device, c["repeats"])
     N = c["new_tokens"]
     base_wall, base_cpu, (base_tokens, _) = results["latent cache, absorb"]
@@ -128,13 +154,58 @@ def main(argv):
         same = "n/a (sampling)" if c["temperature"] else ("yes" if not diff else f"no (first diff at {diff[0]})")
         print(f"| {label} | {N / wall:.1f} | {base_wall / wall:.2f}x |{f' {N / cpu:.1f} |' if cpu_col else ''} "
               f"{st['forwards'] / len(tokens):.2f} | {same} |")
+    for name in ("", ", experts stacked", ", compiled"):   # a round's cost in plain steps, against tokens per round
+        plain, spec = results.get(f"CUDA graph per step{name}, absorb"), results.get(f"CUDA graph per round{name}, speculative")
+        if plain and spec:
+            ms = [r[0] * 1e3 / r[2][1]["forwards"] for r in (plain, spec)]
+            print(f"graphs{name or ' (main)'}: speculative {plain[0] / spec[0]:.2f}x plain; {ms[0]:.3f} ms per step, "
+                  f"{ms[1]:.3f} ms per round ({ms[1] / ms[0]:.2f} steps), {N / spec[2][1]['forwards']:.2f} tokens per "
+                  "round (prefill and read-backs included)")
     spec = "speculative (MTP draft), absorb" if "speculative (MTP draft), absorb" in results else \
         "CUDA graph per round, speculative"
     st = results[spec][2][1]
     rates = ", ".join(f"depth {k}: {y}/{x} = {y / max(x, 1):.1%}" for k, (x, y) in enumerate(zip(st["tried"], st["accepted"]), 1))
     note = "" if c["out_dir"] else "  (random weights: meaningless, the MTP module has learnt nothing)"
     print(f"\nacceptance of drafts that reached verification: {rates}{note}")
+    if gpu and c["profile"]:
+        profile(dict(main=graphed, stacked=stacked, compiled=compiled), run, c["log"])
     return 0
+
+
+def profile(variants: dict, run, log: str):
+    """Each whole-step variant's plain steps and speculative rounds under torch.profiler, run WITHOUT graphs (the
+    same kernels a replay launches, from the host): kernels and GPU-busy time per step / round; the kernels that
+    take most of a round's time go to `log`."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    print("\n| whole-step variant | kernels per plain step | GPU µs per step | kernels per round | GPU µs per round |"
+          "\n|---|---|---|---|---|")
+    lines = []
+    for name, steps in variants.items():
+        if steps is None:
+            continue
+        row = []
+        for spec in (False, True):
+            steps.mode = "static"   # the step / round functions run eagerly (compiled code included), no replay
+            run(spec=spec, steps=steps)   # warm
+            torch.cuda.synchronize()
+            with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+                _, st = run(spec=spec, steps=steps)
+                torch.cuda.synchronize()
+            steps.mode = "graphs"
+            kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+            n = st["forwards"]   # plain: one per token; speculative: one per round (plus the prefill, ignored)
+            row += [f"{len(kernels) / n:.0f}", f"{sum(e.device_time_total for e in kernels) / n:.0f}"]
+            by_name = {}
+            for e in kernels:
+                by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time_total
+            top = sorted(by_name.items(), key=lambda kv: -kv[1])[:15]
+            lines.append(f"== {name}, {'round' if spec else 'step'}: {len(kernels)} kernels over {n} forwards")
+            lines += [f"  {t / n:8.1f} us/forward  {k[:150]}" for k, t in top]
+        print(f"| {name} | {' | '.join(row)} |")
+    if log:
+        with open(log, "w") as f:
+            f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -316,6 +316,44 @@ def test_whole_rounds_on_the_device_equal_the_host_loop(trained, which, monkeypa
         assert st["accepted"][0] < st["tried"][0], f"an untrained draft must get rejected sometimes: {st}"
 
 
+def test_compiled_whole_steps_equal_the_host_loop(trained):
+    # Steps(compile=...) torch.compiles the whole plain step / speculative round (step_core, round_core) with its
+    # random numbers drawn beforehand in the host loop's order: the same tokens and acceptance counts as the host
+    # loop, each step or round ONE graph (a graph break would split what inductor fuses). 'aot_eager' traces and
+    # functionalizes exactly as inductor's front end does (the buffer updates, the noise) without its C++ code
+    # generation (~2 min on two cores); inductor itself runs in the CUDA test below
+    from torch._dynamo.utils import counters
+    counters.clear()
+    trained = copy.deepcopy(trained)
+    trained.zero_grad(set_to_none=True)   # the fixture's fp32 grads of now-float64 weights: dynamo refuses those
+    prompt = [5, 6, 7, 8, 9, 1, 2]
+    steps = sample.Steps(trained, "static", compile="aot_eager")
+    plain, _ = sample.generate(trained, prompt, 30, gen(2), temperature=0.8)
+    assert sample.generate(trained, prompt, 30, gen(2), temperature=0.8, steps=steps)[0] == plain
+    for depth in (1, 2):
+        ref, st_ref = sample.generate_speculative(trained, prompt, 30, gen(2), temperature=0.8, depth=depth)
+        got, st = sample.generate_speculative(trained, prompt, 30, gen(2), temperature=0.8, depth=depth, steps=steps)
+        assert got == ref and st == st_ref, (depth, st, st_ref)
+        assert steps.b[depth]["tried"].sum() > 0, "no round ran on the device"
+    assert counters["stats"]["unique_graphs"] == 3 and not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_stacked_experts_are_the_experts_weights(trained):
+    # MoE.stack_experts: the experts' weights become slices of one tensor that no-grad forwards read directly;
+    # the same logits, and an in-place change of a weight (an optimizer step, load_state_dict) reaches the stack
+    model = copy.deepcopy(trained)
+    x = torch.tensor([[5, 6, 7, 8, 9, 1, 2]])
+    with torch.no_grad():
+        ref = model(x).logits
+        model.set_impl(moe="grouped")   # float64 runs routed_sorted: stacked is read by routed_grouped only
+        for m in model.moe_layers():
+            m.stack_experts()
+        assert torch.equal(model(x).logits, ref)
+        moe = model.moe_layers()[0]
+        moe.experts[1].w2.weight.mul_(2.0)
+        assert torch.equal(moe.stacked["w2"][1], moe.experts[1].w2.weight)
+
+
 def test_speculative_decoding_with_bf16_parameters(trained):
     # sample.py casts the parameters to bf16 (buffers stay fp32): the MTP block must take the embedding's dtype
     model = copy.deepcopy(trained)
@@ -326,22 +364,30 @@ def test_speculative_decoding_with_bf16_parameters(trained):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("whole", [True, False])
-def test_cuda_graph_steps_equal_static_steps(trained, whole):
-    # whole=True: one graph per plain step / speculative round, the generator's draws inside it; False: one per forward
+@pytest.mark.parametrize("whole, compiled", [(True, False), (False, False), (True, True)])
+def test_cuda_graph_steps_equal_static_steps(trained, whole, compiled):
+    # whole=True: one graph per plain step / speculative round, the generator's draws inside it; False: one per
+    # forward; compiled: the whole step / round torch.compile'd (inductor) then captured, against the same compiled
+    # code run without graphs (bf16: compiled and eager kernels round differently, the same kernels do not)
     model = copy.deepcopy(trained).cuda()   # bf16 parameters, as sample.py loads them (CUDA's _grouped_mm is bf16)
     for p in model.parameters():
         p.data = p.data.bfloat16()
+    for m in model.moe_layers():
+        m.stack_experts()
     prompt = [5, 6, 7, 8, 9, 1, 2]
     g = lambda: torch.Generator(device="cuda").manual_seed(1)
-    static = sample.Steps(model, "static", whole)
+    static = sample.Steps(model, "static", whole, compile=compiled)
     plain, _ = sample.generate(model, prompt, 40, g(), temperature=0.8, steps=static)
     ref, st_ref = sample.generate_speculative(model, prompt, 40, g(), temperature=0.8, steps=static)
-    graphed = sample.Steps(model, "graphs", whole)
-    for _ in range(2):   # the first run captures, the second replays
+    graphed = sample.Steps(model, "graphs", whole, compile=compiled)
+    for i in range(2):   # the first run captures, the second replays
         assert sample.generate(model, prompt, 40, g(), temperature=0.8, steps=graphed)[0] == plain
         spec, st = sample.generate_speculative(model, prompt, 40, g(), temperature=0.8, steps=graphed)
         assert spec == ref and st == st_ref
+        if i == 0:   # another Steps on the model in between: graphed puts its own cache back, captures nothing again
+            captured = dict(graphed.graphs)
+            sample.generate(model, prompt, 10, g(), temperature=0.8, steps=static)
+    assert all(graphed.graphs[k] is v for k, v in captured.items())
     assert graphed.mode == "graphs" and graphed.graphs, "capture failed or nothing was captured"
     assert all(v is not None for v in graphed.graphs.values()), "a capture failed"
     assert whole == any(k[0] == "round" for k in graphed.graphs)
