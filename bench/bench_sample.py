@@ -12,13 +12,15 @@ so they must produce the same tokens (checked; bf16 rounding can flip a near-tie
 
 On a GPU it also times the CUDA-graph paths: one graph per forward, one per whole step / speculative round as
 main had them (each MoE forward stacks its experts' weights), with the experts' weights stacked once
-(MoE.stack_experts), and with each step / round torch.compile'd as well (sample.Steps(compile=True), the compile
-time printed); --profile=True adds each whole-step path's kernels per step and per round and their GPU time
-(torch.profiler over the same steps run without graphs), and the slowest kernels to --log.
+(MoE.stack_experts), with each step / round torch.compile'd as well (sample.Steps(compile=True), the compile
+time printed), and compiled with the decoding attention as plain fp32 products (MLA.decode_attn='plain',
+--plain_attn=False leaves it out); --profile=True adds each whole-step path's kernels per step and per round and
+their GPU time (torch.profiler over the same steps run without graphs), and the slowest kernels to --log.
 
 Run: python bench/bench_sample.py [--out_dir=out-small | --config small] [--device=cpu] [--new_tokens=64] [--threads=1]
      GPU: python bench/bench_sample.py --config gpu --device=cuda --prompt_len=128 --new_tokens=256 --no_cache=False
           [--eager_all=False: of the launch-bound eager paths only the baseline] [--compile=False] [--profile=True]
+          [--log=FILE: the profile's top kernels]
 """
 import copy
 import os
@@ -35,7 +37,7 @@ from model import Transformer  # noqa: E402
 
 DEFAULTS = dict(out_dir="", preset="", device="auto", dtype="auto", prompt="<|endoftext|>", prompt_len=32,
                 new_tokens=64, repeats=5, temperature=0.0, draft_depth=0, seed=0, no_cache=True, threads=0,
-                eager_all=True, compile=True, profile=False, log="")
+                eager_all=True, compile=True, plain_attn=True, profile=False, log="")
 # a preset holds training keys too (out_dir, lr, ...): the bench takes only its ModelArgs fields
 MODEL_PRESETS = {name: {k: v for k, v in p.items() if k in MODEL_DEFAULTS} for name, p in PRESETS.items()}
 
@@ -105,12 +107,22 @@ def main(argv):
     # experts' weights are stacked once (MoE.stack_experts; the same values), compiled or not
     per_forward, graphed = sample.Steps(model, "graphs", whole=False), sample.Steps(model, "graphs")
     gpu = graphed.mode == "graphs"
+    variants = {"": graphed}   # label -> Steps of whole steps / rounds
+
+    def copy_of_model(decode_attn="sdpa"):
+        m = copy.deepcopy(model)
+        for moe in m.moe_layers():
+            moe.stack_experts()
+        for attn in m.attn_modules():
+            attn.decode_attn = decode_attn
+        return m
     if gpu:
-        fast = copy.deepcopy(model)
-        for m in fast.moe_layers():
-            m.stack_experts()
-        stacked = sample.Steps(fast, "graphs")
-        compiled = sample.Steps(fast, "graphs", compile=True) if c["compile"] else None
+        fast = copy_of_model()
+        variants[", experts stacked"] = sample.Steps(fast, "graphs")
+        if c["compile"]:
+            variants[", compiled"] = sample.Steps(fast, "graphs", compile=True)
+        if c["compile"] and c["plain_attn"]:
+            variants[", compiled, plain attention"] = sample.Steps(copy_of_model("plain"), "graphs", compile=True)
 
     def run(spec=False, cache=True, impl="absorb", steps=None):
         m = steps.model if steps else model
@@ -132,17 +144,16 @@ def main(argv):
     if gpu:
         paths["CUDA graph per forward, absorb"] = lambda: run(steps=per_forward)
         paths["CUDA graph per forward, speculative"] = lambda: run(spec=True, steps=per_forward)
-        for name, steps in (("", graphed), (", experts stacked", stacked), (", compiled", compiled)):
-            if steps is not None:
-                paths[f"CUDA graph per step{name}, absorb"] = lambda s=steps: run(steps=s)
-                paths[f"CUDA graph per round{name}, speculative"] = lambda s=steps: run(spec=True, steps=s)
-        if compiled is not None:   # the first (warm-up) run of each compiles and captures: timed here, once
-            for label in ("CUDA graph per step, compiled, absorb", "CUDA graph per round, compiled, speculative"):
-                sync(device)
-                t0 = time.perf_counter()
-                paths[label]()
-                sync(device)
-                print(f"{label}: first run (compile + capture) {time.perf_counter() - t0:.1f} s")
+        for name, steps in variants.items():
+            paths[f"CUDA graph per step{name}, absorb"] = lambda s=steps: run(steps=s)
+            paths[f"CUDA graph per round{name}, speculative"] = lambda s=steps: run(spec=True, steps=s)
+            if "compiled" in name:   # the first (warm-up) run compiles and captures: timed here, once
+                for label in (f"CUDA graph per step{name}, absorb", f"CUDA graph per round{name}, speculative"):
+                    sync(device)
+                    t0 = time.perf_counter()
+                    paths[label]()
+                    sync(device)
+                    print(f"{label}: first run (compile + capture) {time.perf_counter() - t0:.1f} s")
     results = time_paths(paths, device, c["repeats"])
     N = c["new_tokens"]
     base_wall, base_cpu, (base_tokens, _) = results["latent cache, absorb"]
@@ -154,7 +165,7 @@ def main(argv):
         same = "n/a (sampling)" if c["temperature"] else ("yes" if not diff else f"no (first diff at {diff[0]})")
         print(f"| {label} | {N / wall:.1f} | {base_wall / wall:.2f}x |{f' {N / cpu:.1f} |' if cpu_col else ''} "
               f"{st['forwards'] / len(tokens):.2f} | {same} |")
-    for name in ("", ", experts stacked", ", compiled"):   # a round's cost in plain steps, against tokens per round
+    for name in variants:   # a round's cost in plain steps, against tokens per round
         plain, spec = results.get(f"CUDA graph per step{name}, absorb"), results.get(f"CUDA graph per round{name}, speculative")
         if plain and spec:
             ms = [r[0] * 1e3 / r[2][1]["forwards"] for r in (plain, spec)]
@@ -168,7 +179,7 @@ def main(argv):
     note = "" if c["out_dir"] else "  (random weights: meaningless, the MTP module has learnt nothing)"
     print(f"\nacceptance of drafts that reached verification: {rates}{note}")
     if gpu and c["profile"]:
-        profile(dict(main=graphed, stacked=stacked, compiled=compiled), run, c["log"])
+        profile({name.strip(", ") or "main": steps for name, steps in variants.items()}, run, c["log"])
     return 0
 
 
@@ -182,8 +193,6 @@ def profile(variants: dict, run, log: str):
           "\n|---|---|---|---|---|")
     lines = []
     for name, steps in variants.items():
-        if steps is None:
-            continue
         row = []
         for spec in (False, True):
             steps.mode = "static"   # the step / round functions run eagerly (compiled code included), no replay
