@@ -241,6 +241,7 @@ def test_cli_generates_and_reports(ckpt_dir, capsys):
     (["--device=foo"], "--device must be auto, cpu, cuda or cuda:N, got 'foo'"),
     (["--temperature=1e999"], "--temperature and --top_p must be finite"),
     (["--prompt=" + "To be, or not to be. " * 10], "prompt (210 tokens) + max_new_tokens (200) exceeds"),
+    (["--compile=True"], "--compile=True compiles the CUDA-graph steps: it needs a GPU and --graphs=True"),
 ])
 def test_cli_bad_input_is_one_line_exit_2(ckpt_dir, capsys, tmp_path, args, msg):
     (tmp_path / "latin1.txt").write_bytes("caf\u00e9".encode("latin-1"))
