@@ -65,7 +65,7 @@ def run(cfg: dict, tag: str, device: str, profile: bool) -> dict:
     opt = fp8.AdamWBF16(groups, lr=cfg["lr"], betas=betas) if bf16_moments else \
         torch.optim.AdamW(groups, lr=cfg["lr"], betas=betas, fused=cuda)
     if cfg["compile"]:
-        model.compile_blocks()  # as train.py: each Block compiled, FP8 layers opaque inside it (fp8.py)
+        model.compile_blocks()  # as train.py: each Block compiled, its FP8 layers traced into its graph (fp8.py)
     train_data = data.load_tokens(meta["train_bin"])
     gen = torch.Generator().manual_seed(cfg["seed"] + 1000)  # the same batches for every run
     B, T, A = cfg["batch_size"], cfg["seq_len"], cfg["grad_accum"]
