@@ -100,7 +100,12 @@ def run(cfg: dict, tag: str, device: str, profile: bool) -> dict:
         times.append(time.perf_counter() - t)
         losses.append(loss)
         if prof is not None:
-            prof_table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=40, max_name_column_width=70)
+            ka = prof.key_averages()
+            prof_table = ka.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=40,
+                                  max_name_column_width=70)
+            if cuda:  # and where the host's time goes (a GPU that waits for the host shows here, not above)
+                prof_table += "\nthe same step by host time (CPU total, nested ranges included):\n" + ka.table(
+                    sort_by="cpu_time_total", row_limit=25, max_name_column_width=70)
         if it % 50 == 0 or it == cfg["steps"] - 1:
             print(f"  {tag} step {it + 1}/{cfg['steps']}: loss {loss:.4f}, {times[-1] * 1000:.0f} ms", flush=True)
     n = model.num_params()
