@@ -51,7 +51,10 @@ What we simplify (vs. the DeepSeek-V3 framework):
 - The cached 1×128 FP8 activations are re-tiled to 128×1 for Wgrad by dequantize + quantize: a second
   rounding (the paper's kernels transpose FP8 tiles directly).
 - The GEMMs are cuBLAS's (not DeepGEMM); quantizers and transposes are torch.compile'd PyTorch at 10-60% of
-  the copy bandwidth on an H200 (bench/bench_fp8.py, README), not fused into the GEMMs as in the paper.
+  the copy bandwidth on an H200 (bench/bench_fp8.py, README), not fused into the GEMMs as in the paper. Inside a
+  compiled Block (train.py's compile_blocks) the FP8 Linear and SwiGLU are traced like any other code, so the
+  compiler fuses their quantizers with the norms and element-wise ops around them; only the GEMM is opaque.
+  The routed experts' grouped FP8 call reads token counts on the host, so the graph breaks around it.
 - AdamW moments are BF16 with round-to-nearest; fine for β2 = 0.95 (§4.2), but a BF16 second moment stops
   decaying for β2 ≥ ~0.996 (1 − β2 falls below BF16's half-ulp), so keep β2 ≤ 0.99 with AdamWBF16.
 
@@ -616,6 +619,8 @@ class AdamWBF16(torch.optim.Optimizer):
     parameter gets an FP32 master copy in its state, and the parameter is a rounded copy of it. The update
     is one fused pass per parameter, all parameters of a group in one compiled call on a GPU (kernels)."""
 
+    one_call_per_group = True  # on a GPU (False: one compiled call per parameter; bench/bench_fp8_train.py)
+
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
@@ -649,7 +654,7 @@ class AdamWBF16(torch.optim.Optimizer):
                 lists = [list(a) for a in zip(*args)]  # ws, gs, ms, vs, steps
                 if dev.type != "cuda":
                     kernels.adamw_bf16_group_ref(*lists, lr_wd[dev], b1, b2, group["eps"])
-                elif len(args) == len(group["params"]):  # the whole group: one compiled call (kernels)
+                elif self.one_call_per_group and len(args) == len(group["params"]):  # one compiled call (kernels)
                     kernels.adamw_bf16_group(*lists, lr_wd[dev], b1, b2, group["eps"])
                 else:
                     for a in args:
