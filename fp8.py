@@ -51,10 +51,7 @@ What we simplify (vs. the DeepSeek-V3 framework):
 - The cached 1×128 FP8 activations are re-tiled to 128×1 for Wgrad by dequantize + quantize: a second
   rounding (the paper's kernels transpose FP8 tiles directly).
 - The GEMMs are cuBLAS's (not DeepGEMM); quantizers and transposes are torch.compile'd PyTorch at 10-60% of
-  the copy bandwidth on an H200 (bench/bench_fp8.py, README), not fused into the GEMMs as in the paper. Inside a
-  compiled Block (train.py's compile_blocks) the FP8 Linear and SwiGLU are traced like any other code, so the
-  compiler fuses their quantizers with the norms and element-wise ops around them; only the GEMM is opaque.
-  The routed experts' grouped FP8 call reads token counts on the host, so the graph breaks around it.
+  the copy bandwidth on an H200 (bench/bench_fp8.py, README), not fused into the GEMMs as in the paper.
 - AdamW moments are BF16 with round-to-nearest; fine for β2 = 0.95 (§4.2), but a BF16 second moment stops
   decaying for β2 ≥ ~0.996 (1 − β2 falls below BF16's half-ulp), so keep β2 ≤ 0.99 with AdamWBF16.
 
@@ -617,9 +614,7 @@ class AdamWBF16(torch.optim.Optimizer):
     """torch.optim.AdamW's update (decoupled weight decay, bias correction) with exp_avg and exp_avg_sq
     stored in BF16 (half the optimizer memory). FP32 parameters are their own master weights; a BF16/FP16
     parameter gets an FP32 master copy in its state, and the parameter is a rounded copy of it. The update
-    is one fused pass per parameter, all parameters of a group in one compiled call on a GPU (kernels)."""
-
-    one_call_per_group = True  # on a GPU (False: one compiled call per parameter; bench/bench_fp8_train.py)
+    is one fused pass per parameter (kernels.adamw_bf16, compiled on a GPU)."""
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.0):
@@ -632,7 +627,7 @@ class AdamWBF16(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            (b1, b2), lr_wd, todo = group["betas"], {}, {}
+            (b1, b2), lr_wd = group["betas"], {}
             for p in group["params"]:
                 if p.grad is None:  # e.g. an expert that saw no token: no update, its step count stays
                     continue
@@ -648,20 +643,11 @@ class AdamWBF16(torch.optim.Optimizer):
                     lr_wd[p.device] = torch.full((2,), group["lr"], device=p.device)
                     lr_wd[p.device][1].fill_(group["weight_decay"])
                 w = st.get("master", p.detach())  # detach shares p's storage and version counter
-                todo.setdefault(p.device, []).append((w, p.grad.detach().contiguous(), st["exp_avg"],
-                                                      st["exp_avg_sq"], st["step"]))
-            for dev, args in todo.items():
-                lists = [list(a) for a in zip(*args)]  # ws, gs, ms, vs, steps
-                if dev.type != "cuda":
-                    kernels.adamw_bf16_group_ref(*lists, lr_wd[dev], b1, b2, group["eps"])
-                elif self.one_call_per_group and len(args) == len(group["params"]):  # one compiled call (kernels)
-                    kernels.adamw_bf16_group(*lists, lr_wd[dev], b1, b2, group["eps"])
-                else:
-                    for a in args:
-                        kernels.adamw_bf16(*a, lr_wd[dev], b1, b2, group["eps"])
-            for p in group["params"]:
-                if p.grad is not None and "master" in self.state[p]:
-                    p.copy_(self.state[p]["master"])
+                update = kernels.adamw_bf16 if p.is_cuda else kernels.adamw_bf16_ref
+                update(w, p.grad.detach().contiguous(), st["exp_avg"], st["exp_avg_sq"], st["step"],
+                       lr_wd[p.device], b1, b2, group["eps"])
+                if "master" in st:
+                    p.copy_(w)
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:

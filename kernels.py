@@ -322,28 +322,3 @@ def adamw_bf16(w: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, lr_wd: 
     for t in flat:
         torch._dynamo.maybe_mark_dynamic(t, 0)
     _adamw(*flat, step, lr_wd, b1, b2, eps)
-
-
-def adamw_bf16_group_ref(ws: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor],
-                         steps: list[Tensor], lr_wd: Tensor, b1: float, b2: float, eps: float) -> None:
-    """adamw_bf16_ref for every parameter of a group (lists, element by element)."""
-    for w, g, m, v, step in zip(ws, gs, ms, vs, steps):
-        adamw_bf16_ref(w, g, m, v, step, lr_wd, b1, b2, eps)
-
-
-# The whole group in one compiled call: one graph, whose generated code launches one fused kernel per parameter
-# back to back. Called once per parameter (adamw_bf16), the host spent ~0.1 ms per call (Python, guards, launch)
-# and the GPU of a 109M-parameter model with 167 parameters waited for it (gpu preset, H200, 2026-12-02: the
-# AdamWBF16 step spanned 71 ms of GPU time, fused AdamW's ~5 ms). Compiled for static shapes, the group's first
-# step did not finish within 110 s (one kernel to generate per parameter shape); so every tensor is flattened
-# to 1-D with a dynamic length, which makes every parameter's kernel the same kernel, generated once.
-_adamw_group = torch.compile(adamw_bf16_group_ref)
-
-
-def adamw_bf16_group(ws: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor],
-                     steps: list[Tensor], lr_wd: Tensor, b1: float, b2: float, eps: float) -> None:
-    flat = [[t.view(-1) for t in ts] for ts in (ws, gs, ms, vs)]
-    for ts in flat:
-        for t in ts:
-            torch._dynamo.maybe_mark_dynamic(t, 0)
-    _adamw_group(*flat, steps, lr_wd, b1, b2, eps)

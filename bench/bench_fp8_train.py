@@ -17,8 +17,7 @@ and bf16-adamwbf16 (BF16 layers, AdamWBF16) tell the layers' effect from the opt
 once for each of the seeds --seed, --seed+1, ..., --seed+N-1, weights and batches drawn from it; prints each run's
 signed gap to the BF16 run of its own seed, their mean and standard deviation, and BF16's own spread across the
 seeds: on the gpu preset single pairs of 300-step runs differed by up to 15% either way, README), --profile=RUN
-(one step of that run under torch.profiler: the ops with the most GPU time, then by host time),
---adamw_group=False (AdamWBF16 one compiled call per parameter, not per group), --out=FILE.json (every run's per-step
+(one step of that run under torch.profiler: the ops with the most GPU time, then by host time), --out=FILE.json (every run's per-step
 losses and times), and any train.py key (e.g. --batch_size=4).
 Timings: median step time over the steps after the first 3 (each step ends with a device sync), tokens/s from
 that; MFU counts activated parameters + attention (model.flops_per_token) against the dense BF16 peak, for FP8
@@ -40,8 +39,7 @@ import fp8  # noqa: E402
 from config import MODEL_DEFAULTS, PRESETS, TRAIN_DEFAULTS, die, lr_at, parse_or_exit, to_model_args  # noqa: E402
 from model import Transformer  # noqa: E402
 
-BENCH_DEFAULTS = dict(steps=300, last=0, runs="bf16,bf16-seed2,fp8", profile="", out="", seed2=4242, seeds=1,
-                      adamw_group=True)
+BENCH_DEFAULTS = dict(steps=300, last=0, runs="bf16,bf16-seed2,fp8", profile="", out="", seed2=4242, seeds=1)
 RUNS = ("bf16", "bf16-seed2", "fp8", "fp8-adamw", "bf16-adamwbf16")
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense BF16 FLOP/s per GPU, train.py's MFU denominator
 
@@ -64,7 +62,6 @@ def run(cfg: dict, tag: str, device: str, profile: bool) -> dict:
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [dict(params=decay, weight_decay=cfg["weight_decay"]), dict(params=no_decay, weight_decay=0.0)]
     betas = (cfg["beta1"], cfg["beta2"])
-    fp8.AdamWBF16.one_call_per_group = cfg["adamw_group"]
     opt = fp8.AdamWBF16(groups, lr=cfg["lr"], betas=betas) if bf16_moments else \
         torch.optim.AdamW(groups, lr=cfg["lr"], betas=betas, fused=cuda)
     if cfg["compile"]:
