@@ -61,6 +61,7 @@ Dimension legend: M tokens (B·T flattened), K in_features, N out_features, F hi
 Mp/Kp/Np/Fp rounded up to a multiple of 128; B batch, T time, D model dim.
 """
 import functools
+import weakref
 from itertools import chain
 from typing import NamedTuple
 
@@ -78,8 +79,9 @@ ROW_ALIGN = 16  # the hardware path pads the rows of a to a multiple of this (se
 
 
 def _k(name: str, x: Tensor):
-    """The compiled kernel on a GPU, its eager reference on a CPU (compiling costs more than it saves there)."""
-    return getattr(kernels, name if x.is_cuda else name + "_ref")
+    """The compiled kernel on a GPU, its eager reference on a CPU (compiling costs more than it saves there) and
+    while an outer torch.compile traces the layer (which then fuses the reference with its neighbours)."""
+    return getattr(kernels, name if x.is_cuda and not torch.compiler.is_compiling() else name + "_ref")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -178,29 +180,49 @@ def hopper_gemms(backend: str, device: torch.device) -> HopperGemms:
     return hw
 
 
+# The hardware GEMM as an operator torch.compile keeps whole (a custom op: its output's shape is all the compiler
+# needs to know), so that an FP8 layer traced into a compiled Block does not break the graph: the quantizers
+# around the GEMM are traced and fused with their neighbours, the GEMM itself is cuBLAS's.
+@torch.library.custom_op("nanodeepseek::fp8_gemm_hopper", mutates_args=())
+def _gemm_hopper_op(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch.dtype) -> Tensor:
+    return gemm_hopper(qa, sa, qb, sb, out_dtype).contiguous()
+
+
+@_gemm_hopper_op.register_fake
+def _(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch.dtype) -> Tensor:
+    return qa.new_empty(qa.shape[0], qb.shape[0], dtype=out_dtype)
+
+
 def fp8_gemm(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch.dtype, hw: HopperGemms,
              out: Tensor | None = None) -> Tensor:
     """a·bᵀ on the hardware where `hw` says it works for these scales, else emulated."""
     ok = hw.tilewise if sb.shape[0] == qb.shape[0] else hw.blockwise  # b in 1×128 tiles (Wgrad) or 128×128 blocks
+    if ok and out is None:
+        return _gemm_hopper_op(qa, sa, qb, sb, out_dtype)
     return (gemm_hopper if ok else gemm_emulated)(qa, sa, qb, sb, out_dtype, out)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # FP8 weights, made once per optimizer step: the forward of every micro-batch and the evaluation in between reuse
-# one quantization, and the backward one transpose. The cache must notice every change of a weight. In-place ops
-# bump a tensor's version counter (a load, `p.mul_()`, the compiled AdamWBF16 kernel), but torch's fused optimizers
-# (`torch.optim.AdamW(fused=True)`, what train.py uses on a GPU) write the parameters without bumping it -- keyed
-# on the version alone, the cache served the first step's FP8 weights for the whole run (the FP8 layers never
-# trained, and the GPU loss curve looked *better* than BF16's). So the key is (optimizer steps taken, version,
-# address): torch calls a global hook after every step() of any torch.optim.Optimizer, which counts the steps.
-_optimizer_steps = [0]
+# one quantization (and its transposed copy, which Dgrad reads). The cache must notice every change of a weight,
+# and it is made eagerly, never inside a compiled graph (a graph reads the FP8 copies as its inputs):
+# - after every step of a torch.optim.Optimizer (torch calls a global hook) for the weights that optimizer holds.
+#   Torch's fused optimizers (`torch.optim.AdamW(fused=True)`, what train.py uses on a GPU) write the parameters
+#   without bumping their version counters -- keyed on the version alone, the cache once served the first step's
+#   FP8 weights for a whole run (the FP8 layers never trained, and the GPU loss curve looked *better* than BF16's);
+# - before the forward of a converted model (a pre-hook convert_to_fp8 adds) and in an FP8 layer's eager forward,
+#   when a weight's version or address has changed (a checkpoint load, `p.mul_()`, `model.to()`).
+_live = weakref.WeakSet()  # the FP8 modules whose cache was ever made (a cache never used stays empty)
 
 
 @functools.cache
-def _count_optimizer_steps() -> None:
-    def bump(opt, args, kwargs):
-        _optimizer_steps[0] += 1
-    register_optimizer_step_post_hook(bump)  # registered once per process, at the first FP8 layer
+def _refresh_after_optimizer_steps() -> None:
+    def refresh(opt, args, kwargs):
+        held = {id(p) for g in opt.param_groups for p in g["params"]}
+        for m in list(_live):
+            if any(id(w) in held for w in m.fp8_weights()):
+                m.refresh_fp8(force=True)
+    register_optimizer_step_post_hook(refresh)  # registered once per process, at the first FP8 cache made
 
 
 def _quant_stack(ws: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -210,26 +232,31 @@ def _quant_stack(ws: list[Tensor]) -> tuple[Tensor, Tensor]:
     return torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
 
 
-class WeightCache:
-    """FP8 copies of a layer's weights, valid while none of them has changed. `fwd` holds what Fprop reads,
-    `bwd` the transposed copies Dgrad reads (made at the first backward)."""
+class CachedFp8Weights:
+    """Mixin of the FP8 modules below: FP8 copies of the module's weights (`fp8_weights()`, quantized by
+    `fp8_quantize()`), made by refresh_fp8, read by the forward through fp8_cache. `fp8_fwd` [(q, s) per stacked
+    matrix] is what Fprop reads, `fp8_bwd` the transposed blocks Dgrad reads, `fp8_hw` what the layer's back end
+    runs on the hardware of the weights' device."""
+    fp8_key = fp8_fwd = fp8_bwd = fp8_hw = None
 
-    def __init__(self, quantize):
-        self.quantize, self.key, self.fwd, self._bwd = quantize, None, None, None
-        _count_optimizer_steps()
+    @torch.compiler.disable  # eager, also where a compiled graph calls it (a layer never run before)
+    def refresh_fp8(self, force: bool = False) -> None:
+        ws = self.fp8_weights()
+        key = tuple((w._version, w.data_ptr(), w.dtype) for w in ws)
+        if force or key != self.fp8_key:
+            with torch.no_grad(), torch.autocast(ws[0].device.type, enabled=False):  # FP8 has no autocast
+                self.fp8_fwd = self.fp8_quantize()
+                self.fp8_bwd = [_k("transpose_128x128", q)(q, s) for q, s in self.fp8_fwd]  # Wᵀ's blocks
+            self.fp8_key, self.fp8_hw = key, hopper_gemms(self.backend, ws[0].device)
+            _live.add(self)  # (here, not in __init__: a deep copy of the module is a new one)
+            _refresh_after_optimizer_steps()
 
-    def get(self, weights: list[Tensor]) -> "WeightCache":
-        key = (_optimizer_steps[0], *((w._version, w.data_ptr()) for w in weights))
-        if key != self.key:
-            with torch.no_grad(), torch.autocast(weights[0].device.type, enabled=False):  # FP8 has no autocast
-                self.key, self.fwd, self._bwd = key, self.quantize(), None
-        return self
-
-    @property
-    def bwd(self):
-        if self._bwd is None:
-            self._bwd = [_k("transpose_128x128", q)(q, s) for q, s in self.fwd]  # Wᵀ's blocks, for Dgrad
-        return self._bwd
+    def fp8_cache(self) -> list[Tensor]:
+        """q, s of each matrix, then of each transpose: checked eagerly; inside a compiled graph read as they are
+        (the hooks above keep them current), made there only if they never were."""
+        if self.fp8_fwd is None or not torch.compiler.is_compiling():
+            self.refresh_fp8()
+        return [t for q_s in (*self.fp8_fwd, *self.fp8_bwd) for t in q_s]
 
 
 def _swiglu_weights(mlps) -> list[tuple[Tensor, Tensor]]:
@@ -251,20 +278,14 @@ def _swiglu_weights(mlps) -> list[tuple[Tensor, Tensor]]:
 # dim `rows`, so the scales of the a operands are rearranged segment by segment in one scatter (_segment_scales).
 
 
-class Segments(NamedTuple):
+class Segments(NamedTuple):  # the experts' segments (None where a GEMM is one segment: a Linear, one FFN)
     bounds: list[tuple[int, int]]  # (first row, rows) of each expert, on the host
-    row_start: Tensor | None  # (M,) first row of the segment each row is in, on the device (None: one segment)
-    row_count: Tensor | None  # (M,) rows of that segment
-
-
-def _one(x2: Tensor) -> Segments:
-    return Segments([(0, x2.shape[0])], None, None)  # one FFN or Linear: all rows, any number of them
+    row_start: Tensor  # (M,) first row of the segment each row is in, on the device
+    row_count: Tensor  # (M,) rows of that segment
 
 
 def _segment_scales(s: Tensor, seg: Segments) -> list[Tensor]:
     """1×128 scales s (M, nk) -> per segment a (rows, nk) view with stride (1, rows)."""
-    if seg.row_start is None:
-        return [s]
     M, nk = s.shape
     start, rows = seg.row_start[:, None], seg.row_count[:, None]  # (M, 1) each
     local = torch.arange(M, device=s.device)[:, None] - start  # (M, 1): row index inside its segment
@@ -273,10 +294,10 @@ def _segment_scales(s: Tensor, seg: Segments) -> list[Tensor]:
     return [flat[a * nk:(a + r) * nk].view(nk, r).t() for a, r in seg.bounds]
 
 
-def _grouped(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, seg: Segments, dtype: torch.dtype,
+def _grouped(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, seg: Segments | None, dtype: torch.dtype,
              hw: HopperGemms) -> Tensor:
     """out (M, Nb) = the rows of segment e times b[e]ᵀ: qa (M, Kp) 1×128, qb (E, Nb, Kp) 128×128 blocks."""
-    if seg.row_start is None:  # one segment (a Linear, one FFN): any number of rows
+    if seg is None:  # one segment (a Linear, one FFN): any number of rows
         return fp8_gemm(qa, sa, qb[0], sb[0], dtype, hw)
     out = qa.new_empty(qa.shape[0], qb.shape[1], dtype=dtype)  # (M, Nb)
     for e, ((a, r), sa_e) in enumerate(zip(seg.bounds, _segment_scales(sa, seg))):
@@ -285,11 +306,11 @@ def _grouped(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, seg: Segments, dtyp
     return out
 
 
-def _grouped_wgrad(dy: Tensor, qxT: Tensor, sxT: Tensor, seg: Segments, hw: HopperGemms) -> Tensor:
+def _grouped_wgrad(dy: Tensor, qxT: Tensor, sxT: Tensor, seg: Segments | None, hw: HopperGemms) -> Tensor:
     """dW[e] = dy[rows of e]ᵀ · x[rows of e] in fp32, (E, Np, Kp): dy (M, N) and xᵀ (qxT (Kp, Mp), sxT) tiled
     128×1 along the tokens; an expert's operands are column slices of the whole, its tiles are whole tiles."""
     qdyT, sdyT = _k("quant_128x1", dy)(dy)  # (Np, Mp), (Np, Mp/128)
-    if seg.row_start is None:
+    if seg is None:
         return fp8_gemm(qdyT, sdyT, qxT, sxT, torch.float32, hw)[None]
     dw = dy.new_empty(len(seg.bounds), qdyT.shape[0], qxT.shape[0], dtype=torch.float32)  # (E, Np, Kp)
     for e, (a, r) in enumerate(seg.bounds):
@@ -305,37 +326,36 @@ def _grouped_wgrad(dy: Tensor, qxT: Tensor, sxT: Tensor, seg: Segments, hw: Hopp
 
 class _Fp8LinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, wc: WeightCache, out_dtype: torch.dtype, hw: HopperGemms,
-                pow2: bool, cache_hp: bool) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, qw: Tensor, sw: Tensor, qwT: Tensor, swT: Tensor,
+                out_dtype: torch.dtype, hw: HopperGemms, pow2: bool, cache_hp: bool) -> Tensor:
+        # qw (1, Np, Kp), sw (1, Np/128, Kp/128): W quantized once per optimizer step; qwT, swT its transpose
         N, K = weight.shape
         x2 = x.reshape(-1, K)  # (M, K)
         qx, sx = _k("quant_1x128", x2)(x2, pow2)  # (M, Kp), (M, Kp/128)
-        (qw, sw), = wc.fwd  # (1, Np, Kp), (1, Np/128, Kp/128), quantized once per optimizer step
-        y = _grouped(qx, sx, qw, sw, _one(x2), out_dtype, hw)[:, :N]  # Fprop: (M, N)
+        y = _grouped(qx, sx, qw, sw, None, out_dtype, hw)[:, :N]  # Fprop: (M, N)
         # the activation cache: x in FP8 (1 byte + 4/128 bytes of scale per value), or x itself (wo's input)
-        ctx.save_for_backward(*((x2,) if cache_hp else (qx, sx)))
-        ctx.meta = (x.shape, x.dtype, weight.dtype, wc, hw, pow2, cache_hp)
+        ctx.save_for_backward(*((x2,) if cache_hp else (qx, sx)), qwT, swT)
+        ctx.meta = (x.shape, x.dtype, weight.dtype, hw, pow2, cache_hp)
         return y.reshape(*x.shape[:-1], N)  # (..., N)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        x_shape, x_dtype, w_dtype, wc, hw, pow2, cache_hp = ctx.meta
-        xs = ctx.saved_tensors
+        x_shape, x_dtype, w_dtype, hw, pow2, cache_hp = ctx.meta
+        *xs, qwT, swT = ctx.saved_tensors
         N, K = dy.shape[-1], x_shape[-1]
         dy2 = dy.reshape(-1, N)  # (M, N)
         dx = dw = None
         with torch.autocast(dy.device.type, enabled=False):
             if ctx.needs_input_grad[0]:  # Dgrad, dx = dy·W: dy 1×128 along N, W's cached transposed blocks
-                (qwT, swT), = wc.bwd  # (1, Kp, Np)
                 qdy, sdy = _k("quant_1x128", dy2)(dy2)  # (M, Np), (M, Np/128)
-                dx = _grouped(qdy, sdy, qwT, swT, _one(dy2), x_dtype, hw)[:, :K].reshape(x_shape)  # (..., K)
+                dx = _grouped(qdy, sdy, qwT, swT, None, x_dtype, hw)[:, :K].reshape(x_shape)  # (..., K)
             if ctx.needs_input_grad[1]:  # Wgrad, dW = dyᵀ·x in fp32: both tiled 128×1 along the tokens
                 if cache_hp:
                     qxT, sxT = _k("quant_128x1", xs[0])(xs[0], pow2)  # (Kp, Mp), (Kp, Mp/128)
                 else:
                     qxT, sxT = _k("requant_128x1", xs[0])(*xs, pow2)  # 1×128 cache re-tiled 128×1
-                dw = _grouped_wgrad(dy2, qxT, sxT, _one(dy2), hw)[0, :N, :K].to(w_dtype)  # (N, K)
-        return dx, dw, None, None, None, None, None
+                dw = _grouped_wgrad(dy2, qxT, sxT, None, hw)[0, :N, :K].to(w_dtype)  # (N, K)
+        return dx, dw, *[None] * 8
 
 
 def _out_dtype(x: Tensor) -> torch.dtype:
@@ -349,17 +369,17 @@ def _check_backend(backend: str) -> str:
     return backend
 
 
-class Fp8Linear(nn.Linear):
+class Fp8Linear(CachedFp8Weights, nn.Linear):
     """Drop-in nn.Linear whose Fprop/Dgrad/Wgrad run in FP8 E4M3 with 1×128 / 128×128 scaling.
     Same `weight` Parameter (kept in its dtype, fp32 = the master weight), same init, same state_dict.
-    backend: 'auto' | 'hopper' | 'emulated' (see hopper_gemms)."""
+    backend: 'auto' | 'hopper' | 'emulated' (see hopper_gemms). Traced by an outer torch.compile as plain ops
+    around one opaque GEMM (no graph break)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, device=None, dtype=None,
                  pow2_scales: bool = False, cache_input_hp: bool = False, backend: str = "auto"):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.pow2_scales, self.cache_input_hp = pow2_scales, cache_input_hp
         self.backend = _check_backend(backend)
-        self.wc = WeightCache(lambda: [_quant_stack([self.weight.detach()])])
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, **kw) -> "Fp8Linear":
@@ -367,14 +387,17 @@ class Fp8Linear(nn.Linear):
         new.weight, new.bias = lin.weight, lin.bias  # the very same Parameters: optimizers and views still hold
         return new
 
-    # Opaque to torch.compile (the graph breaks around the layer, which runs its own compiled kernels): traced
-    # into, this frame was compiled again for each new guard until dynamo's recompile limit ran out.
-    @torch.compiler.disable
+    def fp8_weights(self) -> list[Tensor]:
+        return [self.weight]
+
+    def fp8_quantize(self) -> list[tuple[Tensor, Tensor]]:
+        return [_quant_stack([self.weight.detach()])]
+
     def forward(self, x: Tensor) -> Tensor:
-        out_dtype = _out_dtype(x)
+        out_dtype, cache = _out_dtype(x), self.fp8_cache()
         with torch.autocast(x.device.type, enabled=False):  # we choose every dtype ourselves
-            y = _Fp8LinearFn.apply(x, self.weight, self.wc.get([self.weight]), out_dtype,
-                                   hopper_gemms(self.backend, x.device), self.pow2_scales, self.cache_input_hp)
+            y = _Fp8LinearFn.apply(x, self.weight, *cache, out_dtype, self.fp8_hw, self.pow2_scales,
+                                   self.cache_input_hp)
         return y if self.bias is None else y + self.bias.to(y.dtype)  # in y's dtype, as nn.Linear under autocast
 
     def extra_repr(self) -> str:
@@ -389,11 +412,13 @@ class Fp8Linear(nn.Linear):
 
 class _Fp8SwiGLUFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, seg: Segments, wc: WeightCache, out_dtype: torch.dtype, hw: HopperGemms,
-                F_: int, *weights: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, seg: Segments | None, out_dtype: torch.dtype, hw: HopperGemms, F_: int,
+                qw13: Tensor, sw13: Tensor, qw2: Tensor, sw2: Tensor, qw13T: Tensor, sw13T: Tensor, qw2T: Tensor,
+                sw2T: Tensor, *weights: Tensor) -> Tensor:
+        # qw13 (E, 2Fp, Dp), qw2 (E, Dp, Fp) and their block scales (the cache of the E FFNs' weights), then their
+        # transposes; weights: w1, w2, w3 of each FFN (for their gradients). seg None: one FFN on all rows.
         D = x.shape[-1]
         x2 = x.reshape(-1, D)  # (M, D)
-        (qw13, sw13), (qw2, sw2) = wc.fwd  # (E, 2Fp, Dp), (E, Dp, Fp) and their block scales
         Fp = qw2.shape[2]
         qx, sx = _k("quant_1x128", x2)(x2)  # (M, Dp), (M, Dp/128)
         ab = _grouped(qx, sx, qw13, sw13, seg, out_dtype, hw)  # (M, 2Fp): [W1 x | W3 x], one GEMM per FFN
@@ -401,15 +426,14 @@ class _Fp8SwiGLUFn(torch.autograd.Function):
         qh, sh = _k("swiglu_quant", a)(a, b)  # silu(a)·b, born in FP8: (M, Fp), (M, Fp/128)
         y = _grouped(qh, sh, qw2, sw2, seg, out_dtype, hw)[:, :D]  # (M, D)
         qab, sab = _k("quant_1x128", ab)(ab)  # SwiGLU inputs cached in FP8 (§3.3.3); its output is not
-        ctx.save_for_backward(qx, sx, qab, sab)
-        ctx.meta = (x.shape, x.dtype, weights[0].dtype, seg, wc, hw, F_)
+        ctx.save_for_backward(qx, sx, qab, sab, qw13T, sw13T, qw2T, sw2T)
+        ctx.meta = (x.shape, x.dtype, weights[0].dtype, seg, hw, F_)
         return y.reshape(x.shape)  # (..., D)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        x_shape, x_dtype, w_dtype, seg, wc, hw, F_ = ctx.meta
-        qx, sx, qab, sab = ctx.saved_tensors
-        (qw13T, sw13T), (qw2T, sw2T) = wc.bwd  # (E, Dp, 2Fp), (E, Fp, Dp): the transposed blocks
+        x_shape, x_dtype, w_dtype, seg, hw, F_ = ctx.meta
+        qx, sx, qab, sab, qw13T, sw13T, qw2T, sw2T = ctx.saved_tensors  # (E, Dp, 2Fp), (E, Fp, Dp): transposes
         D, Fp = x_shape[-1], qw2T.shape[1]
         dy2 = dy.reshape(-1, D)  # (M, D)
         with torch.autocast(dy.device.type, enabled=False):
@@ -424,47 +448,56 @@ class _Fp8SwiGLUFn(torch.autograd.Function):
             qxT, sxT = _k("requant_128x1", qx)(qx, sx)  # x re-tiled 128×1 for the Wgrad
             dw13 = _grouped_wgrad(dab, qxT, sxT, seg, hw)  # [dW1 ; dW3] (E, 2Fp, Dp)
         grads = []
-        for e, (_, r) in enumerate(seg.bounds):  # an expert that saw no token gets no gradient (as with nn.Linear)
+        for e, (_, r) in enumerate(seg.bounds if seg is not None else [(0, 1)]):
+            # an expert that saw no token gets no gradient (as with nn.Linear)
             grads += [dw13[e, :F_, :D].to(w_dtype), dw2[e, :D, :F_].to(w_dtype),
                       dw13[e, Fp:Fp + F_, :D].to(w_dtype)] if r else [None] * 3
-        return (dx.reshape(x_shape), None, None, None, None, None, *grads)
+        return (dx.reshape(x_shape), *[None] * 12, *grads)
 
 
-class Fp8SwiGLU(nn.Module):
+class Fp8SwiGLU(CachedFp8Weights, nn.Module):
     """model.MLP in FP8: the same w1/w2/w3 children (Fp8Linear, so the same state_dict keys), one fused
-    autograd function for the whole FFN."""
+    autograd function for the whole FFN (traced by an outer torch.compile, as Fp8Linear)."""
 
     def __init__(self, w1: nn.Linear, w2: nn.Linear, w3: nn.Linear, backend: str = "auto"):
         super().__init__()
         self.w1, self.w2, self.w3 = (Fp8Linear.from_linear(w, backend=backend) for w in (w1, w2, w3))
         self.backend = _check_backend(backend)
-        self.wc = WeightCache(lambda: _swiglu_weights([self]))
 
-    @torch.compiler.disable  # opaque to an outer torch.compile, as Fp8Linear.forward
+    def fp8_weights(self) -> list[Tensor]:
+        return [self.w1.weight, self.w2.weight, self.w3.weight]
+
+    def fp8_quantize(self) -> list[tuple[Tensor, Tensor]]:
+        return _swiglu_weights([self])
+
     def forward(self, x: Tensor) -> Tensor:
-        out_dtype, ws = _out_dtype(x), [self.w1.weight, self.w2.weight, self.w3.weight]
+        out_dtype, cache, ws = _out_dtype(x), self.fp8_cache(), self.fp8_weights()
         with torch.autocast(x.device.type, enabled=False):
-            return _Fp8SwiGLUFn.apply(x, _one(x.reshape(-1, x.shape[-1])), self.wc.get(ws), out_dtype, hopper_gemms(self.backend, x.device),
-                                      ws[0].shape[0], *ws)
+            return _Fp8SwiGLUFn.apply(x, None, out_dtype, self.fp8_hw, ws[0].shape[0], *cache, *ws)
 
 
-class Fp8Experts(nn.ModuleList):
+class Fp8Experts(CachedFp8Weights, nn.ModuleList):
     """model.MoE.experts in FP8: the same Fp8SwiGLU children (experts[e](x) runs expert e alone: the readable
     per-expert reference), plus `grouped`, which runs all of them on expert-sorted tokens in one call."""
 
     def __init__(self, experts: nn.ModuleList, backend: str = "auto"):
         super().__init__(Fp8SwiGLU(m.w1, m.w2, m.w3, backend) for m in experts)
         self.backend = _check_backend(backend)
-        self.wc = WeightCache(lambda: _swiglu_weights(list(self)))  # all experts' weights stacked, (E, ...)
 
-    @torch.compiler.disable
+    def fp8_weights(self) -> list[Tensor]:
+        return [w for m in self for w in m.fp8_weights()]
+
+    def fp8_quantize(self) -> list[tuple[Tensor, Tensor]]:
+        return _swiglu_weights(list(self))  # all experts' weights stacked, (E, ...)
+
+    @torch.compiler.disable  # it reads the E token counts on the host: the graph breaks around it
     def grouped(self, u: Tensor, g: Tensor, idx: Tensor, counts: Tensor) -> Tensor:
         """u (N, D) tokens, g and idx (N, K) gate weights and chosen experts, counts (E,) pairs per expert ->
         (N, D) fp32 = Σ_k g[n, k]·FFN_idx[n,k](u[n]). The (token, expert) pairs are laid out sorted by expert,
         each expert's segment padded with zero rows to whole 128-row tiles. Reads the E counts on the host once."""
         (N, K), E, dev = idx.shape, len(self), u.device
-        ws = [w for m in self for w in (m.w1.weight, m.w2.weight, m.w3.weight)]
-        wc = self.wc.get(ws)  # weights quantized (once per step) before the host read below, which waits for the GPU
+        ws = self.fp8_weights()
+        cache = self.fp8_cache()  # weights quantized (once per step) before the host read below, which waits for the GPU
         flat, ar = idx.flatten(), torch.arange(N * K, device=dev)  # expert of each pair; pair numbers
         order = flat.argsort(stable=True)  # pairs sorted by expert
         padded = (counts + TILE - 1) // TILE * TILE  # (E,) each segment rounded up to whole 128-row tiles
@@ -479,8 +512,7 @@ class Fp8Experts(nn.ModuleList):
         out_dtype = _out_dtype(u)
         xp = _Gather.apply(u.to(out_dtype), torch.where(row_pair < N * K, row_pair // K, N), pos.view(N, K), True)  # (M, D)
         with torch.autocast(dev.type, enabled=False):
-            yp = _Fp8SwiGLUFn.apply(xp, seg, wc, out_dtype, hopper_gemms(self.backend, dev),
-                                    ws[0].shape[0], *ws)  # (M, D)
+            yp = _Fp8SwiGLUFn.apply(xp, seg, out_dtype, self.fp8_hw, ws[0].shape[0], *cache, *ws)  # (M, D)
         yk = _Gather.apply(yp, pos, row_pair, False)  # (N*K, D) back in token order, padding rows dropped
         return (yk.view(N, K, -1).float() * g[:, :, None]).sum(dim=1)  # (N, D), summed in fp32
 
@@ -531,27 +563,47 @@ def convert_to_fp8(model: nn.Module, backend: str = "auto", experts: bool = True
     model."""
     _check_backend(backend)
 
+    made = []  # the FP8 modules whose forward the model calls (not the w1/w2/w3 inside an Fp8SwiGLU)
+
     def convert(parent: nn.Module):
         for name, child in parent.named_children():
+            new = None
             if name == "experts" and type(child) is nn.ModuleList and all(map(_is_swiglu, child)):
                 if experts:
-                    setattr(parent, name, Fp8Experts(child, backend))
+                    new = Fp8Experts(child, backend)
             elif _is_swiglu(child):
-                setattr(parent, name, Fp8SwiGLU(child.w1, child.w2, child.w3, backend))
+                new = Fp8SwiGLU(child.w1, child.w2, child.w3, backend)
             elif type(child) is nn.Linear:
                 # §3.3.3: the input of the linear after attention is kept in higher precision with
                 # power-of-2 scales (attention's backward reads it too)
                 hp = name == "wo"
-                setattr(parent, name, Fp8Linear.from_linear(child, pow2_scales=hp, cache_input_hp=hp, backend=backend))
+                new = Fp8Linear.from_linear(child, pow2_scales=hp, cache_input_hp=hp, backend=backend)
             else:
                 convert(child)
+            if new is not None:
+                setattr(parent, name, new)
+                made.append(new)
     for n in ("layers", "mtp"):
         if isinstance(getattr(model, n, None), nn.Module):
             convert(getattr(model, n))
     p = next(model.parameters(), None)
-    if p is not None:
+    if p is not None and p.device.type != "meta":
         hopper_gemms(backend, p.device)  # probe now, eagerly (and fail now for 'hopper' where it cannot run)
+        for m in made:  # the caches the forward reads, made now (a compiled graph reads them as they are)
+            m.refresh_fp8()
+    if not hasattr(model, "_fp8_refresh_hook"):
+        model._fp8_refresh_hook = model.register_forward_pre_hook(_refresh_model_caches)
     return model
+
+
+@torch.compiler.disable  # eager even under a compiled model (then the graph breaks once, before the forward)
+def _refresh_model_caches(model: nn.Module, args) -> None:
+    """Before each forward of a converted model: make again the FP8 copies whose weights changed outside an
+    optimizer step (a checkpoint load, `p.mul_()`, `model.to()`), which a compiled Block would not notice."""
+    for m in model.modules():
+        if isinstance(m, CachedFp8Weights) and m.fp8_fwd is not None:
+            m.refresh_fp8()
+
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ and bf16-adamwbf16 (BF16 layers, AdamWBF16) tell the layers' effect from the opt
 once for each of the seeds --seed, --seed+1, ..., --seed+N-1, weights and batches drawn from it; prints each run's
 signed gap to the BF16 run of its own seed, their mean and standard deviation, and BF16's own spread across the
 seeds: on the gpu preset single pairs of 300-step runs differed by up to 15% either way, README), --profile=RUN
-(one step of that run under torch.profiler: the ops with the most GPU time), --out=FILE.json (every run's per-step
+(one step of that run under torch.profiler: the ops with the most GPU time, then by host time), --out=FILE.json (every run's per-step
 losses and times), and any train.py key (e.g. --batch_size=4).
 Timings: median step time over the steps after the first 3 (each step ends with a device sync), tokens/s from
 that; MFU counts activated parameters + attention (model.flops_per_token) against the dense BF16 peak, for FP8
@@ -65,7 +65,7 @@ def run(cfg: dict, tag: str, device: str, profile: bool) -> dict:
     opt = fp8.AdamWBF16(groups, lr=cfg["lr"], betas=betas) if bf16_moments else \
         torch.optim.AdamW(groups, lr=cfg["lr"], betas=betas, fused=cuda)
     if cfg["compile"]:
-        model.compile_blocks()  # as train.py: each Block compiled, FP8 layers opaque inside it (fp8.py)
+        model.compile_blocks()  # as train.py: each Block compiled, its FP8 layers traced into its graph (fp8.py)
     train_data = data.load_tokens(meta["train_bin"])
     gen = torch.Generator().manual_seed(cfg["seed"] + 1000)  # the same batches for every run
     B, T, A = cfg["batch_size"], cfg["seq_len"], cfg["grad_accum"]
@@ -100,7 +100,12 @@ def run(cfg: dict, tag: str, device: str, profile: bool) -> dict:
         times.append(time.perf_counter() - t)
         losses.append(loss)
         if prof is not None:
-            prof_table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=40, max_name_column_width=70)
+            ka = prof.key_averages()
+            prof_table = ka.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=40,
+                                  max_name_column_width=70)
+            if cuda:  # and where the host's time goes (a GPU that waits for the host shows here, not above)
+                prof_table += "\nthe same step by host time (CPU total, nested ranges included):\n" + ka.table(
+                    sort_by="cpu_time_total", row_limit=25, max_name_column_width=70)
         if it % 50 == 0 or it == cfg["steps"] - 1:
             print(f"  {tag} step {it + 1}/{cfg['steps']}: loss {loss:.4f}, {times[-1] * 1000:.0f} ms", flush=True)
     n = model.num_params()
