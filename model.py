@@ -266,23 +266,9 @@ def attention_cpu(q, k, v, mask, causal: bool, scale: float) -> torch.Tensor:
     return torch.bmm(probs.to(v3.dtype), v3).view(B, H, T, Dv)                  # (B, H, T, Dv)
 
 
-def latent_attention(q_lat, q_pe, c_kv, k_pe, mask, scale: float) -> torch.Tensor:
-    """Absorbed MLA attention of a few new tokens over a static cache as plain fp32 ops: scores from two products
-    (latent and RoPE parts: no concatenated copy of the cache), the masked softmax, the weighted sum of latents.
-    q_lat (B, T, H, Ckv), q_pe (B, T, H, Dr), c_kv (B, S, Ckv), k_pe (B, S, Dr), mask (T, S) -> (B, H, T, Ckv).
-    For decoding (MLA.decode_attn='plain'): at Ckv+Dr = 320, SDPA ran the memory-efficient kernel's wide-head
-    variant (fmha_cutlassF_..._gmem), ~55 µs per layer for ONE token over a 1024-position cache (H200, gpu preset,
-    bench/bench_sample.py --profile=True, 2026-12-02); this path was not timed there yet."""
-    f = at_least_fp32
-    scores = torch.einsum("bthc,bsc->bhts", f(q_lat), f(c_kv)) + torch.einsum("bthr,bsr->bhts", f(q_pe), f(k_pe))
-    probs = (scores * scale).masked_fill(~mask, float("-inf")).softmax(dim=-1)          # (B, H, T, S)
-    return torch.einsum("bhts,bsc->bhtc", probs, f(c_kv)).to(q_lat.dtype)              # (B, H, T, Ckv)
-
-
 class MLA(nn.Module):
     """Attention whose keys and values are rebuilt from a small per-token latent c_kv (plus one shared
     RoPE key k_R), so a generation cache needs only (Ckv + Dr) numbers per token instead of 2·H·Dh."""
-    decode_attn = "sdpa"   # static-cache decoding, absorb: 'sdpa' (attention()) or 'plain' (latent_attention)
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -356,13 +342,10 @@ class MLA(nn.Module):
             # the latent directly; likewise apply W^UV after the weighted sum of latents. Attention becomes
             # multi-query attention over (Ckv+Dr)-dim keys shared by all heads: nothing per head is built.
             q_lat = torch.einsum("bthd,hdc->bthc", q_nope, wkv_b[:, :Dn].to(q_nope.dtype))  # (B, T, H, Ckv)
-            if isinstance(start_pos, torch.Tensor) and self.decode_attn == "plain":
-                o_lat = latent_attention(q_lat, q_pe, c_kv, k_pe, mask, self.softmax_scale)  # (B, H, T, Ckv)
-            else:
-                qh = torch.cat([q_lat, q_pe], dim=-1).transpose(1, 2)                      # (B, H, T, Ckv+Dr)
-                k = torch.cat([c_kv, k_pe], dim=-1)[:, None].expand(B, H, S, C + Dr)       # (B, H, S, Ckv+Dr)
-                v = c_kv[:, None].expand(B, H, S, C)                                       # (B, H, S, Ckv)
-                o_lat = attention(qh, k, v, mask, causal, self.softmax_scale)              # (B, H, T, Ckv)
+            qh = torch.cat([q_lat, q_pe], dim=-1).transpose(1, 2)                          # (B, H, T, Ckv+Dr)
+            k = torch.cat([c_kv, k_pe], dim=-1)[:, None].expand(B, H, S, C + Dr)           # (B, H, S, Ckv+Dr)
+            v = c_kv[:, None].expand(B, H, S, C)                                           # (B, H, S, Ckv)
+            o_lat = attention(qh, k, v, mask, causal, self.softmax_scale)                  # (B, H, T, Ckv)
             o = torch.einsum("bhtc,hdc->bthd", o_lat, wkv_b[:, Dn:].to(o_lat.dtype))      # (B, T, H, Dv)
         return self.wo(o.flatten(2))                       # (B, T, D)
 

@@ -12,9 +12,8 @@ so they must produce the same tokens (checked; bf16 rounding can flip a near-tie
 
 On a GPU it also times the CUDA-graph paths: one graph per forward, one per whole step / speculative round as
 main had them (each MoE forward stacks its experts' weights), with the experts' weights stacked once
-(MoE.stack_experts), with each step / round torch.compile'd as well (sample.Steps(compile=True), the compile
-time printed), and compiled with the decoding attention as plain fp32 products (MLA.decode_attn='plain',
---plain_attn=False leaves it out); --profile=True adds each whole-step path's kernels per step and per round and
+(MoE.stack_experts), and with each step / round torch.compile'd as well (sample.Steps(compile=True), the compile
+time printed); --profile=True adds each whole-step path's kernels per step and per round and
 their GPU time (torch.profiler over the same steps run without graphs), and the slowest kernels to --log.
 
 Run: python bench/bench_sample.py [--out_dir=out-small | --config small] [--device=cpu] [--new_tokens=64] [--threads=1]
@@ -37,7 +36,7 @@ from model import Transformer  # noqa: E402
 
 DEFAULTS = dict(out_dir="", preset="", device="auto", dtype="auto", prompt="<|endoftext|>", prompt_len=32,
                 new_tokens=64, repeats=5, temperature=0.0, draft_depth=0, seed=0, no_cache=True, threads=0,
-                eager_all=True, compile=True, plain_attn=True, profile=False, log="")
+                eager_all=True, compile=True, profile=False, log="")
 # a preset holds training keys too (out_dir, lr, ...): the bench takes only its ModelArgs fields
 MODEL_PRESETS = {name: {k: v for k, v in p.items() if k in MODEL_DEFAULTS} for name, p in PRESETS.items()}
 
@@ -109,20 +108,13 @@ def main(argv):
     gpu = graphed.mode == "graphs"
     variants = {"": graphed}   # label -> Steps of whole steps / rounds
 
-    def copy_of_model(decode_attn="sdpa"):
-        m = copy.deepcopy(model)
-        for moe in m.moe_layers():
-            moe.stack_experts()
-        for attn in m.attn_modules():
-            attn.decode_attn = decode_attn
-        return m
     if gpu:
-        fast = copy_of_model()
+        fast = copy.deepcopy(model)
+        for moe in fast.moe_layers():
+            moe.stack_experts()
         variants[", experts stacked"] = sample.Steps(fast, "graphs")
         if c["compile"]:
             variants[", compiled"] = sample.Steps(fast, "graphs", compile=True)
-        if c["compile"] and c["plain_attn"]:
-            variants[", compiled, plain attention"] = sample.Steps(copy_of_model("plain"), "graphs", compile=True)
 
     def run(spec=False, cache=True, impl="absorb", steps=None):
         m = steps.model if steps else model
