@@ -345,8 +345,8 @@ def layer_table():
     table(["forward+backward, ms", "BF16 autocast (fp32 master)", "BF16 weights", "FP8",
            "speed-up vs autocast", "vs BF16 weights"], rows)
     print("BF16 columns: nn.Linear (FFN: torch.compile'd) on bf16 input; FP8: Fp8Linear / Fp8SwiGLU with fp32 "
-          "master weights under autocast (compiled kernels, cuBLAS GEMMs; the layers are opaque to an outer "
-          "torch.compile, so compiling them whole changes nothing).\n")
+          "master weights under autocast, run eagerly (their own compiled kernels, cuBLAS GEMMs; inside a compiled "
+          "Block they are traced and their quantizers fused with the neighbouring ops instead).\n")
     table(["activations saved for backward", "BF16 MiB", "FP8 MiB", "saved"], mem)
 
 
