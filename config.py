@@ -25,7 +25,7 @@ from dataclasses import fields
 
 import torch
 
-from model import V3_ARGS, ModelArgs
+from model import V3_ARGS, HeadCrossEntropy, ModelArgs
 
 # -----------------------------------------------------------------------------
 # train.py: defaults and presets
@@ -48,7 +48,8 @@ TRAIN_DEFAULTS = dict(
     # system
     device="auto", dtype="auto", compile=False, fp8=False, seed=1337,
     # CPU float32 matmuls: 'ieee' exact fp32; 'bf16' rounds their inputs to bf16 and accumulates in fp32 (oneDNN,
-    # AMX/AVX512-BF16: the head's GEMMs 2.5-3x faster at one thread, a whole small-preset step slower at two); every
+    # AMX/AVX512-BF16: the head's GEMMs 2.5-3x faster at one thread, a whole small-preset step slower at two);
+    # 'head-bf16' does that in the output head's GEMMs only (model.HeadCrossEntropy), all else exact. Every
     # tensor, gradient and optimizer state stays fp32 (TF32's CPU cousin; unlike --dtype=bfloat16, which makes
     # activations and their gradients bf16). Ignored on a GPU.
     cpu_matmul="ieee",
@@ -59,6 +60,7 @@ TRAIN_DEFAULTS = dict(
     # (ZeRO-1); dry_run prints the per-rank memory and communication of the layout and exits (no ranks needed)
     pp=1, dp=0, ep=1, zero=True, dry_run=False,
 )
+CPU_MATMUL = ("ieee", "bf16", "head-bf16")   # --cpu_matmul values (TRAIN_DEFAULTS)
 MODEL_DEFAULTS = {f.name: f.default for f in fields(ModelArgs)}
 PRESETS = {
     # 2.40M total / 1.74M activated params (+0.42M MTP), vocab 4096, 16 x 128 tokens per step, fp32. Launch to
@@ -67,11 +69,13 @@ PRESETS = {
     # caps it). Retuned 2026-12-02 (README "Small preset"): in what 290 s buy at 2 threads, vocab 4096 x 675 steps
     # reached 2.082 bits/byte, vocab 2048 x 770 steps 2.117, 8 x 128 tokens x 1010 steps (vocab 4096) 2.134; bf16
     # autocast was 0.021 worse at equal steps and no faster at 2 threads. init_std 0.02, not the paper's 0.006
-    # (tuned for d=7168): at d=128, 300 steps reach 2.283 vs 2.391 bpb. Exact fp32 matmuls (cpu_matmul 'ieee'):
-    # at 2 threads 'bf16' made the whole step 1.21-1.35x slower (bench/ab_step.py, 2026-12-02), though it speeds
-    # the head's matmuls 2.5-3x at one thread
+    # (tuned for d=7168): at d=128, 300 steps reach 2.283 vs 2.391 bpb. bf16-input matmuls in the output head
+    # only (cpu_matmul 'head-bf16'): a step 0.887x as long at 2 threads (bench/ab_step.py), 1155 steps and 2.030
+    # bpb in 290 s against 951 steps and 2.050 with exact fp32 everywhere (quiet machine, 2026-12-02); 'bf16' for
+    # every matmul made the whole step 1.21-1.35x slower at 2 threads
     "small": dict(
         out_dir="out-small", time_budget=290.0, max_iters=3000, eval_interval=250, eval_iters=20, vocab_size=4096,
+        cpu_matmul="head-bf16",
         batch_size=16, seq_len=128, lr=3e-3, min_lr=3e-5, warmup_iters=50, decay_frac=0.6,
         dim=128, inter_dim=384, moe_inter_dim=96, n_layers=4, n_dense_layers=1, n_heads=4,
         n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, n_expert_groups=4, n_limited_groups=2,
@@ -225,9 +229,10 @@ def setup_cpu(cpu_matmul: str = "ieee") -> None:
        page-faulted page by page on every use: measured (one thread, 2026-12-02) a softmax over it 28 -> 9.6 ms, an
        elementwise multiply 16.5 -> 5.0 ms with freed memory kept in the process (mallopt below; the environment
        variables MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ do the same). Other C libraries: left alone.
-    2. cpu_matmul='bf16': oneDNN float32 matmuls with bf16-rounded inputs and fp32 accumulation (see TRAIN_DEFAULTS)."""
-    if cpu_matmul not in ("ieee", "bf16"):
-        raise ConfigError(f"--cpu_matmul must be 'ieee' or 'bf16', got {cpu_matmul!r}")
+    2. cpu_matmul='bf16': oneDNN float32 matmuls with bf16-rounded inputs and fp32 accumulation (see TRAIN_DEFAULTS);
+       'head-bf16': only in the output head's GEMMs (HeadCrossEntropy)."""
+    if cpu_matmul not in CPU_MATMUL:
+        raise ConfigError(f"--cpu_matmul must be one of {', '.join(CPU_MATMUL)}, got {cpu_matmul!r}")
     if sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL("libc.so.6")
@@ -237,8 +242,9 @@ def setup_cpu(cpu_matmul: str = "ieee") -> None:
             pass
     if hasattr(torch.backends.mkldnn, "matmul"):   # torch >= 2.9
         torch.backends.mkldnn.matmul.fp32_precision = "bf16" if cpu_matmul == "bf16" else "ieee"
-    elif cpu_matmul == "bf16":
-        raise ConfigError(f"--cpu_matmul=bf16 needs torch >= 2.9 (this is {torch.__version__})")
+        HeadCrossEntropy.matmul_precision = "bf16" if cpu_matmul == "head-bf16" else "ieee"
+    elif cpu_matmul != "ieee":
+        raise ConfigError(f"--cpu_matmul={cpu_matmul} needs torch >= 2.9 (this is {torch.__version__})")
 
 
 def check_train(cfg: dict) -> None:
@@ -248,8 +254,8 @@ def check_train(cfg: dict) -> None:
         if isinstance(cfg[key], float) and not math.isfinite(cfg[key]):
             raise ConfigError(f"--{key} must be finite, got {cfg[key]}")
     check_device(cfg["device"])
-    if cfg["cpu_matmul"] not in ("ieee", "bf16"):
-        raise ConfigError(f"--cpu_matmul must be 'ieee' or 'bf16', got {cfg['cpu_matmul']!r}")
+    if cfg["cpu_matmul"] not in CPU_MATMUL:
+        raise ConfigError(f"--cpu_matmul must be one of {', '.join(CPU_MATMUL)}, got {cfg['cpu_matmul']!r}")
     if cfg["seq_len"] > cfg["max_seq_len"]:   # checked here, before minutes of data preparation
         raise ConfigError(f"seq_len={cfg['seq_len']} exceeds max_seq_len={cfg['max_seq_len']}")
     for key in POSITIVE:

@@ -347,6 +347,7 @@ if master:
     print(f"FLOPs/token (train, incl. MTP): {flops_per_token / 1e6:.1f}M; tokens/step: {tokens_per_step:,}; "
           f"device {device}, {dtype}{', fp8' if cfg['fp8'] else ''}{', compiled' if cfg['compile'] else ''}"
           f"{', bf16-input matmuls' if device_type == 'cpu' and cfg['cpu_matmul'] == 'bf16' else ''}"
+          f"{', bf16-input head matmuls' if device_type == 'cpu' and cfg['cpu_matmul'] == 'head-bf16' else ''}"
           f"{f', {torch.get_num_threads()} threads' if device_type == 'cpu' else ''}{f', {layout}' if ddp else ''}")
 
 

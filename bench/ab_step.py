@@ -3,7 +3,7 @@ A/B timing of CPU training steps in ONE process, alternating: step of A, step of
 noisy machine (other jobs come and go) slows both sides alike. Prints the median ms/step of each and B/A.
 
 A side is a comma-separated list of key=value settings on top of the preset:
-  cpu_matmul=ieee|bf16   float32 matmul precision (config.setup_cpu), switched before each of its steps (a
+  cpu_matmul=ieee|bf16|head-bf16   float32 matmul precision (config.setup_cpu), switched before each of its steps (a
                          train.py key: the preset's unless given)
   malloc=keep|default    glibc keeps freed memory (config.setup_cpu) or hands blocks > 32 MiB back (its default)
   threads=N              torch.set_num_threads before each of its steps

@@ -305,6 +305,42 @@ def test_cpu_cross_entropy_equals_the_reference():
     assert cross_entropy(nan, torch.tensor([[1, 2]])).isnan()   # divergence stays visible (train.py stops on it)
 
 
+def test_head_bf16_matmuls_round_only_inside_the_head():
+    # --cpu_matmul=head-bf16 (config.setup_cpu): HeadCrossEntropy's GEMMs take bf16-rounded inputs and accumulate in
+    # fp32; the process-wide setting is put back afterwards, so every other matmul of the step stays exact. fp32
+    # inputs against a float64 reference: bf16 rounds each input by <= 2^-9 relative, so the loss stays within 2e-3
+    # and the gradients within 2e-2 (measured ~1e-3 and ~4e-3 here); exact fp32 is ~1e-6.
+    import model as M
+    from config import setup_cpu
+    if not hasattr(torch.backends.mkldnn, "matmul"):
+        pytest.skip("needs torch >= 2.9 (torch.backends.mkldnn.matmul)")
+    model = tiny_model().float().train()
+    h = torch.randn(2, 40, model.args.dim, requires_grad=True)
+    targets = torch.randint(0, model.args.vocab_size, (2, 40))
+    h64, w64 = h.detach().double().requires_grad_(), model.head.weight.detach().double().requires_grad_()
+    ref = F.cross_entropy((h64 @ w64.t()).flatten(0, 1), targets.flatten())
+    ref_g = torch.autograd.grad(ref, (h64, w64))
+    try:
+        setup_cpu("head-bf16")
+        assert torch.backends.mkldnn.matmul.fp32_precision == "ieee"
+        ce = model.head_loss(h, targets, keep_logits=False)[1]
+        g = torch.autograd.grad(ce, (h, model.head.weight))
+        assert torch.backends.mkldnn.matmul.fp32_precision == "ieee", "the head must put the setting back"
+        assert abs(ce.item() - ref.item()) < 2e-3 * ref.item()
+        assert all(rel_err(a.double(), b) < 2e-2 for a, b in zip(g, ref_g))
+        a, b = torch.randn(64, 64), torch.randn(64, 64)
+        with M.mkldnn_fp32_precision("bf16"):
+            rounded = a @ b
+        rounds = rel_err(rounded, a @ b) > 1e-4   # this CPU rounds to bf16 at all (exact fp32 differs by ~1e-7)
+        if rounds:   # then the head did too: its loss is not the exact fp32 one
+            setup_cpu("ieee")
+            exact = model.head_loss(h, targets, keep_logits=False)[1]
+            assert abs(exact.item() - ref.item()) < 1e-5 * ref.item() and exact.item() != ce.item()
+    finally:
+        setup_cpu("ieee")
+    assert M.HeadCrossEntropy.matmul_precision == "ieee"
+
+
 def test_fused_head_loss_equals_the_reference(monkeypatch):
     # HeadCrossEntropy (head GEMM, softmax, CE and their gradients chunk by chunk) against the head's nn.Linear then
     # F.cross_entropy, float64, fresh random inputs, ignored (-1) targets, chunks of 64 rows over 150 rows (a short
