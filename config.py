@@ -70,7 +70,7 @@ PRESETS = {
     # reached 2.082 bits/byte, vocab 2048 x 770 steps 2.117, 8 x 128 tokens x 1010 steps (vocab 4096) 2.134; bf16
     # autocast was 0.021 worse at equal steps and no faster at 2 threads. init_std 0.02, not the paper's 0.006
     # (tuned for d=7168): at d=128, 300 steps reach 2.283 vs 2.391 bpb. bf16-input matmuls in the output head
-    # only (cpu_matmul 'head-bf16'): a step 0.887x as long at 2 threads (bench/ab_step.py), 1155 steps and 2.030
+    # only (cpu_matmul 'head-bf16'): a step 0.89-0.92x as long at 2 threads (bench/ab_step.py), 1155 steps and 2.030
     # bpb in 290 s against 951 steps and 2.050 with exact fp32 everywhere (quiet machine, 2026-12-02); 'bf16' for
     # every matmul made the whole step 1.21-1.35x slower at 2 threads
     "small": dict(
