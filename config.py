@@ -221,6 +221,11 @@ def check_device(device: str) -> None:
         raise ConfigError(f"--device={device} but there are only {torch.cuda.device_count()} CUDA devices")
 
 
+def check_cpu_matmul(value: str) -> None:
+    if value not in CPU_MATMUL:
+        raise ConfigError(f"--cpu_matmul must be one of {', '.join(CPU_MATMUL)}, got {value!r}")
+
+
 def setup_cpu(cpu_matmul: str = "ieee") -> None:
     """Process-wide CPU settings of train.py and the benchmarks (call before building the model).
 
@@ -231,8 +236,7 @@ def setup_cpu(cpu_matmul: str = "ieee") -> None:
        variables MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ do the same). Other C libraries: left alone.
     2. cpu_matmul='bf16': oneDNN float32 matmuls with bf16-rounded inputs and fp32 accumulation (see TRAIN_DEFAULTS);
        'head-bf16': only in the output head's GEMMs (HeadCrossEntropy)."""
-    if cpu_matmul not in CPU_MATMUL:
-        raise ConfigError(f"--cpu_matmul must be one of {', '.join(CPU_MATMUL)}, got {cpu_matmul!r}")
+    check_cpu_matmul(cpu_matmul)
     if sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL("libc.so.6")
@@ -254,8 +258,7 @@ def check_train(cfg: dict) -> None:
         if isinstance(cfg[key], float) and not math.isfinite(cfg[key]):
             raise ConfigError(f"--{key} must be finite, got {cfg[key]}")
     check_device(cfg["device"])
-    if cfg["cpu_matmul"] not in CPU_MATMUL:
-        raise ConfigError(f"--cpu_matmul must be one of {', '.join(CPU_MATMUL)}, got {cfg['cpu_matmul']!r}")
+    check_cpu_matmul(cfg["cpu_matmul"])
     if cfg["seq_len"] > cfg["max_seq_len"]:   # checked here, before minutes of data preparation
         raise ConfigError(f"seq_len={cfg['seq_len']} exceeds max_seq_len={cfg['max_seq_len']}")
     for key in POSITIVE:

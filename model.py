@@ -680,7 +680,7 @@ class HeadCrossEntropy(torch.autograd.Function):
     the returned logits too, their own gradient). h (N, D), weight (V, D), targets (N,) long (-1 = ignore),
     keep_logits: also return the logits (N, V) (else an empty tensor) -> (loss scalar, logits).
     matmul_precision 'bf16' (config.setup_cpu, --cpu_matmul=head-bf16): its three GEMMs per chunk round their fp32
-    inputs to bf16 and accumulate in fp32 (oneDNN; 2.7-3.5x faster at two threads, measured for one 256-row chunk
+    inputs to bf16 and accumulate in fp32 (oneDNN; 2.6-4.0x faster at two threads, measured for one 256-row chunk
     on the 2-core CPU, 2026-12-02), while every other matmul of the step stays exact."""
     CHUNK = 256
     matmul_precision = "ieee"

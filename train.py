@@ -337,6 +337,7 @@ def end_cost() -> float:
 files = C.RunFiles(cfg["out_dir"], fingerprint["tokenizer"], run_id=ckpt.get("run_id"),
                    resume_step=step if cfg["resume"] else None, enabled=master)
 log_metrics = files.log
+CPU_MATMUL_NOTE = {"bf16": ", bf16-input matmuls", "head-bf16": ", bf16-input head matmuls"}   # (--cpu_matmul)
 if master:
     print("config: " + " ".join(f"{k}={v}" for k, v in cfg.items()))
     print(f"data: {meta['name']}, {meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, "
@@ -346,8 +347,7 @@ if master:
     tokens_per_step = B * T * cfg["grad_accum"] * batch_ranks
     print(f"FLOPs/token (train, incl. MTP): {flops_per_token / 1e6:.1f}M; tokens/step: {tokens_per_step:,}; "
           f"device {device}, {dtype}{', fp8' if cfg['fp8'] else ''}{', compiled' if cfg['compile'] else ''}"
-          f"{', bf16-input matmuls' if device_type == 'cpu' and cfg['cpu_matmul'] == 'bf16' else ''}"
-          f"{', bf16-input head matmuls' if device_type == 'cpu' and cfg['cpu_matmul'] == 'head-bf16' else ''}"
+          f"{CPU_MATMUL_NOTE.get(cfg['cpu_matmul'], '') if device_type == 'cpu' else ''}"
           f"{f', {torch.get_num_threads()} threads' if device_type == 'cpu' else ''}{f', {layout}' if ddp else ''}")
 
 
