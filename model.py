@@ -24,7 +24,7 @@ Simplifications vs. the real thing:
 
 The API callers use: forward(tokens, targets) -> Output(logits, losses); trunk / logits (hidden states and
 their logits, for speculative decoding); setup_cache / rollback_cache / clear_cache (the generation cache);
-update_router_biases (after every optimizer step); set_impl (naive/absorb, grouped/sorted/loop).
+update_router_biases (after every optimizer step); set_impl (naive/absorb, latent/sdpa decoding, grouped/sorted/loop).
 
 Run: python -m pytest tests/test_model.py   (python train.py --config small trains one)
 
@@ -266,6 +266,27 @@ def attention_cpu(q, k, v, mask, causal: bool, scale: float) -> torch.Tensor:
     return torch.bmm(probs.to(v3.dtype), v3).view(B, H, T, Dv)                  # (B, H, T, Dv)
 
 
+# latent_attention serves calls of at most this many query positions (decoding: 1, or D+1 when verifying drafts);
+# longer ones (a prompt) take SDPA, whose fused kernels do not materialize the (H*T, S) scores
+LATENT_MAX_T = 16
+
+
+def latent_attention(q, kv, n_values: int, mask, scale: float) -> torch.Tensor:
+    """Absorbed MLA over the latent cache, without SDPA: q (B, T, H, Ckv+Dr) against the cached rows kv (B, S, Ckv+Dr)
+    = [c_kv ; k_R] of every position, which are the keys, and whose first Ckv columns are the values -> (B, T, H, Ckv).
+    Every head reads the same keys (multi-query attention), so the scores are ONE matmul over all T*H query rows,
+    where SDPA needs a per-head (B, H, S, .) view of the cache: on the H200 that is its memory-efficient kernel,
+    ~55 us per layer for one token over a 1024-position cache (README "Generation"). mask: None or (T, S) bool.
+    As the official inference code: the scores in the working dtype, their softmax in fp32."""
+    B, T, H, Dqk = q.shape
+    scores = q.reshape(B, T * H, Dqk) @ kv.transpose(1, 2)                # (B, T*H, S), row t*H+h
+    scores = at_least_fp32(scores) * scale
+    if mask is not None:   # query position t's mask for each of its H rows
+        scores = scores.masked_fill(~mask.repeat_interleave(H, dim=0), float("-inf"))
+    probs = scores.softmax(dim=-1).to(kv.dtype)                            # (B, T*H, S)
+    return (probs @ kv[..., :n_values]).view(B, T, H, n_values)            # (B, T, H, Ckv)
+
+
 class MLA(nn.Module):
     """Attention whose keys and values are rebuilt from a small per-token latent c_kv (plus one shared
     RoPE key k_R), so a generation cache needs only (Ckv + Dr) numbers per token instead of 2·H·Dh."""
@@ -293,7 +314,17 @@ class MLA(nn.Module):
             mscale = 0.1 * args.mscale * math.log(args.rope_factor) + 1.0
             self.softmax_scale *= mscale * mscale
         self.attn_impl = args.attn_impl
-        self.kv_cache = self.pe_cache = None  # set by Transformer.setup_cache for generation
+        self.decode_impl = "latent"   # absorb mode with a cache, T <= LATENT_MAX_T: 'latent' (latent_attention) or 'sdpa'
+        # the generation cache (Transformer.setup_cache): per position the row [c_kv ; k_R], (B, S_max, Ckv+Dr)
+        self.latent_cache = None
+
+    @property
+    def kv_cache(self):   # (B, S_max, Ckv): the cached c_kv, a view of latent_cache
+        return None if self.latent_cache is None else self.latent_cache[..., :self.kv_lora_rank]
+
+    @property
+    def pe_cache(self):   # (B, S_max, Dr): the cached k_R
+        return None if self.latent_cache is None else self.latent_cache[..., self.kv_lora_rank:]
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, start_pos: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
@@ -309,24 +340,26 @@ class MLA(nn.Module):
         c_kv = self.kv_norm(c_kv)
         k_pe = apply_rotary_emb(k_pe.unsqueeze(2), freqs_cis).squeeze(2)  # eq. (3): (B, T, Dr)
 
+        latent = None   # (B, S, Ckv+Dr): the cached rows [c_kv ; k_R] of every position, when generating
         if isinstance(start_pos, torch.Tensor):   # static shapes for CUDA graphs (sample.py); see below
-            c_kv, k_pe, mask = self.write_cache_static(c_kv, k_pe, start_pos)
-            S, causal = c_kv.size(1), False
+            latent, mask = self.write_cache_static(torch.cat([c_kv, k_pe], dim=-1), start_pos)
+            causal = False
         else:
             end = start_pos + T
-            if self.kv_cache is not None:   # generation: cache only what eq. (1)/(3) produce, then read it all back
-                self.kv_cache[:B, start_pos:end] = c_kv
-                self.pe_cache[:B, start_pos:end] = k_pe
-                c_kv, k_pe = self.kv_cache[:B, :end], self.pe_cache[:B, :end]  # (B, S, Ckv), (B, S, Dr)
+            if self.latent_cache is not None:   # generation: cache only what eq. (1)/(3) produce, then read it all back
+                self.latent_cache[:B, start_pos:end] = torch.cat([c_kv, k_pe], dim=-1)
+                latent = self.latent_cache[:B, :end]                         # (B, S, Ckv+Dr)
             else:
                 assert start_pos == 0, "start_pos > 0 needs a cache (call model.setup_cache first)"
-            S = c_kv.size(1)
             # causal mask for queries at positions start_pos..end-1 against keys 0..S-1; SDPA's is_causal
             # aligns the top-left corner, which is only right when there is no cached prefix
             mask = None
             if start_pos > 0 and T > 1:
-                mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)  # (T, S)
+                mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)  # (T, S)
             causal = start_pos == 0 and T > 1
+        if latent is not None:
+            c_kv, k_pe = latent.split([C, Dr], dim=-1)    # (B, S, Ckv), (B, S, Dr)
+        S = c_kv.size(1)
 
         wkv_b = self.wkv_b.weight.view(H, Dn + Dv, C)     # (H, Dn+Dv, Ckv): W^UK rows then W^UV rows per head
         if self.attn_impl == "naive":
@@ -342,25 +375,30 @@ class MLA(nn.Module):
             # the latent directly; likewise apply W^UV after the weighted sum of latents. Attention becomes
             # multi-query attention over (Ckv+Dr)-dim keys shared by all heads: nothing per head is built.
             q_lat = torch.einsum("bthd,hdc->bthc", q_nope, wkv_b[:, :Dn].to(q_nope.dtype))  # (B, T, H, Ckv)
-            qh = torch.cat([q_lat, q_pe], dim=-1).transpose(1, 2)                          # (B, H, T, Ckv+Dr)
-            k = torch.cat([c_kv, k_pe], dim=-1)[:, None].expand(B, H, S, C + Dr)           # (B, H, S, Ckv+Dr)
-            v = c_kv[:, None].expand(B, H, S, C)                                           # (B, H, S, Ckv)
-            o_lat = attention(qh, k, v, mask, causal, self.softmax_scale)                  # (B, H, T, Ckv)
-            o = torch.einsum("bhtc,hdc->bthd", o_lat, wkv_b[:, Dn:].to(o_lat.dtype))      # (B, T, H, Dv)
+            q = torch.cat([q_lat, q_pe], dim=-1)                                           # (B, T, H, Ckv+Dr)
+            if latent is not None and T <= LATENT_MAX_T and self.decode_impl == "latent":   # decoding
+                if causal:   # a short prompt at position 0: is_causal as a mask
+                    mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril()    # (T, S)
+                o_lat = latent_attention(q, latent, C, mask, self.softmax_scale)             # (B, T, H, Ckv)
+            else:
+                latent = torch.cat([c_kv, k_pe], dim=-1) if latent is None else latent     # (B, S, Ckv+Dr)
+                k = latent[:, None].expand(B, H, S, C + Dr)                                # (B, H, S, Ckv+Dr)
+                v = c_kv[:, None].expand(B, H, S, C)                                       # (B, H, S, Ckv)
+                o_lat = attention(q.transpose(1, 2), k, v, mask, causal, self.softmax_scale).transpose(1, 2)
+            o = torch.einsum("bthc,hdc->bthd", o_lat, wkv_b[:, Dn:].to(o_lat.dtype))      # (B, T, H, Dv)
         return self.wo(o.flatten(2))                       # (B, T, D)
 
-    def write_cache_static(self, c_kv, k_pe, start_pos: torch.Tensor):
-        """The cache step with every shape fixed, so that one CUDA graph serves every position: the T new entries
-        go to positions start_pos..start_pos+T-1 (start_pos a (1,) device tensor, not a Python int), and the
-        queries attend over the WHOLE cache (B, S_max, ...) with the positions after their own masked out: the
-        same attention as reading back only [:end], at S_max/end times the (small) cost for one token."""
-        B, T = c_kv.shape[:2]
-        pos = start_pos + torch.arange(T, device=c_kv.device)                  # (T,) absolute positions
-        self.kv_cache[:B].index_copy_(1, pos, c_kv.to(self.kv_cache.dtype))
-        self.pe_cache[:B].index_copy_(1, pos, k_pe.to(self.pe_cache.dtype))
-        S = self.kv_cache.size(1)
+    def write_cache_static(self, rows, start_pos: torch.Tensor):
+        """The cache step with every shape fixed, so that one CUDA graph serves every position: the T new rows
+        [c_kv ; k_R] (B, T, Ckv+Dr) go to positions start_pos..start_pos+T-1 (start_pos a (1,) device tensor, not a
+        Python int), and the queries attend over the WHOLE cache (B, S_max, ...) with the positions after their own
+        masked out: the same attention as reading back only [:end], at S_max/end times the (small) cost for one token."""
+        B, T = rows.shape[:2]
+        pos = start_pos + torch.arange(T, device=rows.device)                  # (T,) absolute positions
+        self.latent_cache[:B].index_copy_(1, pos, rows.to(self.latent_cache.dtype))
+        S = self.latent_cache.size(1)
         mask = torch.arange(S, device=pos.device) <= pos[:, None]              # (T, S_max) causal, in absolute positions
-        return self.kv_cache[:B], self.pe_cache[:B], mask                      # (B, S_max, Ckv), (B, S_max, Dr), mask
+        return self.latent_cache[:B], mask                                     # (B, S_max, Ckv+Dr), mask
 
 
 # -----------------------------------------------------------------------------
@@ -912,12 +950,13 @@ class Transformer(nn.Module):
     # --- generation cache: the model owns it; callers set it up, roll it back, clear it ------------------
 
     def setup_cache(self, batch_size: int, max_len: int | None = None):
-        """Allocate the MLA cache in every block (main and MTP): only c_kv (Ckv) and k_R (Dr) per token."""
+        """Allocate the MLA cache in every block (main and MTP): only c_kv (Ckv) and k_R (Dr) per token, side by
+        side in one (B, S, Ckv+Dr) tensor (MLA.latent_cache), whose rows are absorbed attention's keys."""
         max_len = max_len or self.args.max_seq_len
         p = self.embed.weight
         for attn in self.attn_modules():
-            attn.kv_cache = torch.zeros(batch_size, max_len, attn.kv_lora_rank, dtype=p.dtype, device=p.device)
-            attn.pe_cache = torch.zeros(batch_size, max_len, attn.dr, dtype=p.dtype, device=p.device)
+            attn.latent_cache = torch.zeros(batch_size, max_len, attn.kv_lora_rank + attn.dr, dtype=p.dtype,
+                                            device=p.device)
 
     def compile_blocks(self, **kwargs):
         """Regional compilation: torch.compile each Block (main and MTP) in place rather than the whole model.
@@ -958,8 +997,7 @@ class Transformer(nn.Module):
         cache that never saw them (sample.py's speculative decoding drops rejected drafts with it)."""
         attns = [b.attn for b in self.layers] if depth == 0 else [self.mtp[depth - 1].block.attn]
         for m in attns:
-            m.kv_cache[:, start:end].zero_()
-            m.pe_cache[:, start:end].zero_()
+            m.latent_cache[:, start:end].zero_()
 
     def cache_report(self) -> dict:
         """Bytes per token of the latent cache that setup_cache allocates (measured on the real buffers): 'mla' for
@@ -975,17 +1013,21 @@ class Transformer(nn.Module):
 
     def clear_cache(self):
         for attn in self.attn_modules():
-            attn.kv_cache = attn.pe_cache = None
+            attn.latent_cache = None
 
     def attn_modules(self):
         return [m for m in self.modules() if isinstance(m, MLA)]
 
-    def set_impl(self, attn: str | None = None, moe: str | None = None):
-        """Switch every MLA between 'naive'/'absorb' and every MoE between 'grouped'/'sorted'/'loop' (same maths)."""
+    def set_impl(self, attn: str | None = None, moe: str | None = None, decode: str | None = None):
+        """Switch every MLA between 'naive'/'absorb' (and its decoding between 'latent'/'sdpa') and every MoE between
+        'grouped'/'sorted'/'loop' (same maths)."""
         assert attn in (None, "naive", "absorb") and moe in (None, "grouped", "sorted", "loop")
+        assert decode in (None, "latent", "sdpa")
         for m in self.modules():
             if isinstance(m, MLA) and attn:
                 m.attn_impl = attn
+            if isinstance(m, MLA) and decode:
+                m.decode_impl = decode
             if isinstance(m, MoE) and moe:
                 m.impl = moe
 

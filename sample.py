@@ -99,11 +99,10 @@ def accept_given(p, q, draft, u: torch.Tensor, e: torch.Tensor):
     pd = p.gather(1, draft[:, None]).squeeze(1)                             # (N,) p(d)
     qd = q.gather(1, draft[:, None]).squeeze(1)                             # (N,) q(d) > 0 since d ~ q
     accepted = u * qd < pd                                                  # u < p(d)/q(d), without dividing
-    residual = (p - q).clamp_min(0)                                         # (N, V)
-    mass = residual.sum(-1, keepdim=True)
-    # p == q leaves no residual mass, but then every draft is accepted; p keeps the race well-defined
-    residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), p)
-    return accepted, torch.where(accepted, draft, race(residual, e))
+    # the race needs no normalized residual: argmax w(x)/E_x picks x with probability w(x) / sum(w) for any
+    # weights w >= 0: one pass over the vocabulary, not a sum and then the race.
+    # p == q leaves no residual (the race then picks index 0), but then every draft is accepted
+    return accepted, torch.where(accepted, draft, race((p - q).clamp_min(0), e))   # (N, V) residual weights
 
 
 def check_length(model: Transformer, n_prompt: int, max_new_tokens: int):
@@ -150,14 +149,14 @@ class Steps:
         one max_seq_len cache for every sequence (the graphs hold its address)."""
         L, mods = need if self.mode == "eager" else self.model.args.max_seq_len, self.model.attn_modules()
         if self.mode != "eager" and self.cache_len == L:
-            for m, (kv, pe) in zip(mods, self.cache):   # ours again, if another Steps on this model replaced them
-                m.kv_cache, m.pe_cache = kv, pe
+            for m, buf in zip(mods, self.cache):   # ours again, if another Steps on this model replaced them
+                m.latent_cache = buf
             for depth in range(len(self.model.mtp) + 1):
                 self.model.rollback_cache(0, L, depth)
         else:
             self.model.setup_cache(1, L)
             self.graphs.clear()
-            self.cache_len, self.cache = L, [(m.kv_cache, m.pe_cache) for m in mods]
+            self.cache_len, self.cache = L, [m.latent_cache for m in mods]
         return L
 
     def prefill(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -255,8 +254,9 @@ class Steps:
         drafts, qs = [], []
         for k in range(1, D + 1):   # depth k at positions n-D..n reads x_{n-D+k}..x_{n+1}, then d_1..d_{k-1}
             toks = torch.cat([seq[n - D + k + ar[:D + 2 - k]], *drafts])                # (D+1,)
-            logits_k, h_k = m.mtp_forward(k, hid[k - 1].index_select(1, win), toks[None], n - D)
+            _, h_k = m.mtp_forward(k, hid[k - 1].index_select(1, win), toks[None], n - D, with_logits=False)
             hid[k].index_copy_(1, win, h_k)
+            logits_k = m.logits(m.mtp[k - 1].head_input(h_k[:, -1:]))                   # (1, 1, V): the draft's row
             qs.append(probs_from_logits(logits_k[:, -1], *sampling))                     # (1, V)
             drafts.append(race(qs[-1], e_q[k - 1]))                                      # (1,)
         h = m.trunk(torch.cat([seq[n + 1], *drafts])[None], n + 1)                      # (1, D+1, dim) verify

@@ -12,14 +12,15 @@ so they must produce the same tokens (checked; bf16 rounding can flip a near-tie
 
 On a GPU it also times the CUDA-graph paths: one graph per forward, one per whole step / speculative round as
 main had them (each MoE forward stacks its experts' weights), with the experts' weights stacked once
-(MoE.stack_experts), and with each step / round torch.compile'd as well (sample.Steps(compile=True), the compile
-time printed); --profile=True adds each whole-step path's kernels per step and per round and
-their GPU time (torch.profiler over the same steps run without graphs), and the slowest kernels to --log.
+(MoE.stack_experts) (--uncompiled=False skips these three), and with each step / round torch.compile'd as well
+(sample.Steps(compile=True), the compile time printed; --sdpa_decode=True adds the same with SDPA instead of
+model.latent_attention for the decoding attention); --profile=True adds each whole-step path's kernels per step and
+per round and their GPU time (torch.profiler over the same steps run without graphs), and the slowest kernels to --log.
 
 Run: python bench/bench_sample.py [--out_dir=out-small | --config small] [--device=cpu] [--new_tokens=64] [--threads=1]
      GPU: python bench/bench_sample.py --config gpu --device=cuda --prompt_len=128 --new_tokens=256 --no_cache=False
           [--eager_all=False: of the launch-bound eager paths only the baseline] [--compile=False] [--profile=True]
-          [--log=FILE: the profile's top kernels]
+          [--log=FILE: the profile's top kernels] [--uncompiled=False] [--sdpa_decode=True]
 """
 import copy
 import os
@@ -36,7 +37,7 @@ from model import Transformer  # noqa: E402
 
 DEFAULTS = dict(out_dir="", preset="", device="auto", dtype="auto", prompt="<|endoftext|>", prompt_len=32,
                 new_tokens=64, repeats=5, temperature=0.0, draft_depth=0, seed=0, no_cache=True, threads=0,
-                eager_all=True, compile=True, profile=False, log="")
+                eager_all=True, compile=True, profile=False, log="", uncompiled=True, sdpa_decode=False)
 # a preset holds training keys too (out_dir, lr, ...): the bench takes only its ModelArgs fields
 MODEL_PRESETS = {name: {k: v for k, v in p.items() if k in MODEL_DEFAULTS} for name, p in PRESETS.items()}
 
@@ -105,16 +106,24 @@ def main(argv):
     # Steps keeps its own cache (and graphs) while the paths take turns; the later paths run on a copy whose
     # experts' weights are stacked once (MoE.stack_experts; the same values), compiled or not
     per_forward, graphed = sample.Steps(model, "graphs", whole=False), sample.Steps(model, "graphs")
-    gpu = graphed.mode == "graphs"
-    variants = {"": graphed}   # label -> Steps of whole steps / rounds
+    gpu, uncompiled = graphed.mode == "graphs", c["uncompiled"] or not c["compile"]
+    variants = {"": graphed} if uncompiled else {}   # label -> Steps of whole steps / rounds
+
+    def stacked(decode="latent"):
+        m = copy.deepcopy(model)
+        m.set_impl(decode=decode)
+        for moe in m.moe_layers():
+            moe.stack_experts()
+        return m
 
     if gpu:
-        fast = copy.deepcopy(model)
-        for moe in fast.moe_layers():
-            moe.stack_experts()
-        variants[", experts stacked"] = sample.Steps(fast, "graphs")
+        fast = stacked()
+        if uncompiled:
+            variants[", experts stacked"] = sample.Steps(fast, "graphs")
         if c["compile"]:
             variants[", compiled"] = sample.Steps(fast, "graphs", compile=True)
+        if c["compile"] and c["sdpa_decode"]:   # the decoding attention as before model.latent_attention
+            variants[", compiled, SDPA decoding"] = sample.Steps(stacked("sdpa"), "graphs", compile=True)
 
     def run(spec=False, cache=True, impl="absorb", steps=None):
         m = steps.model if steps else model
@@ -133,9 +142,10 @@ def main(argv):
     paths["latent cache, absorb"] = lambda: run()
     if c["eager_all"] or not gpu:
         paths["speculative (MTP draft), absorb"] = lambda: run(spec=True)
-    if gpu:
+    if gpu and uncompiled:
         paths["CUDA graph per forward, absorb"] = lambda: run(steps=per_forward)
         paths["CUDA graph per forward, speculative"] = lambda: run(spec=True, steps=per_forward)
+    if gpu:
         for name, steps in variants.items():
             paths[f"CUDA graph per step{name}, absorb"] = lambda s=steps: run(steps=s)
             paths[f"CUDA graph per round{name}, speculative"] = lambda s=steps: run(spec=True, steps=s)
@@ -164,8 +174,7 @@ def main(argv):
             print(f"graphs{name or ' (main)'}: speculative {plain[0] / spec[0]:.2f}x plain; {ms[0]:.3f} ms per step, "
                   f"{ms[1]:.3f} ms per round ({ms[1] / ms[0]:.2f} steps), {N / spec[2][1]['forwards']:.2f} tokens per "
                   "round (prefill and read-backs included)")
-    spec = "speculative (MTP draft), absorb" if "speculative (MTP draft), absorb" in results else \
-        "CUDA graph per round, speculative"
+    spec = next(k for k in results if "speculative" in k)   # (greedy paths agree until bf16 rounding flips a near-tie)
     st = results[spec][2][1]
     rates = ", ".join(f"depth {k}: {y}/{x} = {y / max(x, 1):.1%}" for k, (x, y) in enumerate(zip(st["tried"], st["accepted"]), 1))
     note = "" if c["out_dir"] else "  (random weights: meaningless, the MTP module has learnt nothing)"

@@ -125,6 +125,27 @@ def test_acceptance_rule_preserves_target_distribution(p, q):
         assert (torch.bincount(from_p, minlength=5).double() / N - p[0]).abs().max() > 0.05
 
 
+def test_rejected_drafts_resample_from_the_normalized_residual():
+    # accept_given races the residual weights max(0, p - q) without dividing by their sum (one pass over the
+    # vocabulary): a rejected draft must still be replaced by a draw from norm(max(0, p - q)), also when that
+    # mass is small (here 0.015; std per frequency <= sqrt(0.25/N) = 1.1e-3, tolerance 6e-3 > 5 sigma, while
+    # racing p instead misses by > 0.3). Greedy (one-hot p and q): a rejected draft becomes argmax p, whatever the noise.
+    N = 200_000
+    p = torch.tensor([[0.30, 0.25, 0.20, 0.15, 0.10]])
+    q = torch.tensor([[0.305, 0.24, 0.195, 0.15, 0.11]])              # residual (0, .01, .005, 0, 0): mass .015
+    g = gen(0)
+    draft = torch.zeros(N, dtype=torch.long)                           # p(0) < q(0): with u -> 1, always rejected
+    u = torch.full((N,), 1.0 - 1e-7)
+    ok, tok = sample.accept_given(p.expand(N, -1), q.expand(N, -1), draft, u, sample.exp_noise((N, 5), "cpu", g))
+    assert not ok.any()
+    want = (p - q).clamp_min(0)[0] / (p - q).clamp_min(0).sum()
+    assert (torch.bincount(tok, minlength=5).double() / N - want).abs().max() < 6e-3, torch.bincount(tok) / N
+    one_hot = lambda i: torch.nn.functional.one_hot(torch.tensor([i] * 8), 5).float()   # (8, 5)
+    ok, tok = sample.accept_given(one_hot(3), one_hot(1), torch.full((8,), 1), torch.rand(8, generator=g),
+                                  sample.exp_noise((8, 5), "cpu", g))
+    assert not ok.any() and (tok == 3).all()
+
+
 # --- speculative decoding ---------------------------------------------------------------
 
 @pytest.mark.parametrize("depth", [1, 2])
