@@ -292,6 +292,7 @@ def budget_horizon(step: int, cfg: dict, sec_per_step: float, sec_left: float, s
     steps) and the final eval/sample/checkpoint fit in the sec_left seconds the budget has left, at the
     measured sec_per_step. Never before `step`, never past max_iters."""
     left = sec_left - sec_per_eval                               # the end of the run: one more eval, checkpoint
-    horizon = step + int(left / sec_per_step)
+    # only the evals before max_iters are due: counting those of steps past it could leave no time for any step
+    horizon = min(cfg["max_iters"], step + int(left / sec_per_step))
     evals_due = max(0, (horizon - 1) // cfg["eval_interval"] - step // cfg["eval_interval"])
     return min(cfg["max_iters"], step + max(0, int((left - evals_due * sec_per_eval) / sec_per_step)))

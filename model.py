@@ -267,8 +267,10 @@ def attention_cpu(q, k, v, mask, causal: bool, scale: float) -> torch.Tensor:
 
 
 # latent_attention serves calls of at most this many query positions (decoding: 1, or D+1 when verifying drafts);
-# longer ones (a prompt) take SDPA, whose fused kernels do not materialize the (H*T, S) scores
-LATENT_MAX_T = 16
+# longer ones (a prompt) take SDPA, whose fused kernels do not materialize the (H*T, S) scores. Measured on an H200
+# at the gpu preset's widths over a 1024-position cache (bench/bench_attention.py): latent_attention takes 0.35x
+# SDPA's time at T=1, 0.39x at 64, 0.68x at 256, 1.6x at 1024
+LATENT_MAX_T = 64
 
 
 def latent_attention(q, kv, n_values: int, mask, scale: float) -> torch.Tensor:
@@ -276,7 +278,8 @@ def latent_attention(q, kv, n_values: int, mask, scale: float) -> torch.Tensor:
     = [c_kv ; k_R] of every position, which are the keys, and whose first Ckv columns are the values -> (B, T, H, Ckv).
     Every head reads the same keys (multi-query attention), so the scores are ONE matmul over all T*H query rows,
     where SDPA needs a per-head (B, H, S, .) view of the cache: on the H200 that is its memory-efficient kernel,
-    ~55 us per layer for one token over a 1024-position cache (README "Generation"). mask: None or (T, S) bool.
+    ~60 us per layer for one token over a 1024-position cache, against 8.5 us for this, compiled (README
+    "Generation"). mask: None or (T, S) bool.
     As the official inference code: the scores in the working dtype, their softmax in fp32."""
     B, T, H, Dqk = q.shape
     scores = q.reshape(B, T * H, Dqk) @ kv.transpose(1, 2)                # (B, T*H, S), row t*H+h

@@ -130,3 +130,6 @@ def test_budget_horizon_counts_the_evals_still_due_and_the_end():
     assert budget_horizon(0, dict(cfg, eval_interval=10**6), 0.1, 50.0, 2.0) == 480     # no eval on the way
     assert budget_horizon(0, dict(cfg, max_iters=300), 0.1, 50.0, 2.0) == 300           # max_iters caps it
     assert budget_horizon(123, cfg, 0.1, 1.0, 2.0) == 123                               # late: stop now
+    # time for many more steps than max_iters: the evals past max_iters are not due (the gpu preset on an H200:
+    # 45 ms steps, 3.2 s evals, 111 s left at step 20 once stopped the run there, counting 49 evals instead of 19)
+    assert budget_horizon(20, dict(cfg, max_iters=1000, eval_interval=50), 0.045, 111.0, 3.2) == 1000
