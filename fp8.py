@@ -610,15 +610,93 @@ def _refresh_model_caches(model: nn.Module, args) -> None:
 # low-precision optimizer state (§3.3.3): AdamW with BF16 moments and FP32 master weights
 
 
+class _Bucket(NamedTuple):
+    """FP32 parameters laid out in one flat buffer (each `p.data` a view of it, 64-element aligned, zero gaps), and
+    their moments in two flat BF16 buffers, so that one kernel updates them all. While every parameter took every
+    step they share one step count, `step`."""
+    params: list[Tensor]
+    ptrs: list[int]  # each parameter's data_ptr when laid out: another means the bucket was undone (p.data = ...)
+    pads: list[int]  # zero elements after each parameter (alignment)
+    flat: Tensor  # (n,) fp32: the parameters
+    m: Tensor  # (n,) bf16
+    v: Tensor  # (n,) bf16
+    step: Tensor | None  # 0-d fp32, shared by the parameters' states (None: each has its own)
+    zeros: Tensor  # (ALIGN,) the gaps' gradients
+
+
 class AdamWBF16(torch.optim.Optimizer):
     """torch.optim.AdamW's update (decoupled weight decay, bias correction) with exp_avg and exp_avg_sq
     stored in BF16 (half the optimizer memory). FP32 parameters are their own master weights; a BF16/FP16
-    parameter gets an FP32 master copy in its state, and the parameter is a rounded copy of it. The update
-    is one fused pass per parameter (kernels.adamw_bf16, compiled on a GPU)."""
+    parameter gets an FP32 master copy in its state, and the parameter is a rounded copy of it.
+
+    The update is one fused pass (kernels.adamw_bf16, compiled on a GPU) per *bucket* of parameters: at the first
+    step the FP32 parameters of a group are moved, in order, into flat buffers of up to BUCKET elements (each
+    parameter's `.data` becomes a view of its bucket: same values, same Parameter objects) and their moments
+    into matching flat BF16 buffers; a step concatenates the bucket's gradients (one copy) and updates the whole
+    bucket in one kernel launch. One launch per parameter instead made the host the bottleneck of a small model's
+    step (the gpu preset's 167 parameters: README). The per-parameter update on views of the buffers stays the
+    reference (and the path of low-precision parameters): it runs where a parameter of a bucket has no gradient
+    this step (torch's rule: no update, its step count stays) and from then on for that bucket, whose parameters
+    no longer share one step count. A parameter moved out of its bucket (`p.data = ...`, `model.to()`) is
+    noticed at the next step, and the bucket is laid out again from the current values."""
+    BUCKET = 2 ** 27  # elements (512 MiB of FP32): bounds the concatenated gradients' transient memory
+    ALIGN = 64  # elements: every parameter's view starts 256-byte aligned, as compiled kernels expect
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self._buckets: dict[int, list[_Bucket]] = {}  # per param group (its index)
+
+    def _init_state(self, p: Tensor) -> dict:
+        st = self.state[p]
+        if not st:
+            st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)  # a tensor: see kernels
+            st["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16, memory_format=torch.contiguous_format)
+            st["exp_avg_sq"] = torch.zeros_like(st["exp_avg"])
+            if p.dtype != torch.float32:
+                st["master"] = p.detach().float()
+        return st
+
+    @torch.no_grad()
+    def _lay_out(self, params: list[Tensor]) -> _Bucket:
+        """Move params (FP32, one device) and their states into flat buffers; each becomes a view of them."""
+        sts = [self._init_state(p) for p in params]
+        sizes = [p.numel() for p in params]
+        pads = [-n % self.ALIGN for n in sizes]
+        n, dev = sum(sizes) + sum(pads), params[0].device
+        flat = torch.zeros(n, device=dev)
+        m, v = torch.zeros(n, device=dev, dtype=torch.bfloat16), torch.zeros(n, device=dev, dtype=torch.bfloat16)
+        steps = {float(st["step"]) for st in sts}  # (a host read, once per lay-out)
+        step = torch.full((), steps.pop(), device=dev) if len(steps) == 1 else None  # else: each keeps its own
+        o = 0
+        for p, st, k, pad in zip(params, sts, sizes, pads):
+            view = slice(o, o + k)
+            flat[view].copy_(p.detach().reshape(-1))
+            m[view].copy_(st["exp_avg"].reshape(-1))
+            v[view].copy_(st["exp_avg_sq"].reshape(-1))
+            p.data = flat[view].view_as(p)
+            st["exp_avg"], st["exp_avg_sq"] = m[view].view_as(p), v[view].view_as(p)
+            if step is not None:
+                st["step"] = step
+            o += k + pad
+        return _Bucket(params, [p.data_ptr() for p in params], pads, flat, m, v, step, flat.new_zeros(self.ALIGN))
+
+    def _group_buckets(self, i: int, group: dict) -> list[_Bucket]:
+        """The group's buckets, laid out at its first step, and again where a parameter has left its bucket."""
+        buckets = self._buckets.get(i)
+        if buckets is not None and all(q == p.data_ptr() for b in buckets for p, q in zip(b.params, b.ptrs)):
+            return buckets
+        fp32 = [p for p in group["params"] if p.dtype == torch.float32 and not p.is_sparse]
+        buckets, run, size = [], [], 0
+        for p in fp32 + [None]:  # runs of consecutive parameters on one device, up to BUCKET elements each
+            if run and (p is None or p.device != run[0].device or size + p.numel() > self.BUCKET):
+                buckets.append(self._lay_out(run))
+                run, size = [], 0
+            if p is not None:
+                run.append(p)
+                size += p.numel() + -p.numel() % self.ALIGN
+        self._buckets[i] = buckets
+        return buckets
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -626,26 +704,31 @@ class AdamWBF16(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            (b1, b2), lr_wd = group["betas"], {}
-            for p in group["params"]:
-                if p.grad is None:  # e.g. an expert that saw no token: no update, its step count stays
+        for i, group in enumerate(self.param_groups):
+            (b1, b2), eps = group["betas"], group["eps"]
+            lr_wd = {}
+            for dev in {p.device for p in group["params"] if p.grad is not None}:
+                # lr changes every step: a device tensor, not a constant of the kernel, filled on the device
+                # (torch.tensor(..., device=) would wait for the GPU to finish the backward)
+                lr_wd[dev] = torch.full((2,), group["lr"], device=dev)
+                lr_wd[dev][1].fill_(group["weight_decay"])
+            alone = [p for p in group["params"] if p.grad is not None and p.dtype != torch.float32]
+            for b in self._group_buckets(i, group):
+                grads = [p.grad for p in b.params]
+                if b.step is not None and all(g is not None for g in grads):  # the fast path: one kernel
+                    g = torch.cat([t for gr, pad in zip(grads, b.pads) for t in (gr.reshape(-1), b.zeros[:pad])])
+                    _update(b.flat)(b.flat, g, b.m, b.v, b.step, lr_wd[b.flat.device], b1, b2, eps)
                     continue
-                st = self.state[p]
-                if not st:
-                    st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)  # a tensor: see kernels
-                    st["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16, memory_format=torch.contiguous_format)
-                    st["exp_avg_sq"] = torch.zeros_like(st["exp_avg"])
-                    if p.dtype != torch.float32:
-                        st["master"] = p.detach().float()
-                if p.device not in lr_wd:  # lr changes every step: a device tensor, not a constant of the kernel,
-                    # set by kernels (torch.tensor(..., device=) would wait for the GPU to finish the backward)
-                    lr_wd[p.device] = torch.full((2,), group["lr"], device=p.device)
-                    lr_wd[p.device][1].fill_(group["weight_decay"])
+                if b.step is not None:  # a parameter skips this step: from now on each keeps its own count
+                    for p in b.params:
+                        self.state[p]["step"] = b.step.clone()
+                    self._buckets[i][self._buckets[i].index(b)] = b = b._replace(step=None)
+                alone += [p for p in b.params if p.grad is not None]
+            for p in alone:  # the reference: one parameter at a time
+                st = self._init_state(p)
                 w = st.get("master", p.detach())  # detach shares p's storage and version counter
-                update = kernels.adamw_bf16 if p.is_cuda else kernels.adamw_bf16_ref
-                update(w, p.grad.detach().contiguous(), st["exp_avg"], st["exp_avg_sq"], st["step"],
-                       lr_wd[p.device], b1, b2, group["eps"])
+                _update(w)(w, p.grad.detach().contiguous(), st["exp_avg"], st["exp_avg_sq"], st["step"],
+                           lr_wd[p.device], b1, b2, eps)
                 if "master" in st:
                     p.copy_(w)
         return loss
@@ -655,6 +738,7 @@ class AdamWBF16(torch.optim.Optimizer):
         # masters of low-precision parameters at full precision, and keep the step an fp32 tensor on the device
         saved = {i: s["master"] for i, s in state_dict["state"].items() if "master" in s}
         super().load_state_dict(state_dict)
+        self._buckets = {}  # laid out again, from the loaded state, at the next step
         ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = dict(zip(ids, chain.from_iterable(g["params"] for g in self.param_groups)))
         for i, p in params.items():
@@ -666,3 +750,7 @@ class AdamWBF16(torch.optim.Optimizer):
                 st["step"] = torch.as_tensor(st["step"], dtype=torch.float32).to(p.device)
             if i in saved:
                 st["master"] = saved[i].to(device=p.device, dtype=torch.float32)
+
+
+def _update(w: Tensor):
+    return kernels.adamw_bf16 if w.is_cuda else kernels.adamw_bf16_ref

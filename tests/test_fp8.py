@@ -523,6 +523,65 @@ def test_adamw_bf16_state_dict_round_trip_is_exact():
         assert all(torch.equal(a, b) for a, b in zip(net.parameters(), net2.parameters()))
 
 
+def _reference_adamw_bf16(params, grads_per_step, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, wd=0.1):
+    """The per-parameter update (kernels.adamw_bf16_ref, one parameter at a time; None: no gradient, no update)
+    on copies of params: what AdamWBF16's buckets must equal."""
+    ws = [p.detach().clone() for p in params]
+    sts = [(torch.zeros_like(w, dtype=torch.bfloat16), torch.zeros_like(w, dtype=torch.bfloat16), torch.zeros(()))
+           for w in ws]
+    for grads in grads_per_step:
+        for w, g, (m, v, step) in zip(ws, grads, sts):
+            if g is not None:
+                K.adamw_bf16_ref(w, g, m, v, step, torch.tensor([lr, wd]), *betas, eps)
+    return ws
+
+
+def test_adamw_bf16_updates_each_bucket_in_one_kernel_as_the_per_parameter_update_does(monkeypatch):
+    # odd sizes (gaps of the 64-element alignment), two groups, and buckets small enough to split group 0
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(33, 17), nn.Linear(17, 50), nn.Linear(50, 3))
+    params = list(net.parameters())
+    monkeypatch.setattr(fp8.AdamWBF16, "BUCKET", 1024)
+    opt = fp8.AdamWBF16([dict(params=params[:4]), dict(params=params[4:])], lr=1e-2, betas=(0.9, 0.95),
+                        weight_decay=0.1)
+    calls = []
+    monkeypatch.setattr(K, "adamw_bf16_ref", lambda w, *a: calls.append(w.numel()) or REF(w, *a))
+    grads_per_step = [[randn(*p.shape, seed=10 * s + i) for i, p in enumerate(params)] for s in range(4)]
+    grads_per_step[2][1] = None  # the second parameter skips step 3: its bucket then updates parameter by parameter
+    ref = _reference_adamw_bf16(params, grads_per_step)
+    for s, grads in enumerate(grads_per_step):
+        for p, g in zip(params, grads):
+            p.grad = g
+        calls.clear()
+        opt.step()
+        if s < 2:  # buckets [W0, b0] (561 + 15 gap, 17 + 47), [W1, b1] (850 + 46, 50 + 14), [W2, b2]: a kernel each
+            assert sorted(calls) == [256, 640, 960]
+            assert params[2].untyped_storage().data_ptr() == params[3].untyped_storage().data_ptr()
+    # the same numbers as the reference (elementwise the same operations: only the order of the parameters differs)
+    assert max(rel_err(p, r) for p, r in zip(params, ref)) < 1e-6
+    assert opt.state[params[1]]["step"].item() == 3 and opt.state[params[0]]["step"].item() == 4
+    assert all(p.grad is not None for p in params[2:])  # Parameters kept: p.grad and the model still see them
+
+
+def test_adamw_bf16_notices_a_parameter_moved_out_of_its_bucket():
+    # model.to(), p.data = ...: the bucket is laid out again from the current values (else p would stop training)
+    torch.manual_seed(0)
+    net = nn.Linear(20, 10)
+    opt = fp8.AdamWBF16(net.parameters(), lr=1e-2, weight_decay=0.1)
+    grads = [[randn(10, 20, seed=s), randn(10, seed=s + 100)] for s in range(3)]
+    ref = _reference_adamw_bf16(list(net.parameters()), grads, betas=(0.9, 0.95))
+    for s, gs in enumerate(grads):
+        if s == 1:
+            net.weight.data = net.weight.data.clone()  # the weight leaves its bucket, keeping its values
+        for p, g in zip(net.parameters(), gs):
+            p.grad = g
+        opt.step()
+    assert max(rel_err(p, r) for p, r in zip(net.parameters(), ref)) < 1e-6
+
+
+REF = K.adamw_bf16_ref
+
+
 # --- a short training run ------------------------------------------------------------------------------------
 
 def bigram_batch(step, B=8, T=64, V=64):
