@@ -754,7 +754,8 @@ class AdamWBF16(torch.optim.Optimizer):
                 lr_wd[dev] = torch.full((2,), group["lr"], device=dev)
                 lr_wd[dev][1].fill_(group["weight_decay"])
             alone = [p for p in group["params"] if p.grad is not None and p.dtype != torch.float32]
-            for b in self._group_buckets(i, group):
+            buckets = self._group_buckets(i, group)
+            for k, b in enumerate(buckets):
                 grads = [p.grad for p in b.params]
                 if b.step is not None and all(g is not None for g in grads):  # the fast path: one kernel
                     g = grads[0].reshape(-1) if len(grads) == 1 and not b.pads[0] else \
@@ -764,7 +765,7 @@ class AdamWBF16(torch.optim.Optimizer):
                 if b.step is not None:  # a parameter skips this step: from now on each keeps its own count
                     for p in b.params:
                         self.state[p]["step"] = b.step.clone()
-                    self._buckets[i][self._buckets[i].index(b)] = b = b._replace(step=None)
+                    buckets[k] = b = b._replace(step=None)
                 alone += [p for p in b.params if p.grad is not None]
             for p in alone:  # the reference: one parameter at a time
                 st = self._init_state(p)

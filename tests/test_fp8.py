@@ -576,7 +576,7 @@ def test_adamw_bf16_updates_each_bucket_in_one_kernel_as_the_per_parameter_updat
     calls = []
     monkeypatch.setattr(K, "adamw_bf16_ref", lambda w, *a: calls.append(w.numel()) or REF(w, *a))
     grads_per_step = [[randn(*p.shape, seed=10 * s + i) for i, p in enumerate(params)] for s in range(4)]
-    grads_per_step[2][1] = None  # the second parameter skips step 3: its bucket then updates parameter by parameter
+    grads_per_step[2][3] = None  # b1 skips step 3: its bucket (the third) then updates parameter by parameter
     ref = _reference_adamw_bf16(params, grads_per_step)
     for s, grads in enumerate(grads_per_step):
         for p, g in zip(params, grads):
@@ -589,7 +589,7 @@ def test_adamw_bf16_updates_each_bucket_in_one_kernel_as_the_per_parameter_updat
             assert params[2].data_ptr() == w1_storage
     # the same numbers as the reference (elementwise the same operations: only the order of the parameters differs)
     assert max(rel_err(p, r) for p, r in zip(params, ref)) < 1e-6
-    assert opt.state[params[1]]["step"].item() == 3 and opt.state[params[0]]["step"].item() == 4
+    assert opt.state[params[3]]["step"].item() == 3 and opt.state[params[0]]["step"].item() == 4
     assert all(p.grad is not None for p in params[2:])  # Parameters kept: p.grad and the model still see them
 
 
