@@ -219,37 +219,80 @@ _live = weakref.WeakSet()  # the FP8 modules whose cache was ever made (a cache 
 def _refresh_after_optimizer_steps() -> None:
     def refresh(opt, args, kwargs):
         held = {id(p) for g in opt.param_groups for p in g["params"]}
-        for m in list(_live):
-            if any(id(w) in held for w in m.fp8_weights()):
-                m.refresh_fp8(force=True)
+        _quantize([m for m in list(_live) if any(id(w) in held for w in m.fp8_weights())])
     register_optimizer_step_post_hook(refresh)  # registered once per process, at the first FP8 cache made
 
 
+STACK_MAX = 2 ** 22  # weights up to this many elements are stacked in fp32 and quantized in one call (_quant_stack)
+
+
 def _quant_stack(ws: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """E matrices (N, K) -> q (E, Np, Kp) e4m3, s (E, Np/128, Kp/128), each in its own 128×128 blocks (quantized
-    where it lies, then stacked: 1 byte per value to copy, where stacking the fp32 weights would move 4)."""
-    qs = [_k("quant_128x128", w)(w) for w in ws]
-    return torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
+    """E matrices (N, K) -> q (E, Np, Kp) e4m3, s (E, Np/128, Kp/128), each in its own 128×128 blocks. Small ones
+    are stacked first and quantized by one call (a compiled kernel's call costs the host ~0.1 ms, more than the GPU
+    needs to copy a 1024×1024 weight); large ones are quantized where they lie and stacked in FP8 (1 byte per
+    value to copy, where stacking the fp32 weights would move 4)."""
+    N, K = ws[0].shape
+    if ws[0].numel() > STACK_MAX:
+        qs = [_k("quant_128x128", w)(w) for w in ws]
+        return torch.stack([q for q, _ in qs]), torch.stack([s for _, s in qs])
+    w = torch.stack(ws)  # (E, N, K)
+    if N % TILE or K % TILE:
+        w = F.pad(w, (0, -K % TILE, 0, -N % TILE))  # each matrix padded alone: no block spans two of them
+    E, Np, Kp = w.shape
+    q, s = _k("quant_128x128", w)(w.view(E * Np, Kp))
+    return q.view(E, Np, Kp), s.view(E, Np // TILE, Kp // TILE)
+
+
+def _quantize(mods: list["CachedFp8Weights"]) -> None:
+    """Make the FP8 caches of these modules: each matrix of `fp8_groups()` in 128×128 blocks (Fprop's operand) and
+    its blocks transposed (Dgrad's). Matrices of one shape are quantized and transposed together, whichever module
+    they belong to, so refreshing a model after an optimizer step is a few calls per weight shape, not a few per
+    layer: with one call per layer the host took longer than the GPU's whole step (gpu preset, README)."""
+    jobs = {}  # (N, K, r, dtype, device) -> [(module, index of its matrix, weights)]
+    for m in mods:
+        groups = m.fp8_groups()
+        m.fp8_fwd, m.fp8_bwd = [None] * len(groups), [None] * len(groups)
+        for j, (ws, r) in enumerate(groups):
+            jobs.setdefault((*ws[0].shape, r, ws[0].dtype, ws[0].device), []).append((m, j, ws))
+    for (N, K, r, _, dev), items in jobs.items():
+        with torch.no_grad(), torch.autocast(dev.type, enabled=False):  # FP8 has no autocast
+            q, s = _quant_stack([w.detach() for *_, ws in items for w in ws])  # (n, Np, Kp), (n, Np/128, Kp/128)
+            q, s = q.view(-1, r * q.shape[1], q.shape[2]), s.view(-1, r * s.shape[1], s.shape[2])  # r rows each
+            qT, sT = _k("transpose_128x128", q)(q, s)  # Wᵀ's blocks
+        a = 0
+        for m, j, ws in items:
+            e = len(ws) // r
+            m.fp8_fwd[j], m.fp8_bwd[j] = (q[a:a + e], s[a:a + e]), (qT[a:a + e], sT[a:a + e])
+            a += e
+    for m in mods:
+        ws = m.fp8_weights()
+        m.fp8_key, m.fp8_hw = m.fp8_version(), hopper_gemms(m.backend, ws[0].device)
+        _live.add(m)  # (here, not in __init__: a deep copy of the module is a new one)
+    if mods:
+        _refresh_after_optimizer_steps()
 
 
 class CachedFp8Weights:
-    """Mixin of the FP8 modules below: FP8 copies of the module's weights (`fp8_weights()`, quantized by
-    `fp8_quantize()`), made by refresh_fp8, read by the forward through fp8_cache. `fp8_fwd` [(q, s) per stacked
-    matrix] is what Fprop reads, `fp8_bwd` the transposed blocks Dgrad reads, `fp8_hw` what the layer's back end
-    runs on the hardware of the weights' device."""
+    """Mixin of the FP8 modules below: FP8 copies of the module's weights (`fp8_weights()`, grouped into the
+    matrices the GEMMs read by `fp8_groups()`), made by _quantize, read by the forward through fp8_cache. `fp8_fwd`
+    [(q, s) per matrix group] is what Fprop reads, `fp8_bwd` the transposed blocks Dgrad reads, `fp8_hw` what the
+    layer's back end runs on the hardware of the weights' device."""
     fp8_key = fp8_fwd = fp8_bwd = fp8_hw = None
+
+    def fp8_groups(self) -> list[tuple[list[Tensor], int]]:
+        """[(weights, r)]: each group is E = len(weights) / r matrices of r weights stacked along the rows."""
+        raise NotImplementedError
+
+    def fp8_weights(self) -> list[Tensor]:
+        return [w for ws, _ in self.fp8_groups() for w in ws]
+
+    def fp8_version(self) -> tuple:
+        return tuple((w._version, w.data_ptr(), w.dtype) for w in self.fp8_weights())
 
     @torch.compiler.disable  # eager, also where a compiled graph calls it (a layer never run before)
     def refresh_fp8(self, force: bool = False) -> None:
-        ws = self.fp8_weights()
-        key = tuple((w._version, w.data_ptr(), w.dtype) for w in ws)
-        if force or key != self.fp8_key:
-            with torch.no_grad(), torch.autocast(ws[0].device.type, enabled=False):  # FP8 has no autocast
-                self.fp8_fwd = self.fp8_quantize()
-                self.fp8_bwd = [_k("transpose_128x128", q)(q, s) for q, s in self.fp8_fwd]  # Wᵀ's blocks
-            self.fp8_key, self.fp8_hw = key, hopper_gemms(self.backend, ws[0].device)
-            _live.add(self)  # (here, not in __init__: a deep copy of the module is a new one)
-            _refresh_after_optimizer_steps()
+        if force or self.fp8_version() != self.fp8_key:
+            _quantize([self])
 
     def fp8_cache(self) -> list[Tensor]:
         """q, s of each matrix, then of each transpose: checked eagerly; inside a compiled graph read as they are
@@ -259,13 +302,10 @@ class CachedFp8Weights:
         return [t for q_s in (*self.fp8_fwd, *self.fp8_bwd) for t in q_s]
 
 
-def _swiglu_weights(mlps) -> list[tuple[Tensor, Tensor]]:
-    """[(qw13, sw13) (E, 2Fp, Dp): W1 and W3 of each FFN stacked (they read the same x; W3 starts at row Fp),
-    (qw2, sw2) (E, Dp, Fp)] and their block scales."""
-    q13, s13 = _quant_stack([w for m in mlps for w in (m.w1.weight, m.w3.weight)])  # (2E, Fp, Dp), (2E, ., .)
-    E = len(mlps)
-    return [(q13.view(E, -1, q13.shape[-1]), s13.view(E, -1, s13.shape[-1])),
-            _quant_stack([m.w2.weight for m in mlps])]
+def _swiglu_groups(mlps) -> list[tuple[list[Tensor], int]]:
+    """W1 and W3 of each FFN stacked along the rows (they read the same x; W3 starts at row Fp): (E, 2Fp, Dp);
+    W2 of each: (E, Dp, Fp)."""
+    return [([w for m in mlps for w in (m.w1.weight, m.w3.weight)], 2), ([m.w2.weight for m in mlps], 1)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -387,11 +427,8 @@ class Fp8Linear(CachedFp8Weights, nn.Linear):
         new.weight, new.bias = lin.weight, lin.bias  # the very same Parameters: optimizers and views still hold
         return new
 
-    def fp8_weights(self) -> list[Tensor]:
-        return [self.weight]
-
-    def fp8_quantize(self) -> list[tuple[Tensor, Tensor]]:
-        return [_quant_stack([self.weight.detach()])]
+    def fp8_groups(self) -> list[tuple[list[Tensor], int]]:
+        return [([self.weight], 1)]
 
     def forward(self, x: Tensor) -> Tensor:
         out_dtype, cache = _out_dtype(x), self.fp8_cache()
@@ -464,11 +501,11 @@ class Fp8SwiGLU(CachedFp8Weights, nn.Module):
         self.w1, self.w2, self.w3 = (Fp8Linear.from_linear(w, backend=backend) for w in (w1, w2, w3))
         self.backend = _check_backend(backend)
 
+    def fp8_groups(self) -> list[tuple[list[Tensor], int]]:
+        return _swiglu_groups([self])
+
     def fp8_weights(self) -> list[Tensor]:
         return [self.w1.weight, self.w2.weight, self.w3.weight]
-
-    def fp8_quantize(self) -> list[tuple[Tensor, Tensor]]:
-        return _swiglu_weights([self])
 
     def forward(self, x: Tensor) -> Tensor:
         out_dtype, cache, ws = _out_dtype(x), self.fp8_cache(), self.fp8_weights()
@@ -484,11 +521,11 @@ class Fp8Experts(CachedFp8Weights, nn.ModuleList):
         super().__init__(Fp8SwiGLU(m.w1, m.w2, m.w3, backend) for m in experts)
         self.backend = _check_backend(backend)
 
+    def fp8_groups(self) -> list[tuple[list[Tensor], int]]:
+        return _swiglu_groups(list(self))  # all experts' weights, (E, ...) each
+
     def fp8_weights(self) -> list[Tensor]:
         return [w for m in self for w in m.fp8_weights()]
-
-    def fp8_quantize(self) -> list[tuple[Tensor, Tensor]]:
-        return _swiglu_weights(list(self))  # all experts' weights stacked, (E, ...)
 
     @torch.compiler.disable  # it reads the E token counts on the host: the graph breaks around it
     def grouped(self, u: Tensor, g: Tensor, idx: Tensor, counts: Tensor) -> Tensor:
@@ -589,8 +626,7 @@ def convert_to_fp8(model: nn.Module, backend: str = "auto", experts: bool = True
     p = next(model.parameters(), None)
     if p is not None and p.device.type != "meta":
         hopper_gemms(backend, p.device)  # probe now, eagerly (and fail now for 'hopper' where it cannot run)
-        for m in made:  # the caches the forward reads, made now (a compiled graph reads them as they are)
-            m.refresh_fp8()
+        _quantize(made)  # the caches the forward reads, made now (a compiled graph reads them as they are)
     if not hasattr(model, "_fp8_refresh_hook"):
         model._fp8_refresh_hook = model.register_forward_pre_hook(_refresh_model_caches)
     return model
@@ -600,9 +636,8 @@ def convert_to_fp8(model: nn.Module, backend: str = "auto", experts: bool = True
 def _refresh_model_caches(model: nn.Module, args) -> None:
     """Before each forward of a converted model: make again the FP8 copies whose weights changed outside an
     optimizer step (a checkpoint load, `p.mul_()`, `model.to()`), which a compiled Block would not notice."""
-    for m in model.modules():
-        if isinstance(m, CachedFp8Weights) and m.fp8_fwd is not None:
-            m.refresh_fp8()
+    _quantize([m for m in model.modules() if isinstance(m, CachedFp8Weights) and m.fp8_fwd is not None
+               and m.fp8_version() != m.fp8_key])
 
 
 
@@ -610,15 +645,99 @@ def _refresh_model_caches(model: nn.Module, args) -> None:
 # low-precision optimizer state (§3.3.3): AdamW with BF16 moments and FP32 master weights
 
 
+class _Bucket(NamedTuple):
+    """FP32 parameters laid out in one flat buffer (each `p.data` a view of it, 64-element aligned, zero gaps), and
+    their moments in two flat BF16 buffers, so that one kernel updates them all. While every parameter took every
+    step they share one step count, `step`."""
+    params: list[Tensor]
+    ptrs: list[int]  # each parameter's data_ptr when laid out: another means the bucket was undone (p.data = ...)
+    pads: list[int]  # zero elements after each parameter (alignment)
+    flat: Tensor  # (n,) fp32: the parameters
+    m: Tensor  # (n,) bf16
+    v: Tensor  # (n,) bf16
+    step: Tensor | None  # 0-d fp32, shared by the parameters' states (None: each has its own)
+    zeros: Tensor  # (ALIGN,) the gaps' gradients
+
+
 class AdamWBF16(torch.optim.Optimizer):
     """torch.optim.AdamW's update (decoupled weight decay, bias correction) with exp_avg and exp_avg_sq
     stored in BF16 (half the optimizer memory). FP32 parameters are their own master weights; a BF16/FP16
-    parameter gets an FP32 master copy in its state, and the parameter is a rounded copy of it. The update
-    is one fused pass per parameter (kernels.adamw_bf16, compiled on a GPU)."""
+    parameter gets an FP32 master copy in its state, and the parameter is a rounded copy of it.
+
+    The update is one fused pass (kernels.adamw_bf16, compiled on a GPU) per *bucket* of parameters: at the first
+    step the FP32 parameters of a group are moved, in order, into flat buffers of up to BUCKET elements (each
+    parameter's `.data` becomes a view of its bucket: same values, same Parameter objects) and their moments
+    into matching flat BF16 buffers; a step concatenates the bucket's gradients (one copy) and updates the whole
+    bucket in one kernel launch. A parameter of more than ALONE elements is a bucket of its own, left where it is. One launch per parameter instead made the host the bottleneck of a small model's
+    step (the gpu preset's 167 parameters: README). The per-parameter update on views of the buffers stays the
+    reference (and the path of low-precision parameters): it runs where a parameter of a bucket has no gradient
+    this step (torch's rule: no update, its step count stays) and from then on for that bucket, whose parameters
+    no longer share one step count. A parameter moved out of its bucket (`p.data = ...`, `model.to()`) is
+    noticed at the next step, and the bucket is laid out again from the current values."""
+    BUCKET = 2 ** 27  # elements (512 MiB of FP32): bounds the concatenated gradients' transient memory
+    ALONE = 2 ** 22  # a parameter larger than this is a bucket alone, updated in place (one launch is cheap for it)
+    ALIGN = 64  # elements: every parameter's view starts 256-byte aligned, as compiled kernels expect
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self._buckets: dict[int, list[_Bucket]] = {}  # per param group (its index)
+
+    def _init_state(self, p: Tensor) -> dict:
+        st = self.state[p]
+        if not st:
+            st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)  # a tensor: see kernels
+            st["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16, memory_format=torch.contiguous_format)
+            st["exp_avg_sq"] = torch.zeros_like(st["exp_avg"])
+            if p.dtype != torch.float32:
+                st["master"] = p.detach().float()
+        return st
+
+    @torch.no_grad()
+    def _lay_out(self, params: list[Tensor]) -> _Bucket:
+        """Move params (FP32, one device) and their states into flat buffers; each becomes a view of them."""
+        sts = [self._init_state(p) for p in params]
+        if len(params) == 1 and params[0].numel() > self.ALONE and params[0].is_contiguous():
+            p, st = params[0], sts[0]  # a large parameter is updated where it lies: no copy of its gradient
+            return _Bucket(params, [p.data_ptr()], [0], p.detach().view(-1), st["exp_avg"].view(-1),
+                           st["exp_avg_sq"].view(-1), st["step"], p.new_zeros(0))
+        sizes = [p.numel() for p in params]
+        pads = [-n % self.ALIGN for n in sizes]
+        n, dev = sum(sizes) + sum(pads), params[0].device
+        flat = torch.zeros(n, device=dev)
+        m, v = torch.zeros(n, device=dev, dtype=torch.bfloat16), torch.zeros(n, device=dev, dtype=torch.bfloat16)
+        steps = {float(st["step"]) for st in sts}  # (a host read, once per lay-out)
+        step = torch.full((), steps.pop(), device=dev) if len(steps) == 1 else None  # else: each keeps its own
+        o = 0
+        for p, st, k, pad in zip(params, sts, sizes, pads):
+            view = slice(o, o + k)
+            flat[view].copy_(p.detach().reshape(-1))
+            m[view].copy_(st["exp_avg"].reshape(-1))
+            v[view].copy_(st["exp_avg_sq"].reshape(-1))
+            p.data = flat[view].view_as(p)
+            st["exp_avg"], st["exp_avg_sq"] = m[view].view_as(p), v[view].view_as(p)
+            if step is not None:
+                st["step"] = step
+            o += k + pad
+        return _Bucket(params, [p.data_ptr() for p in params], pads, flat, m, v, step, flat.new_zeros(self.ALIGN))
+
+    def _group_buckets(self, i: int, group: dict) -> list[_Bucket]:
+        """The group's buckets, laid out at its first step, and again where a parameter has left its bucket."""
+        buckets = self._buckets.get(i)
+        if buckets is not None and all(q == p.data_ptr() for b in buckets for p, q in zip(b.params, b.ptrs)):
+            return buckets
+        fp32 = [p for p in group["params"] if p.dtype == torch.float32 and not p.is_sparse]
+        buckets, run, size = [], [], 0
+        for p in fp32 + [None]:  # runs of consecutive parameters on one device, up to BUCKET elements each
+            if run and (p is None or p.device != run[0].device or size + p.numel() > self.BUCKET
+                        or max(p.numel(), run[0].numel()) > self.ALONE):
+                buckets.append(self._lay_out(run))
+                run, size = [], 0
+            if p is not None:
+                run.append(p)
+                size += p.numel() + -p.numel() % self.ALIGN
+        self._buckets[i] = buckets
+        return buckets
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -626,26 +745,33 @@ class AdamWBF16(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            (b1, b2), lr_wd = group["betas"], {}
-            for p in group["params"]:
-                if p.grad is None:  # e.g. an expert that saw no token: no update, its step count stays
+        for i, group in enumerate(self.param_groups):
+            (b1, b2), eps = group["betas"], group["eps"]
+            lr_wd = {}
+            for dev in {p.device for p in group["params"] if p.grad is not None}:
+                # lr changes every step: a device tensor, not a constant of the kernel, filled on the device
+                # (torch.tensor(..., device=) would wait for the GPU to finish the backward)
+                lr_wd[dev] = torch.full((2,), group["lr"], device=dev)
+                lr_wd[dev][1].fill_(group["weight_decay"])
+            alone = [p for p in group["params"] if p.grad is not None and p.dtype != torch.float32]
+            buckets = self._group_buckets(i, group)
+            for k, b in enumerate(buckets):
+                grads = [p.grad for p in b.params]
+                if b.step is not None and all(g is not None for g in grads):  # the fast path: one kernel
+                    g = grads[0].reshape(-1) if len(grads) == 1 and not b.pads[0] else \
+                        torch.cat([t for gr, pad in zip(grads, b.pads) for t in (gr.reshape(-1), b.zeros[:pad])])
+                    _update(b.flat)(b.flat, g, b.m, b.v, b.step, lr_wd[b.flat.device], b1, b2, eps)
                     continue
-                st = self.state[p]
-                if not st:
-                    st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)  # a tensor: see kernels
-                    st["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16, memory_format=torch.contiguous_format)
-                    st["exp_avg_sq"] = torch.zeros_like(st["exp_avg"])
-                    if p.dtype != torch.float32:
-                        st["master"] = p.detach().float()
-                if p.device not in lr_wd:  # lr changes every step: a device tensor, not a constant of the kernel,
-                    # set by kernels (torch.tensor(..., device=) would wait for the GPU to finish the backward)
-                    lr_wd[p.device] = torch.full((2,), group["lr"], device=p.device)
-                    lr_wd[p.device][1].fill_(group["weight_decay"])
+                if b.step is not None:  # a parameter skips this step: from now on each keeps its own count
+                    for p in b.params:
+                        self.state[p]["step"] = b.step.clone()
+                    buckets[k] = b = b._replace(step=None)
+                alone += [p for p in b.params if p.grad is not None]
+            for p in alone:  # the reference: one parameter at a time
+                st = self._init_state(p)
                 w = st.get("master", p.detach())  # detach shares p's storage and version counter
-                update = kernels.adamw_bf16 if p.is_cuda else kernels.adamw_bf16_ref
-                update(w, p.grad.detach().contiguous(), st["exp_avg"], st["exp_avg_sq"], st["step"],
-                       lr_wd[p.device], b1, b2, group["eps"])
+                _update(w)(w, p.grad.detach().contiguous(), st["exp_avg"], st["exp_avg_sq"], st["step"],
+                           lr_wd[p.device], b1, b2, eps)
                 if "master" in st:
                     p.copy_(w)
         return loss
@@ -655,6 +781,7 @@ class AdamWBF16(torch.optim.Optimizer):
         # masters of low-precision parameters at full precision, and keep the step an fp32 tensor on the device
         saved = {i: s["master"] for i, s in state_dict["state"].items() if "master" in s}
         super().load_state_dict(state_dict)
+        self._buckets = {}  # laid out again, from the loaded state, at the next step
         ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = dict(zip(ids, chain.from_iterable(g["params"] for g in self.param_groups)))
         for i, p in params.items():
@@ -666,3 +793,7 @@ class AdamWBF16(torch.optim.Optimizer):
                 st["step"] = torch.as_tensor(st["step"], dtype=torch.float32).to(p.device)
             if i in saved:
                 st["master"] = saved[i].to(device=p.device, dtype=torch.float32)
+
+
+def _update(w: Tensor):
+    return kernels.adamw_bf16 if w.is_cuda else kernels.adamw_bf16_ref

@@ -41,6 +41,9 @@ from model import Transformer  # noqa: E402
 
 BENCH_DEFAULTS = dict(steps=300, last=0, runs="bf16,bf16-seed2,fp8", profile="", out="", seed2=4242, seeds=1)
 RUNS = ("bf16", "bf16-seed2", "fp8", "fp8-adamw", "bf16-adamwbf16")
+# the phases of a step whose host time is printed: a phase that takes the host longer than the GPU needs for the
+# work it queues makes the GPU wait; "wait" is the host waiting for the GPU at the end (0 if the host is the bottleneck)
+PHASES = ("forward", "backward", "clip", "optimizer", "other", "wait")
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense BF16 FLOP/s per GPU, train.py's MFU denominator
 
 
@@ -71,20 +74,39 @@ def run(cfg: dict, tag: str, device: str, profile: bool) -> dict:
     B, T, A = cfg["batch_size"], cfg["seq_len"], cfg["grad_accum"]
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16)
 
+    host = {k: [] for k in PHASES}  # the host's seconds in each phase of every step (see PHASES)
+
     def step(it):
+        clock = [time.perf_counter()]
+
+        def lap(phase):  # no sync: where the host spends its time, the GPU running behind it (or waiting)
+            clock.append(time.perf_counter())
+            host[phase].append(clock[-1] - clock[-2])
         for g in opt.param_groups:
             g["lr"] = lr_at(it, cfg)
         total = torch.zeros((), device=device)
+        fwd = bwd = 0.0
         for _ in range(A):
+            t0 = time.perf_counter()
             x, y = data.get_batch(train_data, B, T, gen, device)
             with autocast:
                 _, losses = model(x, y)
+            t1 = time.perf_counter()
             (losses["loss"] / A).backward()
             total += losses["ce"].detach() / A
+            fwd, bwd = fwd + t1 - t0, bwd + time.perf_counter() - t1
+        clock.append(clock[0] + fwd + bwd)
+        host["forward"].append(fwd)
+        host["backward"].append(bwd)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-        opt.step()
+        lap("clip")
+        opt.step()  # (with FP8 layers it also makes the FP8 weights: fp8.py's hook after every optimizer step)
+        lap("optimizer")
         opt.zero_grad(set_to_none=True)
         model.update_router_biases()
+        lap("other")
+        total = total.item()  # waits for the GPU: the step is done
+        lap("wait")
         return total
 
     losses, times, prof_table = [], [], None
@@ -96,7 +118,7 @@ def run(cfg: dict, tag: str, device: str, profile: bool) -> dict:
             prof = torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
         t = time.perf_counter()
         with prof or nullcontext():
-            loss = step(it).item()  # .item() syncs: the step is done
+            loss = step(it)
         times.append(time.perf_counter() - t)
         losses.append(loss)
         if prof is not None:
@@ -109,12 +131,12 @@ def run(cfg: dict, tag: str, device: str, profile: bool) -> dict:
         if it % 50 == 0 or it == cfg["steps"] - 1:
             print(f"  {tag} step {it + 1}/{cfg['steps']}: loss {loss:.4f}, {times[-1] * 1000:.0f} ms", flush=True)
     n = model.num_params()
-    timed = [t for i, t in enumerate(times) if i != prof_it]  # the profiled step ran slower
-    timed = timed[3:] if len(timed) > 6 else timed[1:] or timed
-    ms = 1000 * statistics.median(timed)
+    keep = [i for i in range(len(times)) if i != prof_it]  # the profiled step ran slower
+    keep = keep[3:] if len(keep) > 6 else keep[1:] or keep
+    ms = 1000 * statistics.median(times[i] for i in keep)
     tok_s = B * T * A / (ms / 1000)
     peak = next((v for k, v in PEAK_BF16.items() if k in torch.cuda.get_device_name()), None) if cuda else None
-    res = dict(tag=tag, ms=ms, tok_s=tok_s, mfu=model.flops_per_token(T) * tok_s / peak if peak else None,
+    res = dict(tag=tag, ms=ms, host_ms={k: 1000 * statistics.median(v[i] for i in keep) for k, v in host.items()}, tok_s=tok_s, mfu=model.flops_per_token(T) * tok_s / peak if peak else None,
                peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"), first_s=times[0], losses=losses,
                times=times, params=n, profile=prof_table)
     print(f"  {tag}: {ms:.0f} ms/step, {tok_s:,.0f} tokens/s, peak {res['peak_gib']:.1f} GiB, "
@@ -187,6 +209,12 @@ def main():
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
         print(f"| {tag} | {seed} | {r['ms']:.0f} | {r['tok_s']:,.0f} | {mfu} | {r['peak_gib']:.1f} GiB | "
               f"{r['first_s']:.1f} s | {speed} | {statistics.mean(r['losses'][-last:]):.4f} | {gap} |")
+    print("\nhost time per step phase (ms, medians; no sync inside a step: the GPU runs behind the host, and "
+          "'wait' is what is left of the GPU's work when the host is done; other = zero_grad + router-bias update)\n")
+    print("| run | seed | " + " | ".join(PHASES) + " | step |")
+    print("| --- | --- | " + " | ".join("---" for _ in PHASES) + " | --- |")
+    for (tag, seed), r in res.items():
+        print(f"| {tag} | {seed} | " + " | ".join(f"{r['host_ms'][k]:.1f}" for k in PHASES) + f" | {r['ms']:.1f} |")
     one = {t: r for (t, s), r in res.items() if s == seeds[0]}
     if "bf16" in one and "fp8" in one and "bf16-seed2" in one:
         g8 = rel_gap(one["fp8"]["losses"], one["bf16"]["losses"], last)

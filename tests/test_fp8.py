@@ -385,6 +385,33 @@ def test_weights_are_quantized_again_after_a_fused_optimizer_step():
                 assert torch.equal(model(tok).logits, fresh(tok).logits), backend
 
 
+def test_a_step_quantizes_all_fp8_weights_in_one_call_per_shape_as_each_alone(monkeypatch):
+    # after an optimizer step the FP8 copies of every converted layer are made again: matrices of one shape are
+    # stacked and quantized (and transposed) together, and must equal each weight quantized alone
+    torch.manual_seed(0)
+    model = fp8.convert_to_fp8(Transformer(tiny_args()), backend="emulated")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    tok = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(17))
+    model(tok, tok)[1]["loss"].backward()
+    alone = K.quant_128x128_ref
+    calls = []
+    monkeypatch.setattr(K, "quant_128x128_ref", lambda w, *a: calls.append(w.shape) or alone(w, *a))
+    old = {m: m.fp8_fwd for m in model.modules() if isinstance(m, fp8.Fp8Linear) and m.fp8_fwd is not None}
+    opt.step()
+    mods = [m for m in model.modules() if isinstance(m, fp8.CachedFp8Weights) and m.fp8_fwd is not None]
+    shapes = {(*ws[0].shape, r) for m in mods for ws, r in m.fp8_groups()}
+    assert len(calls) == len(shapes) == 7 and len(mods) == 21  # 7 calls, where one per weight made 49
+    assert all(m.fp8_fwd is not f for m, f in old.items())
+    for m in mods:
+        for (ws, r), (q, s), (qT, sT) in zip(m.fp8_groups(), m.fp8_fwd, m.fp8_bwd):
+            ref = [alone(w.detach()) for w in ws]
+            q_ref = torch.stack([a for a, _ in ref]).view(q.shape)
+            s_ref = torch.stack([b for _, b in ref]).view(s.shape)
+            assert torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8)) and torch.equal(s, s_ref)
+            assert torch.equal(qT.view(torch.uint8), q_ref.view(torch.uint8).transpose(1, 2))
+            assert torch.equal(sT, s_ref.transpose(1, 2))
+
+
 def test_fp8_layers_compile_into_the_block_graph_and_read_current_weights():
     # An FP8 layer is traced into a compiled Block (fullgraph=True raises at any graph break) and reads its FP8
     # weights as graph inputs, made again (eagerly) after each optimizer step -- torch's fused AdamW included, which
@@ -521,6 +548,68 @@ def test_adamw_bf16_state_dict_round_trip_is_exact():
                 n(X).float().square().mean().backward()
                 o.step()
         assert all(torch.equal(a, b) for a, b in zip(net.parameters(), net2.parameters()))
+
+
+def _reference_adamw_bf16(params, grads_per_step, lr=1e-2, betas=(0.9, 0.95), eps=1e-8, wd=0.1):
+    """The per-parameter update (kernels.adamw_bf16_ref, one parameter at a time; None: no gradient, no update)
+    on copies of params: what AdamWBF16's buckets must equal."""
+    ws = [p.detach().clone() for p in params]
+    sts = [(torch.zeros_like(w, dtype=torch.bfloat16), torch.zeros_like(w, dtype=torch.bfloat16), torch.zeros(()))
+           for w in ws]
+    for grads in grads_per_step:
+        for w, g, (m, v, step) in zip(ws, grads, sts):
+            if g is not None:
+                K.adamw_bf16_ref(w, g, m, v, step, torch.tensor([lr, wd]), *betas, eps)
+    return ws
+
+
+def test_adamw_bf16_updates_each_bucket_in_one_kernel_as_the_per_parameter_update_does(monkeypatch):
+    # odd sizes (gaps of the 64-element alignment), two groups, and buckets small enough to split group 0
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(33, 17), nn.Linear(17, 50), nn.Linear(50, 3))
+    params = list(net.parameters())
+    monkeypatch.setattr(fp8.AdamWBF16, "BUCKET", 1024)
+    monkeypatch.setattr(fp8.AdamWBF16, "ALONE", 800)  # W1 (850 elements) is updated where it lies
+    w1_storage = params[2].data_ptr()
+    opt = fp8.AdamWBF16([dict(params=params[:4]), dict(params=params[4:])], lr=1e-2, betas=(0.9, 0.95),
+                        weight_decay=0.1)
+    calls = []
+    monkeypatch.setattr(K, "adamw_bf16_ref", lambda w, *a: calls.append(w.numel()) or REF(w, *a))
+    grads_per_step = [[randn(*p.shape, seed=10 * s + i) for i, p in enumerate(params)] for s in range(4)]
+    grads_per_step[2][3] = None  # b1 skips step 3: its bucket (the third) then updates parameter by parameter
+    ref = _reference_adamw_bf16(params, grads_per_step)
+    for s, grads in enumerate(grads_per_step):
+        for p, g in zip(params, grads):
+            p.grad = g
+        calls.clear()
+        opt.step()
+        if s < 2:  # buckets [W0, b0] (561 + 15 gap, 17 + 47), [W1] alone, [b1] (50 + 14), [W2, b2]: a kernel each
+            assert sorted(calls) == [64, 256, 640, 850]
+            assert params[0].untyped_storage().data_ptr() == params[1].untyped_storage().data_ptr()
+            assert params[2].data_ptr() == w1_storage
+    # the same numbers as the reference (elementwise the same operations: only the order of the parameters differs)
+    assert max(rel_err(p, r) for p, r in zip(params, ref)) < 1e-6
+    assert opt.state[params[3]]["step"].item() == 3 and opt.state[params[0]]["step"].item() == 4
+    assert all(p.grad is not None for p in params[2:])  # Parameters kept: p.grad and the model still see them
+
+
+def test_adamw_bf16_notices_a_parameter_moved_out_of_its_bucket():
+    # model.to(), p.data = ...: the bucket is laid out again from the current values (else p would stop training)
+    torch.manual_seed(0)
+    net = nn.Linear(20, 10)
+    opt = fp8.AdamWBF16(net.parameters(), lr=1e-2, weight_decay=0.1)
+    grads = [[randn(10, 20, seed=s), randn(10, seed=s + 100)] for s in range(3)]
+    ref = _reference_adamw_bf16(list(net.parameters()), grads, betas=(0.9, 0.95))
+    for s, gs in enumerate(grads):
+        if s == 1:
+            net.weight.data = net.weight.data.clone()  # the weight leaves its bucket, keeping its values
+        for p, g in zip(net.parameters(), gs):
+            p.grad = g
+        opt.step()
+    assert max(rel_err(p, r) for p, r in zip(net.parameters(), ref)) < 1e-6
+
+
+REF = K.adamw_bf16_ref
 
 
 # --- a short training run ------------------------------------------------------------------------------------

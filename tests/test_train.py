@@ -454,8 +454,12 @@ def test_bench_fp8_train_repeats_runs_over_seeds_and_summarizes_the_gaps():
                         "--steps=3", "--seeds=2", "--runs=bf16,fp8-adamw", "--compile=False"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
-    rows = [l.split(" | ") for l in p.stdout.splitlines() if l.startswith("| bf16 |") or l.startswith("| fp8-adamw |")]
-    loss = {(r[0].strip("| "), int(r[1])): float(r[8]) for r in rows}
+    rows = [l.split(" | ") for l in p.stdout.splitlines() if l.startswith(("| bf16 |", "| fp8-adamw |"))]
+    main, host = [r for r in rows if len(r) == 10], [r for r in rows if len(r) == 9]  # the two tables
+    loss = {(r[0].strip("| "), int(r[1])): float(r[8]) for r in main}
+    # the host's time per phase: on a CPU nothing runs behind the host, so the phases add up to the step
+    assert len(host) == 4 and all(abs(sum(map(float, r[2:8])) - float(r[8].strip(" |"))) < 0.05 * float(r[8].strip(" |"))
+                                  for r in host), host
     assert sorted(loss) == [("bf16", 1337), ("bf16", 1338), ("fp8-adamw", 1337), ("fp8-adamw", 1338)]
     assert loss["bf16", 1337] != loss["bf16", 1338]  # the seed really changes the run
     line = next(l for l in p.stdout.splitlines() if l.startswith("fp8-adamw vs BF16 of the same seed:"))
