@@ -668,8 +668,9 @@ class AdamWBF16(torch.optim.Optimizer):
     step the FP32 parameters of a group are moved, in order, into flat buffers of up to BUCKET elements (each
     parameter's `.data` becomes a view of its bucket: same values, same Parameter objects) and their moments
     into matching flat BF16 buffers; a step concatenates the bucket's gradients (one copy) and updates the whole
-    bucket in one kernel launch. A parameter of more than ALONE elements is a bucket of its own, left where it is. One launch per parameter instead made the host the bottleneck of a small model's
-    step (the gpu preset's 167 parameters: README). The per-parameter update on views of the buffers stays the
+    bucket in one kernel launch. A parameter of more than ALONE elements is a bucket of its own, left where it is.
+    One launch per parameter instead made the host the bottleneck of a small model's step (the gpu preset's 167
+    parameters: README). The per-parameter update on views of the buffers stays the
     reference (and the path of low-precision parameters): it runs where a parameter of a bucket has no gradient
     this step (torch's rule: no update, its step count stays) and from then on for that bucket, whose parameters
     no longer share one step count. A parameter moved out of its bucket (`p.data = ...`, `model.to()`) is

@@ -136,9 +136,10 @@ def run(cfg: dict, tag: str, device: str, profile: bool) -> dict:
     ms = 1000 * statistics.median(times[i] for i in keep)
     tok_s = B * T * A / (ms / 1000)
     peak = next((v for k, v in PEAK_BF16.items() if k in torch.cuda.get_device_name()), None) if cuda else None
-    res = dict(tag=tag, ms=ms, host_ms={k: 1000 * statistics.median(v[i] for i in keep) for k, v in host.items()}, tok_s=tok_s, mfu=model.flops_per_token(T) * tok_s / peak if peak else None,
-               peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"), first_s=times[0], losses=losses,
-               times=times, params=n, profile=prof_table)
+    res = dict(tag=tag, ms=ms, tok_s=tok_s, mfu=model.flops_per_token(T) * tok_s / peak if peak else None,
+               peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"), first_s=times[0],
+               losses=losses, times=times, params=n, profile=prof_table,
+               host_ms={k: 1000 * statistics.median(v[i] for i in keep) for k, v in host.items()})
     print(f"  {tag}: {ms:.0f} ms/step, {tok_s:,.0f} tokens/s, peak {res['peak_gib']:.1f} GiB, "
           f"first step {times[0]:.1f} s", flush=True)
     del model, opt
