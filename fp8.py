@@ -640,7 +640,6 @@ def _refresh_model_caches(model: nn.Module, args) -> None:
                and m.fp8_version() != m.fp8_key])
 
 
-
 # ----------------------------------------------------------------------------------------------------------
 # low-precision optimizer state (§3.3.3): AdamW with BF16 moments and FP32 master weights
 
@@ -670,10 +669,10 @@ class AdamWBF16(torch.optim.Optimizer):
     into matching flat BF16 buffers; a step concatenates the bucket's gradients (one copy) and updates the whole
     bucket in one kernel launch. A parameter of more than ALONE elements is a bucket of its own, left where it is.
     One launch per parameter instead made the host the bottleneck of a small model's step (the gpu preset's 167
-    parameters: README). The per-parameter update on views of the buffers stays the
-    reference (and the path of low-precision parameters): it runs where a parameter of a bucket has no gradient
-    this step (torch's rule: no update, its step count stays) and from then on for that bucket, whose parameters
-    no longer share one step count. A parameter moved out of its bucket (`p.data = ...`, `model.to()`) is
+    parameters: README). The per-parameter update on views of the buffers stays the reference (and the path of
+    low-precision parameters): it runs where a parameter of a bucket has no gradient this step (torch's rule: no
+    update, its step count stays) and from then on for that bucket, whose parameters no longer share one step
+    count. A parameter moved out of its bucket (`p.data = ...`, `model.to()`) is
     noticed at the next step, and the bucket is laid out again from the current values."""
     BUCKET = 2 ** 27  # elements (512 MiB of FP32): bounds the concatenated gradients' transient memory
     ALONE = 2 ** 22  # a parameter larger than this is a bucket alone, updated in place (one launch is cheap for it)
