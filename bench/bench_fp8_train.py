@@ -2,12 +2,13 @@
 FP8 vs BF16 training, one command: trains a preset for a fixed number of steps in BF16 and in FP8 (§3.3) from
 the same seed and the same batches, plus BF16 from a second seed (the noise yardstick), and prints a markdown
 table: ms/step, tokens/s, MFU, peak memory, first-step time, and the FP8-vs-BF16 relative loss gap averaged over
-the last steps next to the BF16-vs-BF16 gap between the two seeds.
+the last steps next to the BF16-vs-BF16 gap between the two seeds; then the same for the held-out loss of the
+trained models (mean CE on eval_iters validation batches, the same batches for every run, no dropout).
 
 The loop is train.py's step (bf16 autocast, gradient clipping, the router-bias update after every step) without
-evaluation or checkpoints; BF16 uses fused torch.optim.AdamW, FP8 uses convert_to_fp8 + fp8.AdamWBF16 (BF16
-moments), as `train.py --fp8=True` does. The second seed changes the initial weights only: both BF16 runs see the
-same batches, so their gap is what a different initialization alone moves the loss by.
+evaluation (one at the end) or checkpoints; BF16 uses fused torch.optim.AdamW, FP8 uses convert_to_fp8 +
+fp8.AdamWBF16 (BF16 moments), as `train.py --fp8=True` does. The second seed changes the initial weights only:
+both BF16 runs see the same batches, so their gap is what a different initialization alone moves the loss by.
 
 Run:  python bench/bench_fp8_train.py --config gpu --steps=300
       python bench/bench_fp8_train.py --config v3-width --steps=30 --runs=bf16,fp8 --profile=fp8
@@ -17,8 +18,8 @@ and bf16-adamwbf16 (BF16 layers, AdamWBF16) tell the layers' effect from the opt
 once for each of the seeds --seed, --seed+1, ..., --seed+N-1, weights and batches drawn from it; prints each run's
 signed gap to the BF16 run of its own seed, their mean and standard deviation, and BF16's own spread across the
 seeds: on the gpu preset single pairs of 300-step runs differed by up to 15% either way, README), --profile=RUN
-(one step of that run under torch.profiler: the ops with the most GPU time, then by host time), --out=FILE.json (every run's per-step
-losses and times), and any train.py key (e.g. --batch_size=4).
+(one step of that run under torch.profiler: the ops with the most GPU time, then by host time), --out=FILE.json
+(every run's per-step losses and times), and any train.py key (e.g. --batch_size=4, --eval_iters=40).
 Timings: median step time over the steps after the first 3 (each step ends with a device sync), tokens/s from
 that; MFU counts activated parameters + attention (model.flops_per_token) against the dense BF16 peak, for FP8
 runs too, so the two MFU columns compare like the step times do.
@@ -55,8 +56,10 @@ def run(cfg: dict, tag: str, device: str, profile: bool) -> dict:
     meta = data.prepare(cfg["data"], cfg["vocab_size"])
     args.vocab_size = meta["vocab_size"]
     cuda = device.startswith("cuda")
+    base = 0  # memory held before this run: a run's peak is counted from it (see the end of run)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
     with torch.device(device):  # initialized on the GPU: a 4.5B-parameter model takes minutes on the CPU
         model = Transformer(args)
     if use_fp8:
@@ -69,7 +72,7 @@ def run(cfg: dict, tag: str, device: str, profile: bool) -> dict:
         torch.optim.AdamW(groups, lr=cfg["lr"], betas=betas, fused=cuda)
     if cfg["compile"]:
         model.compile_blocks()  # as train.py: each Block compiled, its FP8 layers traced into its graph (fp8.py)
-    train_data = data.load_tokens(meta["train_bin"])
+    train_data, val_data = data.load_tokens(meta["train_bin"]), data.load_tokens(meta["val_bin"])
     gen = torch.Generator().manual_seed(cfg["seed"] + 1000)  # the same batches for every run
     B, T, A = cfg["batch_size"], cfg["seq_len"], cfg["grad_accum"]
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16)
@@ -130,6 +133,7 @@ def run(cfg: dict, tag: str, device: str, profile: bool) -> dict:
                     sort_by="cpu_time_total", row_limit=25, max_name_column_width=70)
         if it % 50 == 0 or it == cfg["steps"] - 1:
             print(f"  {tag} step {it + 1}/{cfg['steps']}: loss {loss:.4f}, {times[-1] * 1000:.0f} ms", flush=True)
+    val = evaluate(model, val_data, cfg, device, autocast)
     n = model.num_params()
     keep = [i for i in range(len(times)) if i != prof_it]  # the profiled step ran slower
     keep = keep[3:] if len(keep) > 6 else keep[1:] or keep
@@ -137,15 +141,31 @@ def run(cfg: dict, tag: str, device: str, profile: bool) -> dict:
     tok_s = B * T * A / (ms / 1000)
     peak = next((v for k, v in PEAK_BF16.items() if k in torch.cuda.get_device_name()), None) if cuda else None
     res = dict(tag=tag, ms=ms, tok_s=tok_s, mfu=model.flops_per_token(T) * tok_s / peak if peak else None,
-               peak_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"), first_s=times[0],
-               losses=losses, times=times, params=n, profile=prof_table,
+               peak_gib=(torch.cuda.max_memory_allocated() - base) / 2**30 if cuda else float("nan"), first_s=times[0],
+               losses=losses, val=val, times=times, params=n, profile=prof_table,
                host_ms={k: 1000 * statistics.median(v[i] for i in keep) for k, v in host.items()})
     print(f"  {tag}: {ms:.0f} ms/step, {tok_s:,.0f} tokens/s, peak {res['peak_gib']:.1f} GiB, "
-          f"first step {times[0]:.1f} s", flush=True)
+          f"first step {times[0]:.1f} s, val loss {val:.4f}", flush=True)
     del model, opt
-    if cuda:
+    if cuda:  # with --seeds, ~1.1 GiB outlived each gpu-preset run (H200, 2026-12-02), hence `base` and this line:
         torch.cuda.empty_cache()
+        print(f"  still allocated after the run: {(torch.cuda.memory_allocated() - base) / 2**30:.2f} GiB", flush=True)
     return res
+
+
+@torch.no_grad()
+def evaluate(model, val_data, cfg: dict, device: str, autocast) -> float:
+    """Mean CE of the trained model on eval_iters held-out batches, drawn by one fixed generator: every run (every
+    seed too) is scored on the same tokens, so the val gaps compare models alone. Eval mode: no dropout."""
+    model.eval()
+    gen = torch.Generator().manual_seed(7)
+    ces = []
+    for _ in range(cfg["eval_iters"]):
+        x, y = data.get_batch(val_data, cfg["batch_size"], cfg["seq_len"], gen, device)
+        with autocast:
+            ces.append(model(x, y)[1]["ce"].float())
+    model.train()
+    return torch.stack(ces).mean().item()
 
 
 def rel_gap(a: list[float], b: list[float], last: int, signed: bool = False) -> float:
@@ -156,17 +176,21 @@ def rel_gap(a: list[float], b: list[float], last: int, signed: bool = False) -> 
 
 def seed_summary(res: dict, last: int) -> list[str]:
     """Lines: for each run but BF16, its signed gap to the BF16 run of the same seed, per seed, mean and standard
-    deviation; and BF16's own spread across the seeds (their standard deviation over their mean)."""
+    deviation; and BF16's own spread across the seeds (their standard deviation over their mean). Once for the
+    training loss (mean of the last `last` steps), once for the held-out loss of the trained models."""
     seeds = sorted({s for _, s in res})
-    bf = [statistics.mean(res["bf16", s]["losses"][-last:]) for s in seeds]
-    lines = [f"BF16 across seeds {', '.join(map(str, seeds))}: losses {', '.join(f'{b:.4f}' for b in bf)}; "
-             f"spread (sd / mean) {100 * statistics.stdev(bf) / statistics.mean(bf):.2f}%"]
-    for tag in dict.fromkeys(t for t, _ in res):
-        if tag != "bf16":
-            g = [100 * rel_gap(res[tag, s]["losses"], res["bf16", s]["losses"], last, signed=True) for s in seeds]
-            lines.append(f"{tag} vs BF16 of the same seed: {', '.join(f'{x:+.2f}%' for x in g)}; "
-                         f"mean {statistics.mean(g):+.2f}%, sd {statistics.stdev(g):.2f}% "
-                         f"(standard error of the mean {statistics.stdev(g) / len(g) ** 0.5:.2f}%)")
+    lines = []
+    scores = (("training loss", lambda r: statistics.mean(r["losses"][-last:])), ("val loss", lambda r: r["val"]))
+    for what, score in scores:
+        bf = [score(res["bf16", s]) for s in seeds]
+        lines.append(f"{what}: BF16 across seeds {', '.join(map(str, seeds))}: {', '.join(f'{b:.4f}' for b in bf)}; "
+                     f"spread (sd / mean) {100 * statistics.stdev(bf) / statistics.mean(bf):.2f}%")
+        for tag in dict.fromkeys(t for t, _ in res):
+            if tag != "bf16":
+                g = [100 * (score(res[tag, s]) - score(res["bf16", s])) / score(res["bf16", s]) for s in seeds]
+                lines.append(f"{what}: {tag} vs BF16 of the same seed: {', '.join(f'{x:+.2f}%' for x in g)}; "
+                             f"mean {statistics.mean(g):+.2f}%, sd {statistics.stdev(g):.2f}% "
+                             f"(standard error of the mean {statistics.stdev(g) / len(g) ** 0.5:.2f}%)")
     return lines
 
 
@@ -201,15 +225,17 @@ def main():
         if r["profile"]:
             print(f"one {r['tag']} step under torch.profiler (step 6):\n\n```\n{r['profile']}\n```\n")
     print("| run | seed | ms/step | tokens/s | MFU | peak memory | first step | vs BF16 speed | "
-          f"loss, mean of last {last} | loss gap vs BF16 |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          f"loss, mean of last {last} | loss gap vs BF16 | val loss | val gap vs BF16 |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for (tag, seed), r in res.items():
         base = res.get(("bf16", seed))
         speed = f"{r['tok_s'] / base['tok_s']:.2f}x" if base else "-"
         gap = f"{100 * rel_gap(r['losses'], base['losses'], last):.3f}%" if base and r is not base else "-"
+        vgap = f"{100 * abs(r['val'] - base['val']) / base['val']:.3f}%" if base and r is not base else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
         print(f"| {tag} | {seed} | {r['ms']:.0f} | {r['tok_s']:,.0f} | {mfu} | {r['peak_gib']:.1f} GiB | "
-              f"{r['first_s']:.1f} s | {speed} | {statistics.mean(r['losses'][-last:]):.4f} | {gap} |")
+              f"{r['first_s']:.1f} s | {speed} | {statistics.mean(r['losses'][-last:]):.4f} | {gap} | "
+              f"{r['val']:.4f} | {vgap} |")
     print("\nhost time per step phase (ms, medians; no sync inside a step: the GPU runs behind the host, and "
           "'wait' is what is left of the GPU's work when the host is done; other = zero_grad + router-bias update)\n")
     print("| run | seed | " + " | ".join(PHASES) + " | step |")
@@ -222,6 +248,9 @@ def main():
         gs = rel_gap(one["bf16-seed2"]["losses"], one["bf16"]["losses"], last)
         print(f"\nFP8 vs BF16 loss gap {100 * g8:.3f}% (paper: < 0.25%); BF16 seed spread {100 * gs:.3f}%: "
               f"FP8 is {'within' if g8 <= max(gs, 0.0025) else 'OUTSIDE'} max(0.25%, seed spread)")
+        v8, vs = (abs(one[t]["val"] - one["bf16"]["val"]) / one["bf16"]["val"] for t in ("fp8", "bf16-seed2"))
+        print(f"val loss: FP8 vs BF16 gap {100 * v8:.3f}%; BF16 seed spread {100 * vs:.3f}%: "
+              f"FP8 is {'within' if v8 <= max(vs, 0.0025) else 'OUTSIDE'} max(0.25%, seed spread)")
     if len(seeds) > 1 and "bf16" in tags:
         print("\n" + "\n".join(seed_summary(res, last)))
     if cfg["out"]:

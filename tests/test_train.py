@@ -455,17 +455,20 @@ def test_bench_fp8_train_repeats_runs_over_seeds_and_summarizes_the_gaps():
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     rows = [l.split(" | ") for l in p.stdout.splitlines() if l.startswith(("| bf16 |", "| fp8-adamw |"))]
-    main, host = [r for r in rows if len(r) == 10], [r for r in rows if len(r) == 9]  # the two tables
+    main, host = [r for r in rows if len(r) == 12], [r for r in rows if len(r) == 9]  # the two tables
     loss = {(r[0].strip("| "), int(r[1])): float(r[8]) for r in main}
+    val = {(r[0].strip("| "), int(r[1])): float(r[10]) for r in main}  # held-out CE of each trained model
     # the host's time per phase: on a CPU nothing runs behind the host, so the phases add up to the step
     assert len(host) == 4 and all(abs(sum(map(float, r[2:8])) - float(r[8].strip(" |"))) < 0.05 * float(r[8].strip(" |"))
                                   for r in host), host
     assert sorted(loss) == [("bf16", 1337), ("bf16", 1338), ("fp8-adamw", 1337), ("fp8-adamw", 1338)]
     assert loss["bf16", 1337] != loss["bf16", 1338]  # the seed really changes the run
-    line = next(l for l in p.stdout.splitlines() if l.startswith("fp8-adamw vs BF16 of the same seed:"))
-    gaps = [float(g.strip(" %")) for g in line.split(":")[1].split(";")[0].split(",")]
-    want = [100 * (loss["fp8-adamw", s] - loss["bf16", s]) / loss["bf16", s] for s in (1337, 1338)]
-    assert all(abs(g - w) < 0.01 for g, w in zip(gaps, want)), (gaps, want)
+    assert val["bf16", 1337] != val["bf16", 1338] and all(2 < v < 9 for v in val.values()), val  # ln(512) = 6.2
+    for what, score in (("training loss", loss), ("val loss", val)):
+        line = next(l for l in p.stdout.splitlines() if l.startswith(f"{what}: fp8-adamw vs BF16 of the same seed:"))
+        gaps = [float(g.strip(" %")) for g in line.split("seed:")[1].split(";")[0].split(",")]
+        want = [100 * (score["fp8-adamw", s] - score["bf16", s]) / score["bf16", s] for s in (1337, 1338)]
+        assert all(abs(g - w) < 0.01 for g, w in zip(gaps, want)), (what, gaps, want)
     bad = subprocess.run([sys.executable, "bench/bench_fp8_train.py", "--config=small", "--device=cpu", "--seeds=0"], cwd=ROOT,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--seeds must be >= 1" in bad.stderr
