@@ -385,9 +385,12 @@ def test_weights_are_quantized_again_after_a_fused_optimizer_step():
                 assert torch.equal(model(tok).logits, fresh(tok).logits), backend
 
 
-def test_a_step_quantizes_all_fp8_weights_in_one_call_per_shape_as_each_alone(monkeypatch):
+@pytest.mark.parametrize("stack_max", [fp8.STACK_MAX, 0])
+def test_a_step_quantizes_all_fp8_weights_in_one_call_per_shape_as_each_alone(monkeypatch, stack_max):
     # after an optimizer step the FP8 copies of every converted layer are made again: matrices of one shape are
-    # stacked and quantized (and transposed) together, and must equal each weight quantized alone
+    # stacked and quantized (and transposed) together, and must equal each weight quantized alone; matrices over
+    # STACK_MAX elements (here: all, with stack_max 0) are quantized alone and their FP8 copies stacked
+    monkeypatch.setattr(fp8, "STACK_MAX", stack_max)
     torch.manual_seed(0)
     model = fp8.convert_to_fp8(Transformer(tiny_args()), backend="emulated")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -400,7 +403,9 @@ def test_a_step_quantizes_all_fp8_weights_in_one_call_per_shape_as_each_alone(mo
     opt.step()
     mods = [m for m in model.modules() if isinstance(m, fp8.CachedFp8Weights) and m.fp8_fwd is not None]
     shapes = {(*ws[0].shape, r) for m in mods for ws, r in m.fp8_groups()}
-    assert len(calls) == len(shapes) == 7 and len(mods) == 21  # 7 calls, where one per weight made 49
+    n = sum(len(ws) for m in mods for ws, _ in m.fp8_groups())
+    assert len(shapes) == 7 and len(mods) == 21 and n == 49
+    assert len(calls) == (7 if stack_max else n)  # 7 calls, where one per weight made 49
     assert all(m.fp8_fwd is not f for m, f in old.items())
     for m in mods:
         for (ws, r), (q, s), (qT, sT) in zip(m.fp8_groups(), m.fp8_fwd, m.fp8_bwd):
