@@ -25,6 +25,7 @@ that; MFU counts activated parameters + attention (model.flops_per_token) agains
 runs too, so the two MFU columns compare like the step times do.
 """
 import datetime
+import gc
 import json
 import os
 import statistics
@@ -56,8 +57,10 @@ def run(cfg: dict, tag: str, device: str, profile: bool) -> dict:
     meta = data.prepare(cfg["data"], cfg["vocab_size"])
     args.vocab_size = meta["vocab_size"]
     cuda = device.startswith("cuda")
-    base = 0  # memory held before this run: a run's peak is counted from it (see the end of run)
-    if cuda:
+    base = 0  # memory held before this run: its peak is counted from there (with --seeds, the gpu preset's peaks
+    if cuda:  # grew by ~1.1 GiB per earlier run, H200, 2026-12-02)
+        gc.collect()  # what earlier runs left in reference cycles
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     with torch.device(device):  # initialized on the GPU: a 4.5B-parameter model takes minutes on the CPU
@@ -147,9 +150,8 @@ def run(cfg: dict, tag: str, device: str, profile: bool) -> dict:
     print(f"  {tag}: {ms:.0f} ms/step, {tok_s:,.0f} tokens/s, peak {res['peak_gib']:.1f} GiB, "
           f"first step {times[0]:.1f} s, val loss {val:.4f}", flush=True)
     del model, opt
-    if cuda:  # with --seeds, ~1.1 GiB outlived each gpu-preset run (H200, 2026-12-02), hence `base` and this line:
+    if cuda:
         torch.cuda.empty_cache()
-        print(f"  still allocated after the run: {(torch.cuda.memory_allocated() - base) / 2**30:.2f} GiB", flush=True)
     return res
 
 
