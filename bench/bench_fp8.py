@@ -220,6 +220,8 @@ def quant_table(copy_bw):
     w = torch.randn(2 * N, Kd, device="cuda") * 0.02  # fp32 master weight, 14336 x 7168
     a, b = torch.randn(M, 2048, device="cuda").bfloat16(), torch.randn(M, 2048, device="cuda").bfloat16()
     qx, sx = K.quant_1x128(x)
+    qe, se = K.quant_128x128(torch.randn(16 * 4096, Kd, device="cuda"))  # 16 experts' weights (4096, 7168), FP8
+    qe, se = qe.view(16, 4096, Kd), se.view(16, 32, Kd // 128)
     MK = M * Kd
     cases = [  # name, compiled fn, eager fn, bytes moved (inputs read once + outputs written once)
         ("quant_1x128 (bf16 act)", lambda: K.quant_1x128(x), lambda: K.quant_1x128_ref(x), 2 * MK + MK + MK // 32),
@@ -231,6 +233,8 @@ def quant_table(copy_bw):
          4 * w.numel() + w.numel()),
         ("swiglu_quant (2 bf16 in, F=2048)", lambda: K.swiglu_quant(a, b), lambda: K.swiglu_quant_ref(a, b),
          2 * 2 * a.numel() + a.numel() + a.numel() // 32),
+        ("transpose_128x128 (fp8, 16 x 4096x7168)", lambda: K.transpose_128x128(qe, se),
+         lambda: K.transpose_128x128_ref(qe, se), 2 * qe.numel()),
     ]
     rows = []
     for name, fc, fe, nbytes in cases:
@@ -247,11 +251,13 @@ def quant_table(copy_bw):
         ("128x1, coordinate-descent tuned", torch.compile(K.quant_128x1_ref, **cdt), (x,), 2 * MK + MK + MK // 32),
         ("requant, dequant+transpose then 1x128", torch.compile(requant_viaT), (qx, sx), 2 * (MK + MK // 32)),
         ("requant, coordinate-descent tuned", torch.compile(K.requant_128x1_ref, **cdt), (qx, sx), 2 * (MK + MK // 32)),
+        ("transpose, inductor's default tiling (kernels.py compiles it with 2-D tiles)",
+         torch.compile(K.transpose_128x128_ref), (qe, se), 2 * qe.numel()),
     ]
     rows = []
     for name, fn, args, nbytes in variants:
-        out, ref = fn(*args), {"1x128": K.quant_1x128_ref, "128x1": K.quant_128x1_ref,
-                               "requant": K.requant_128x1_ref}[name.split(",")[0]](*args)
+        out, ref = fn(*args), {"1x128": K.quant_1x128_ref, "128x1": K.quant_128x1_ref, "requant": K.requant_128x1_ref,
+                               "transpose": K.transpose_128x128_ref}[name.split(",")[0]](*args)
         same = rel_err(out[0].float(), ref[0].float()) < 1e-3 and rel_err(out[1], ref[1]) < 1e-6
         tc = bench(lambda: fn(*args))
         gbs = nbytes / tc / 1e6
