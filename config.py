@@ -109,7 +109,7 @@ PRESETS["v3"] = dict(V3_ARGS, out_dir="out-v3", batch_size=1, seq_len=4096, grad
 # dense FFN 18432, experts 2048, 8 of them active per token in 4 of 8 groups, 1 shared expert, 1 MTP module) but
 # 4 layers (1 dense + 3 MoE) and 16 routed experts, so that BF16 and FP8 training both fit one 141 GB H200:
 # 3.51B total / 2.45B activated (+1.04B MTP, 0.69B activated), 8,192 tokens/step, eager. H200, 2026-12-02
-# (bench/bench_fp8_train.py): BF16 425 ms/step, 93.5 GiB peak; --fp8=True 379 ms/step, 67.6 GiB. lr not tuned.
+# (bench/bench_fp8_train.py): BF16 432-438 ms/step, 93.5 GiB peak; --fp8=True 370-379 ms/step, 71.0 GiB. lr not tuned.
 PRESETS["v3-width"] = dict(
     out_dir="out-v3-width", max_iters=300, eval_interval=100, eval_iters=10, log_interval=10, compile=False,
     vocab_size=8192, batch_size=8, seq_len=1024, lr=3e-4, min_lr=3e-5, warmup_iters=20,
