@@ -304,9 +304,9 @@ quant_128x1 = _with_core(quant_128x1_ref, _compile(_q_128x1))
 quant_128x128 = _with_core(quant_128x128_ref, _compile(_q_128x128, dynamic_rows=False))  # weights
 requant_128x1 = _with_core(requant_128x1_ref, _compile(_rq_128x1))
 swiglu_quant = _with_core(swiglu_quant_ref, _compile(_swiglu_q))
-# dynamic E: one kernel per weight shape. Tiled in 2-D (each program a tile of rows × columns): inductor's default for
-# a stack of matrices (E > 1) gave each program a strip of one dimension, and the transposed byte stores ran at
-# 347 GB/s for (16, 4096, 7168) on an H200, 2.71 ms; with 2-D tiles 2709 GB/s, 0.35 ms, the same bytes (2026-12-02)
+# dynamic E: one kernel per weight shape. Tiled in 2-D (inductor's prefer_nd_tiling: each program a tile of rows ×
+# columns). With inductor's default tiling a stack of matrices, (16, 4096, 7168) on an H200, took 2.71 ms (347 GB/s)
+# while one (36864, 7168) matrix took 0.22; with 2-D tiles the stack takes 0.35 ms, 2709 GB/s (2026-12-02)
 transpose_128x128 = _compile(transpose_128x128_ref, **{"triton.prefer_nd_tiling": True})
 swiglu_quant_128x1 = _with_core(swiglu_quant_128x1_ref, _compile(_swiglu_q128x1))
 swiglu_bwd = _with_core(swiglu_bwd_ref, _compile(_swiglu_bwd))
