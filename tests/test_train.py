@@ -1,4 +1,5 @@
 """End-to-end tests of train.py as a user runs it: a subprocess per run, a tiny model, a temp out_dir."""
+import contextlib
 import json
 import os
 import re
@@ -445,6 +446,31 @@ def test_sweep_checks_every_run_before_starting_any(tmp_path):
                         "--run=--dropout=0.1", "--run=--dropuot=0.2"], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "unknown option --dropuot" in p.stderr, p.stderr
     assert not (tmp_path / "sw").exists()
+
+
+def test_bench_fp8_train_scores_every_model_on_the_same_held_out_batches():
+    # bench_fp8_train.evaluate: the CE of eval_iters batches of the data it is given, drawn by one fixed generator
+    # (the same for every run and seed) in eval mode (no dropout, so two calls agree exactly), then back to train
+    # mode; other data gives another score
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import bench_fp8_train
+    import data
+    from model import Transformer
+    torch.manual_seed(0)
+    model = Transformer(conftest.tiny_args(dropout=0.5)).train()
+    val = torch.randint(0, 64, (500,), generator=torch.Generator().manual_seed(3)).numpy()
+    cfg = dict(eval_iters=3, batch_size=2, seq_len=16)
+    score = bench_fp8_train.evaluate(model, val, cfg, "cpu", contextlib.nullcontext())
+    assert model.training and score == bench_fp8_train.evaluate(model, val, cfg, "cpu", contextlib.nullcontext())
+    gen, want = torch.Generator().manual_seed(7), []
+    model.eval()
+    with torch.no_grad():
+        for _ in range(3):
+            x, y = data.get_batch(val, 2, 16, gen)
+            want.append(model(x, y)[1]["ce"])
+    assert abs(score - torch.stack(want).mean().item()) < 1e-6 * score
+    other = torch.randint(0, 64, (500,), generator=torch.Generator().manual_seed(4)).numpy()
+    assert bench_fp8_train.evaluate(model.train(), other, cfg, "cpu", contextlib.nullcontext()) != score
 
 
 def test_bench_fp8_train_repeats_runs_over_seeds_and_summarizes_the_gaps():
