@@ -36,7 +36,8 @@ Simplifications vs. the real thing:
   autotuning it no longer gets, see quant_1x128 below); the paper's hand-written
   kernels do better. Inductor's 128-element segmented reductions and transposed stores are the limit, and
   the dynamic number of rows (below) costs 20-25% of the throughput of a kernel compiled for one shape.
-  The weights' transposed copies (transpose_128x128) ran at ~350 GB/s until compiled with 2-D tiles (below): ~2700.
+  The weights' transposed copies (transpose_128x128) ran at ~390 GB/s in a v3-width step until compiled with 2-D
+  tiles (below).
 
 Run: python -m pytest tests/test_kernels.py -q
 
@@ -305,8 +306,8 @@ quant_128x128 = _with_core(quant_128x128_ref, _compile(_q_128x128, dynamic_rows=
 requant_128x1 = _with_core(requant_128x1_ref, _compile(_rq_128x1))
 swiglu_quant = _with_core(swiglu_quant_ref, _compile(_swiglu_q))
 # dynamic E: one kernel per weight shape. Tiled in 2-D (inductor's prefer_nd_tiling: each program a tile of rows ×
-# columns). With inductor's default tiling a stack of matrices, (16, 4096, 7168) on an H200, took 2.71 ms (347 GB/s)
-# while one (36864, 7168) matrix took 0.22; with 2-D tiles the stack takes 0.35 ms, 2709 GB/s (2026-12-02)
+# columns): with the default tiling a v3-width step's 44 transposes took 16.9 ms of GPU time (~390 GB/s; H200,
+# bench/bench_fp8_train.py --profile=fp8, 2026-12-02), with 2-D tiles none is among its 40 largest entries (< 4 ms)
 transpose_128x128 = _compile(transpose_128x128_ref, **{"triton.prefer_nd_tiling": True})
 swiglu_quant_128x1 = _with_core(swiglu_quant_128x1_ref, _compile(_swiglu_q128x1))
 swiglu_bwd = _with_core(swiglu_bwd_ref, _compile(_swiglu_bwd))
